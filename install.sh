@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs moe2dense-ray into ./.venv (or the active virtual environment).
+#
+# torch is chosen before anything else so that no dependency drags in the wrong build:
+#   - a torch that already imports is kept (a GPU cluster's CUDA build stays as it is);
+#   - with an NVIDIA driver present, pip's default (CUDA) build is installed;
+#   - on a CPU-only machine the CPU build is installed (a plain `pip install torch` would pull
+#     several GB of CUDA libraries that can never run there).
+# Usage: ./install.sh [--test]     (--test adds the test dependencies)
+set -euo pipefail
+cd "$(dirname "$0")"
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+TORCH_CPU_INDEX="${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  PY="$PWD/.venv/bin/python"
+else
+  PY="$VIRTUAL_ENV/bin/python"
+fi
+PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
+
+if "$PY" -c "import torch" 2>/dev/null; then
+  echo "install: keeping torch $("$PY" -c 'import torch; print(torch.__version__)')"
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  echo "install: NVIDIA GPU found, installing the CUDA build of torch"
+  "${PIP[@]}" "torch==${TORCH_VERSION}"
+else
+  echo "install: no GPU, installing the CPU build of torch ${TORCH_VERSION}"
+  "${PIP[@]}" "torch==${TORCH_VERSION}+cpu" 2>/dev/null \
+    || "${PIP[@]}" "torch==${TORCH_VERSION}" --index-url "$TORCH_CPU_INDEX" \
+    || "${PIP[@]}" "torch==${TORCH_VERSION}"
+fi
+
+extra=""
+[ "${1:-}" = "--test" ] && extra="[test]"
+"${PIP[@]}" -e ".${extra}"
+echo "install: done ($("$PY" -c 'import torch, transformers, ray; print(f"torch {torch.__version__}, transformers {transformers.__version__}, ray {ray.__version__}")'))"
