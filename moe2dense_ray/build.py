@@ -1,0 +1,390 @@
+"""Apply a plan to an MoE checkpoint, streaming it tensor by tensor into a dense checkpoint.
+
+For every MoE layer the student's FFN is the concatenation of the plan's groups (each the
+score-weighted average of its experts), with each group's down projection multiplied by its
+scale a_j, followed by the shared expert(s). Because SwiGLU acts neuron by neuron,
+`FFN(x) = sum_j a_j f_j(x) + shared(x)` exactly: only the token-dependent gate became a constant.
+Layers narrower than the student's width are padded with zero neurons, which add exactly 0.
+
+Only the selected experts are ever read, one layer at a time, so peak memory is about one
+layer's selected experts plus one output shard, whatever the size of the teacher.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .checkpoint import CheckpointReader, CheckpointWriter, copy_aux_files
+from .errors import UserError
+from .families import Family, MoEShape, dense_config_dict, dense_width, get_family, moe_shape
+from .plan import PLAN_FILE, Plan
+from .progress import Progress
+
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+@dataclass
+class Expert:
+    """One SwiGLU FFN in canonical form: gate/up [I, H], down [H, I], optional biases."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        return self.gate.shape[0]
+
+
+def weighted_average(experts: list[Expert], weights: list[float]) -> Expert:
+    """Score-weighted merge of a group; a group of one returns its expert unchanged."""
+    if len(experts) == 1:
+        return experts[0]
+
+    def avg(ts):
+        if ts[0] is None:
+            return None
+        return sum(w * t for w, t in zip(weights, ts))
+
+    return Expert(*(avg([getattr(e, f) for e in experts]) for f in
+                    ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")))
+
+
+def concat_ffn(parts: list[tuple[Expert, float]], width: int) -> Expert:
+    """Concatenate experts into one FFN of `width` neurons; part j's output is scaled by a_j."""
+    gates = [e.gate for e, _ in parts]
+    ups = [e.up for e, _ in parts]
+    downs = [e.down * a for e, a in parts]
+    have = sum(g.shape[0] for g in gates)
+    if have > width:
+        raise RuntimeError(f"FFN parts are {have} wide, more than the student's {width}")
+    pad = width - have
+    H = gates[0].shape[1]
+    if pad:
+        gates.append(gates[0].new_zeros(pad, H))
+        ups.append(ups[0].new_zeros(pad, H))
+        downs.append(downs[0].new_zeros(H, pad))
+    out = Expert(torch.cat(gates), torch.cat(ups), torch.cat(downs, dim=1))
+    if any(e.gate_bias is not None for e, _ in parts):
+        def zeros_like_rows(e):
+            return e.gate.new_zeros(e.gate.shape[0])
+        out.gate_bias = torch.cat([e.gate_bias if e.gate_bias is not None else zeros_like_rows(e) for e, _ in parts]
+                                  + ([gates[0].new_zeros(pad)] if pad else []))
+        out.up_bias = torch.cat([e.up_bias if e.up_bias is not None else zeros_like_rows(e) for e, _ in parts]
+                                + ([gates[0].new_zeros(pad)] if pad else []))
+        out.down_bias = sum(a * e.down_bias for e, a in parts if e.down_bias is not None)
+    return out
+
+
+class ExpertReader:
+    """Reads experts of one source checkpoint in canonical float32 form, per family layout."""
+
+    def __init__(self, reader: CheckpointReader, family: Family, shape: MoEShape):
+        self.r, self.f, self.s = reader, family, shape
+
+    def _prefix(self, layer: int) -> str:
+        return f"model.layers.{layer}.{self.f.moe_prefix}"
+
+    def _check(self, key: str, t: torch.Tensor, want: tuple[int, ...]) -> torch.Tensor:
+        if tuple(t.shape) != tuple(want):
+            raise UserError(
+                f"tensor {key} has shape {tuple(t.shape)} but the config implies {tuple(want)}"
+            )
+        return t
+
+    def _row(self, key: str, e: int, want_full: tuple[int, ...]) -> torch.Tensor:
+        """Expert e's slice of a fused [E, ...] tensor (the whole tensor is checked first)."""
+        shape = self.r.shape(key) if key in self.r else None
+        if shape is None:
+            raise UserError(f"{self.r.url}: tensor {key} is missing from the checkpoint")
+        if tuple(shape) != tuple(want_full):
+            raise UserError(f"tensor {key} has shape {tuple(shape)} but the config implies {tuple(want_full)}")
+        return self.r.get_row(key, e)
+
+    def expert(self, layer: int, e: int) -> Expert:
+        H, I, E = self.s.hidden_size, self.s.expert_size, self.s.num_experts
+        p = self._prefix(layer)
+        if self.f.expert_layout == "gpt_oss":
+            return self._gpt_oss_expert(p, e)
+        g, u, d = self.f.expert_keys
+        kg = f"{p}.experts.{e}.{g}.weight"
+        if kg in self.r:
+            ku, kd = f"{p}.experts.{e}.{u}.weight", f"{p}.experts.{e}.{d}.weight"
+            return Expert(
+                self._check(kg, self.r.get(kg), (I, H)).float(),
+                self._check(ku, self.r.get(ku), (I, H)).float(),
+                self._check(kd, self.r.get(kd), (H, I)).float(),
+            )
+        fused = f"{p}.experts.gate_up_proj"
+        if fused in self.r:  # transformers' in-memory layout saved as is
+            gu = self._row(fused, e, (E, 2 * I, H)).float()
+            down = self._row(f"{p}.experts.down_proj", e, (E, H, I)).float()
+            return Expert(gu[:I], gu[I:], down)
+        if f"{p}.experts.{E}.{g}.weight" not in self.r and e >= E:
+            raise UserError(f"layer {layer} has no expert {e}")
+        raise UserError(f"{self.r.url}: tensor {kg} is missing from the checkpoint")
+
+    def _gpt_oss_expert(self, p: str, e: int) -> Expert:
+        H, I, E = self.s.hidden_size, self.s.expert_size, self.s.num_experts
+        gu_key, dn_key = f"{p}.experts.gate_up_proj", f"{p}.experts.down_proj"
+        if f"{gu_key}_blocks" in self.r:
+            from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+            def deq(name: str, rows: int, cols: int) -> torch.Tensor:
+                bshape, sshape = self.r.shape(f"{name}_blocks"), self.r.shape(f"{name}_scales")
+                if tuple(bshape) != (E, rows, cols // 32, 16) or tuple(sshape) != (E, rows, cols // 32):
+                    raise UserError(f"MXFP4 tensors {name}_blocks/_scales have shapes {tuple(bshape)}/"
+                                    f"{tuple(sshape)}, the config implies {(E, rows, cols // 32, 16)}")
+                blocks = self.r.get_row(f"{name}_blocks", e)[None]
+                scales = self.r.get_row(f"{name}_scales", e)[None]
+                return convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)[0]
+
+            gu = deq(gu_key, 2 * I, H)  # [H, 2I]
+            down = deq(dn_key, H, I)  # [I, H]
+        else:
+            gu = self._row(gu_key, e, (E, H, 2 * I)).float()
+            down = self._row(dn_key, e, (E, I, H)).float()
+        gu_b = self._row(f"{gu_key}_bias", e, (E, 2 * I)).float()
+        dn_b = self._row(f"{dn_key}_bias", e, (E, H)).float()
+        return Expert(gu[:, 0::2].T, gu[:, 1::2].T, down.T, gu_b[0::2], gu_b[1::2], dn_b)
+
+    def mlp(self, prefix: str, width: int | None = None) -> Expert:
+        """A plain dense SwiGLU block stored as `{prefix}.{gate,up,down}_proj.weight`."""
+        H = self.s.hidden_size
+        keys = [f"{prefix}.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")]
+        ts = [self.r.get(k) for k in keys]
+        I = ts[0].shape[0] if width is None else width
+        self._check(keys[0], ts[0], (I, H))
+        self._check(keys[1], ts[1], (I, H))
+        self._check(keys[2], ts[2], (H, I))
+        return Expert(*ts)
+
+    def expert_weights(self, layer: int) -> torch.Tensor:
+        """[E, D] flattened weights of every routed expert, for weight-space grouping."""
+        rows = []
+        for e in range(self.s.num_experts):
+            x = self.expert(layer, e)
+            rows.append(torch.cat([x.gate.flatten(), x.up.flatten(), x.down.flatten()]))
+        return torch.stack(rows)
+
+
+def _write_ffn(writer: CheckpointWriter, family: Family, layer: int, ffn: Expert, dtype: torch.dtype) -> None:
+    p = f"model.layers.{layer}.mlp"
+    if family.dense_layout == "mlp":
+        writer.add(f"{p}.gate_proj.weight", ffn.gate.to(dtype))
+        writer.add(f"{p}.up_proj.weight", ffn.up.to(dtype))
+        writer.add(f"{p}.down_proj.weight", ffn.down.to(dtype))
+        return
+    H = ffn.gate.shape[1]
+    if family.expert_layout == "gpt_oss":
+        W = ffn.width
+        gu = torch.empty(H, 2 * W)
+        gu[:, 0::2], gu[:, 1::2] = ffn.gate.T, ffn.up.T
+        gub = torch.empty(2 * W)
+        zeros = torch.zeros(W)
+        gub[0::2] = ffn.gate_bias if ffn.gate_bias is not None else zeros
+        gub[1::2] = ffn.up_bias if ffn.up_bias is not None else zeros
+        dnb = ffn.down_bias if isinstance(ffn.down_bias, torch.Tensor) else torch.zeros(H)
+        writer.add(f"{p}.experts.gate_up_proj", gu[None].to(dtype))
+        writer.add(f"{p}.experts.gate_up_proj_bias", gub[None].to(dtype))
+        writer.add(f"{p}.experts.down_proj", ffn.down.T[None].contiguous().to(dtype))
+        writer.add(f"{p}.experts.down_proj_bias", dnb[None].to(dtype))
+        writer.add(f"{p}.{family.router_key}.weight", torch.zeros(1, H, dtype=dtype))
+        writer.add(f"{p}.{family.router_key}.bias", torch.zeros(1, dtype=dtype))
+        return
+    g, u, d = family.expert_keys
+    writer.add(f"{p}.experts.0.{g}.weight", ffn.gate.to(dtype))
+    writer.add(f"{p}.experts.0.{u}.weight", ffn.up.to(dtype))
+    writer.add(f"{p}.experts.0.{d}.weight", ffn.down.to(dtype))
+    writer.add(f"{p}.{family.router_key}.weight", torch.zeros(1, H, dtype=dtype))
+
+
+@dataclass
+class BuildReport:
+    out: str
+    model_type: str
+    dense_model_type: str
+    intermediate_size: int
+    teacher_params: int
+    student_params: int
+    seconds: float
+
+
+def _load_config(reader: CheckpointReader):
+    from transformers import CONFIG_MAPPING
+
+    d = reader.config_dict()
+    mt = d.get("model_type")
+    family = get_family(mt)
+    cfg = CONFIG_MAPPING[mt].from_dict({k: v for k, v in d.items() if k != "quantization_config"})
+    return d, family, cfg
+
+
+def inspect_source(src: str, *, allow_pickle: bool = False) -> tuple[CheckpointReader, dict, Family, object, MoEShape]:
+    """Open a source checkpoint and check it is an MoE of a supported family."""
+    reader = CheckpointReader(src, allow_pickle=allow_pickle)
+    cfg_dict, family, cfg = _load_config(reader)
+    shape = moe_shape(family, cfg)
+    return reader, cfg_dict, family, cfg, shape
+
+
+def build(
+    src: str,
+    plan: Plan,
+    out: str,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = 1 << 30,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+    on_layer: Callable[[int], None] | None = None,
+) -> BuildReport:
+    """Stream `src` into a dense checkpoint at `out` following `plan` (see module docstring)."""
+    t0 = time.time()
+    reader, cfg_dict, family, cfg, shape = inspect_source(src, allow_pickle=allow_pickle)
+    if plan.model_type != family.model_type:
+        raise UserError(f"the plan is for {plan.model_type}, the checkpoint is {family.model_type}")
+    if plan.num_experts != shape.num_experts:
+        raise UserError(f"the plan is for {plan.num_experts} experts, the checkpoint has {shape.num_experts}")
+    plan.validate()
+    missing = [i for i in shape.moe_layers if i not in {lp.layer for lp in plan.layers}]
+    if missing:
+        raise UserError(f"the plan has no entry for MoE layers {missing}")
+    experts = ExpertReader(reader, family, shape)
+    routed = plan.groups * shape.expert_size
+    width = dense_width(shape, routed) if family.dense_layout == "mlp" else routed
+    from .methods import merge_weights
+
+    out_dtype = getattr(torch, dtype) if dtype else None
+    by_layer: dict[int, list[str]] = {}
+    other: list[str] = []
+    dropped: list[str] = []
+    for key in reader.keys():
+        m = _LAYER_KEY.match(key)
+        if m is None:
+            other.append(key)
+        elif int(m.group(1)) >= shape.num_layers:
+            dropped.append(key)  # e.g. DeepSeek-V3's multi-token-prediction layers
+        else:
+            by_layer.setdefault(int(m.group(1)), []).append(key)
+    if dropped:
+        warnings.warn(f"dropping {len(dropped)} tensors of layers beyond num_hidden_layers (e.g. {dropped[0]})")
+
+    def copy(writer: CheckpointWriter, key: str) -> None:
+        t = reader.get(key)
+        if out_dtype is not None and t.is_floating_point():
+            t = t.to(out_dtype)
+        elif t.dtype != reader.dtype(key):  # dequantized FP8 is written in bf16 by default
+            t = t.to(reader.dtype(key))
+        writer.add(key, t)
+
+    teacher_params = sum(_numel(reader.shape(k)) for k in reader.keys())
+    moe_set = set(shape.moe_layers)
+    with CheckpointWriter(out, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
+        for key in other:
+            copy(writer, key)
+        bar = Progress(shape.num_layers, "build", unit="layers", enabled=progress)
+        for i in range(shape.num_layers):
+            keys = by_layer.get(i, [])
+            ffn_prefix = f"{family.moe_prefix}." if i in moe_set else "mlp."
+            for key in keys:
+                rest = _LAYER_KEY.match(key).group(2)
+                if not rest.startswith(ffn_prefix):
+                    copy(writer, key)
+            _fill_missing_biases(reader, writer, family, i, out_dtype)
+            if i in moe_set:
+                lp = plan.layer(i)
+                parts: list[tuple[Expert, float]] = []
+                for group, scale in zip(lp.groups, lp.scales):
+                    members = [experts.expert(i, e) for e in group]
+                    w = merge_weights(group, torch.tensor(lp.scores, dtype=torch.float64))
+                    parts.append((weighted_average(members, [float(x) for x in w]), float(scale)))
+                if family.shared_prefix:
+                    shared = experts.mlp(f"model.layers.{i}.{family.moe_prefix}.{family.shared_prefix}",
+                                         width=shape.shared_size)
+                    parts.append((shared, float(lp.shared_scale)))
+                ffn_dtype = _source_dtype(reader, family, i)
+            else:
+                parts = [(experts.mlp(f"model.layers.{i}.mlp", width=shape.dense_size), 1.0)]
+                ffn_dtype = reader.dtype(f"model.layers.{i}.mlp.gate_proj.weight")
+            parts = [(Expert(*(t.float() if isinstance(t, torch.Tensor) else t for t in
+                               (e.gate, e.up, e.down, e.gate_bias, e.up_bias, e.down_bias))), a) for e, a in parts]
+            _write_ffn(writer, family, i, concat_ffn(parts, width), out_dtype or ffn_dtype)
+            bar.update(1)
+            if on_layer:
+                on_layer(i)
+        bar.close()
+        dense_cfg = dense_config_dict(family, cfg_dict, shape, routed)
+        if out_dtype is not None:
+            dense_cfg["dtype"] = dtype
+        elif "quantization_config" in cfg_dict:  # MXFP4 / FP8 sources are dequantized to bf16
+            dense_cfg["dtype"] = "bfloat16"
+        writer.write_json("config.json", dense_cfg)
+        copy_aux_files(reader, writer)
+        writer.write_text(PLAN_FILE, plan.to_json())
+    reader.close()
+    student_params = _count_params(out)
+    return BuildReport(
+        out=out, model_type=family.model_type, dense_model_type=family.dense_model_type,
+        intermediate_size=width, teacher_params=teacher_params, student_params=student_params,
+        seconds=time.time() - t0,
+    )
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _count_params(url: str) -> int:
+    r = CheckpointReader(url)
+    n = sum(_numel(r.shape(k)) for k in r.keys())
+    r.close()
+    return n
+
+
+def _source_dtype(reader: CheckpointReader, family: Family, layer: int) -> torch.dtype:
+    """The dtype the student's FFN is written in: the teacher's expert dtype (bf16 for MXFP4)."""
+    prefix = f"model.layers.{layer}.{family.moe_prefix}.experts."
+    keys = [k for k in reader.keys() if k.startswith(prefix)]
+    if any(k.endswith("_blocks") for k in keys):
+        return torch.bfloat16
+    for k in keys:
+        if reader.dtype(k).is_floating_point:
+            return reader.dtype(k)
+    return torch.bfloat16
+
+
+# Attention projections whose bias the dense twin always has (Qwen2 has q/k/v biases even when
+# the Qwen2-MoE teacher was configured without them): written as zeros, which changes nothing.
+_ALWAYS_BIASED = {"qwen2_moe": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
+
+
+def _fill_missing_biases(reader, writer, family: Family, layer: int, out_dtype) -> None:
+    for proj in _ALWAYS_BIASED.get(family.model_type, ()):
+        key = f"model.layers.{layer}.{proj}"
+        if f"{key}.bias" not in reader and f"{key}.weight" in reader:
+            rows = reader.shape(f"{key}.weight")[0]
+            writer.add(f"{key}.bias", torch.zeros(rows, dtype=out_dtype or reader.dtype(f"{key}.weight")))
+
+
+def read_expert_weights(src: str, *, allow_pickle: bool = False) -> Callable[[int], torch.Tensor]:
+    """A lazy `layer -> [E, D]` accessor for weight-space grouping."""
+    reader, _, family, _, shape = inspect_source(src, allow_pickle=allow_pickle)
+    return ExpertReader(reader, family, shape).expert_weights
+
+
+__all__ = ["build", "BuildReport", "Expert", "ExpertReader", "concat_ffn", "weighted_average",
+           "inspect_source", "read_expert_weights"]

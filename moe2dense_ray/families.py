@@ -1,0 +1,225 @@
+"""The table of supported model families: all architecture knowledge lives here, as data.
+
+Every code path (calibration hooks, the streaming builder, the dense config) asks this table
+instead of branching on model names, so adding a family is one `Family(...)` row plus, at most,
+a new expert layout or dense layout in `build.py`.
+
+Key templates are relative to `model.layers.{i}.` on disk. transformers 5 holds experts fused in
+memory but writes per-expert keys on save (fused and interleaved for GPT-OSS); the reader also
+accepts the fused in-memory layout, so checkpoints saved either way convert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import UserError
+
+# How a source checkpoint stores one layer's routed experts.
+#   "per_expert": one (gate, up, down) triple of 2-D tensors per expert (names in `expert_keys`),
+#                 or, as a fallback, transformers' fused `experts.gate_up_proj` [E, 2I, H] and
+#                 `experts.down_proj` [E, H, I].
+#   "gpt_oss":    fused `gate_up_proj` [E, H, 2I] with gate/up interleaved on the last axis,
+#                 `down_proj` [E, I, H], biases for both; or MXFP4 `*_blocks` + `*_scales`.
+ExpertLayout = Literal["per_expert", "gpt_oss"]
+
+# What the student's FFN looks like on disk.
+#   "mlp":        a standard dense SwiGLU `mlp.{gate,up,down}_proj` (Qwen3, Qwen2, Mistral, DeepSeek).
+#   "one_expert": the same MoE class with a single expert routed with weight 1 (no dense twin in
+#                 transformers: OLMoE, GPT-OSS). The layout of that one expert follows the source.
+DenseLayout = Literal["mlp", "one_expert"]
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    dense_model_type: str
+    dense_architecture: str
+    dense_layout: DenseLayout
+    expert_layout: ExpertLayout
+    # config attribute names (read through the transformers config class, so defaults apply)
+    experts_attr: str
+    expert_size_attr: str  # intermediate size of one routed expert
+    # on-disk prefix of the MoE block, and the module names in memory (for calibration hooks)
+    moe_prefix: str = "mlp"
+    router_module: str = "gate"  # child of the MoE block in memory
+    router_key: str = "gate"  # on disk, relative to moe_prefix
+    expert_keys: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # the router's probability over all experts, used by PP / CP statistics
+    router_prob: Literal["softmax", "sigmoid"] = "softmax"
+    # shared experts: on-disk/in-memory child name, and how their size is derived
+    shared_prefix: str | None = None
+    shared_gate: str | None = None  # Qwen2-MoE's sigmoid gate on the shared expert
+    # which layers are MoE (the others already carry a dense `mlp`)
+    sparse_rule: Literal["all", "qwen", "deepseek"] = "all"
+    # extra tensors in the MoE block that the student drops (e.g. e_score_correction_bias)
+    router_extra_keys: tuple[str, ...] = ()
+    # config keys that only make sense for an MoE and are removed from a dense twin's config
+    moe_config_keys: tuple[str, ...] = ()
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_QWEN_MOE_KEYS = (
+    "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
+    "decoder_sparse_step", "mlp_only_layers", "norm_topk_prob", "output_router_logits",
+    "router_aux_loss_coef", "shared_expert_intermediate_size", "qkv_bias",
+)
+
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in [
+        Family(
+            model_type="qwen3_moe", dense_model_type="qwen3", dense_architecture="Qwen3ForCausalLM",
+            dense_layout="mlp", expert_layout="per_expert",
+            experts_attr="num_experts", expert_size_attr="moe_intermediate_size",
+            sparse_rule="qwen", moe_config_keys=_QWEN_MOE_KEYS,
+        ),
+        Family(
+            model_type="qwen2_moe", dense_model_type="qwen2", dense_architecture="Qwen2ForCausalLM",
+            dense_layout="mlp", expert_layout="per_expert",
+            experts_attr="num_experts", expert_size_attr="moe_intermediate_size",
+            shared_prefix="shared_expert", shared_gate="shared_expert_gate",
+            sparse_rule="qwen", moe_config_keys=_QWEN_MOE_KEYS,
+            notes="The shared expert's sigmoid gate has no dense equivalent: the student scales the "
+            "shared expert by the gate's mean over the calibration tokens.",
+        ),
+        Family(
+            model_type="mixtral", dense_model_type="mistral", dense_architecture="MistralForCausalLM",
+            dense_layout="mlp", expert_layout="per_expert",
+            experts_attr="num_experts", expert_size_attr="intermediate_size",
+            moe_prefix="block_sparse_moe", expert_keys=("w1", "w3", "w2"),
+            moe_config_keys=("num_local_experts", "num_experts_per_tok", "router_jitter_noise",
+                             "output_router_logits", "router_aux_loss_coef"),
+        ),
+        Family(
+            model_type="olmoe", dense_model_type="olmoe", dense_architecture="OlmoeForCausalLM",
+            dense_layout="one_expert", expert_layout="per_expert",
+            experts_attr="num_experts", expert_size_attr="intermediate_size",
+            notes="No dense twin in transformers: the student is an OLMoE with one expert.",
+        ),
+        Family(
+            model_type="deepseek_v2", dense_model_type="deepseek_v2",
+            dense_architecture="DeepseekV2ForCausalLM", dense_layout="mlp", expert_layout="per_expert",
+            experts_attr="n_routed_experts", expert_size_attr="moe_intermediate_size",
+            shared_prefix="shared_experts", sparse_rule="deepseek",
+        ),
+        Family(
+            model_type="deepseek_v3", dense_model_type="deepseek_v3",
+            dense_architecture="DeepseekV3ForCausalLM", dense_layout="mlp", expert_layout="per_expert",
+            experts_attr="n_routed_experts", expert_size_attr="moe_intermediate_size",
+            router_prob="sigmoid", shared_prefix="shared_experts", sparse_rule="deepseek",
+            router_extra_keys=("gate.e_score_correction_bias",),
+        ),
+        Family(
+            model_type="gpt_oss", dense_model_type="gpt_oss", dense_architecture="GptOssForCausalLM",
+            dense_layout="one_expert", expert_layout="gpt_oss",
+            experts_attr="num_local_experts", expert_size_attr="intermediate_size",
+            router_module="router", router_key="router",
+            notes="No dense twin in transformers: the student is a GPT-OSS with one expert. "
+            "MXFP4 expert blocks are dequantized; the student is written in bf16.",
+        ),
+    ]
+}
+
+
+def get_family(model_type: str | None) -> Family:
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    if model_type in {f.dense_model_type for f in FAMILIES.values()} | {"llama", "gemma", "gemma2", "phi3"}:
+        raise UserError(f"this is a dense {model_type} model, not a Mixture-of-Experts: nothing to convert")
+    raise UserError(
+        f"unsupported model family {model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
+    )
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    """The numbers of one source model that every stage needs, read once from its config."""
+
+    num_layers: int
+    hidden_size: int
+    num_experts: int
+    top_k: int
+    expert_size: int
+    shared_size: int  # 0 when the model has no shared expert
+    dense_size: int  # intermediate size of the layers that are already dense
+    moe_layers: tuple[int, ...]
+
+    @property
+    def dense_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if i not in set(self.moe_layers))
+
+
+def moe_shape(family: Family, config: Any) -> MoEShape:
+    """Read the layer/expert geometry from a transformers config object."""
+    n = int(config.num_hidden_layers)
+    if family.sparse_rule == "qwen":
+        only = set(getattr(config, "mlp_only_layers", None) or [])
+        step = int(getattr(config, "decoder_sparse_step", 1) or 1)
+        moe_layers = tuple(i for i in range(n) if i not in only and (i + 1) % step == 0)
+    elif family.sparse_rule == "deepseek":
+        first = int(getattr(config, "first_k_dense_replace", 0) or 0)
+        moe_layers = tuple(range(first, n))
+    else:
+        moe_layers = tuple(range(n))
+    shared = 0
+    if family.shared_prefix == "shared_expert":
+        shared = int(config.shared_expert_intermediate_size)
+    elif family.shared_prefix == "shared_experts":
+        shared = int(config.n_shared_experts or 0) * int(config.moe_intermediate_size)
+    dense_size = int(getattr(config, "intermediate_size", 0) or 0) if len(moe_layers) < n else 0
+    num_experts = getattr(config, family.experts_attr, None)
+    if not num_experts or not moe_layers:
+        raise UserError(f"the {family.model_type} config describes no MoE layers: not an MoE model")
+    return MoEShape(
+        num_layers=n,
+        hidden_size=int(config.hidden_size),
+        num_experts=int(num_experts),
+        top_k=int(config.num_experts_per_tok),
+        expert_size=int(getattr(config, family.expert_size_attr)),
+        shared_size=shared,
+        dense_size=dense_size,
+        moe_layers=moe_layers,
+    )
+
+
+def dense_config_dict(
+    family: Family, config_dict: dict[str, Any], shape: MoEShape, routed_size: int
+) -> dict[str, Any]:
+    """Derive the student's config.json from the teacher's.
+
+    `routed_size` is the width of the concatenated routed part (k groups x expert size). The
+    student's FFN width is the widest of: routed + shared, and the teacher's own dense layers;
+    narrower layers are padded with zero neurons, which contribute exactly nothing.
+    """
+    d = {k: v for k, v in config_dict.items() if k not in ("quantization_config", "auto_map")}
+    d["model_type"] = family.dense_model_type
+    d["architectures"] = [family.dense_architecture]
+    if family.dense_layout == "one_expert":
+        d[family.experts_attr] = 1
+        d["num_experts_per_tok"] = 1
+        d[family.expert_size_attr] = routed_size
+        if family.model_type == "gpt_oss":
+            d["num_local_experts"] = 1
+        return d
+    for k in family.moe_config_keys:
+        d.pop(k, None)
+    d["intermediate_size"] = dense_width(shape, routed_size)
+    if family.sparse_rule == "deepseek":
+        d["first_k_dense_replace"] = shape.num_layers
+    return d
+
+
+def dense_width(shape: MoEShape, routed_size: int) -> int:
+    return max(routed_size + shape.shared_size, shape.dense_size)
+
+
+def supported_families_table() -> str:
+    """A Markdown table of the families, for `--help` and the docs."""
+    rows = ["| family | student | routed experts | notes |", "|---|---|---|---|"]
+    for f in FAMILIES.values():
+        student = f.dense_architecture + (" (1 expert)" if f.dense_layout == "one_expert" else "")
+        rows.append(f"| {f.model_type} | {student} | `{f.experts_attr}` | {f.notes} |")
+    return "\n".join(rows)

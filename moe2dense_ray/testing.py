@@ -1,0 +1,84 @@
+"""Tiny models of every supported family, built with transformers' own config classes.
+
+Used by the tests, the benchmarks and the demo's fallback teacher: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+_COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=128)
+
+# Per family: tiny config overrides. Each exercises what is special about the family: shared
+# experts, already-dense layers narrower or wider than the student, MLA attention, sinks, biases.
+TINY: dict[str, dict[str, Any]] = {
+    "qwen3_moe": dict(moe_intermediate_size=8, intermediate_size=40, num_experts=6, num_experts_per_tok=2,
+                      head_dim=8, norm_topk_prob=True, mlp_only_layers=[0], num_hidden_layers=3),
+    "qwen2_moe": dict(moe_intermediate_size=8, intermediate_size=24, shared_expert_intermediate_size=12,
+                      num_experts=6, num_experts_per_tok=2, qkv_bias=False),
+    "mixtral": dict(intermediate_size=8, num_local_experts=6, num_experts_per_tok=2),
+    "olmoe": dict(intermediate_size=8, num_experts=6, num_experts_per_tok=2),
+    "deepseek_v2": dict(moe_intermediate_size=8, intermediate_size=24, n_routed_experts=6, num_experts_per_tok=2,
+                        n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=None,
+                        qk_rope_head_dim=4, v_head_dim=8, qk_nope_head_dim=4, n_group=2, topk_group=1,
+                        topk_method="group_limited_greedy", routed_scaling_factor=1.5, num_hidden_layers=3),
+    "deepseek_v3": dict(moe_intermediate_size=8, intermediate_size=24, n_routed_experts=6, num_experts_per_tok=2,
+                        n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=8,
+                        qk_rope_head_dim=4, v_head_dim=8, qk_nope_head_dim=4, n_group=2, topk_group=1,
+                        routed_scaling_factor=2.5, norm_topk_prob=True, num_hidden_layers=3,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "gpt_oss": dict(intermediate_size=8, num_local_experts=6, num_experts_per_tok=2, head_dim=8,
+                    layer_types=["sliding_attention", "full_attention"], sliding_window=16,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+}
+
+FAMILY_NAMES = tuple(TINY)
+
+
+def tiny_config(model_type: str, *, uniform_router: bool = False, **overrides: Any):
+    """A tiny config; `uniform_router` routes every token to all experts (top_k = E)."""
+    from transformers import AutoConfig
+
+    kw = {**_COMMON, **TINY[model_type], **overrides}
+    if uniform_router:
+        E = next(kw[a] for a in ("num_experts", "num_local_experts", "n_routed_experts") if a in kw)
+        kw["num_experts_per_tok"] = E
+        if "n_group" in kw:
+            kw["n_group"], kw["topk_group"] = 1, 1
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def make_tiny_moe(model_type: str, path: str | None = None, *, uniform_router: bool = False, seed: int = 0,
+                  tokenizer=None, scale: float = 0.3, dtype: torch.dtype = torch.float32, **overrides: Any):
+    """Build (and optionally save) a tiny random MoE of `model_type`.
+
+    Weights are drawn larger than the usual 0.02 init so that every expert visibly changes the
+    logits: an exactness test on near-zero experts could not fail. With `uniform_router` the
+    router weights (and biases, shared-expert gate, score-correction bias) are zero, so every
+    expert gets the same gate on every token.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(model_type, uniform_router=uniform_router, **overrides)
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2 or "bias" in name:
+                p.normal_(0.0, scale)
+        if uniform_router:
+            for name, p in model.named_parameters():
+                if ".mlp.gate." in name or ".mlp.router." in name or "shared_expert_gate" in name:
+                    p.zero_()
+            for name, b in model.named_buffers():
+                if "e_score_correction_bias" in name:
+                    b.zero_()
+    model.eval()
+    if path is not None:
+        model.save_pretrained(path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+    return model

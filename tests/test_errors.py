@@ -1,0 +1,158 @@
+"""Bad input: one `error: ...` line on stderr, exit code 2, no traceback, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moe2dense_ray.cli import main
+from moe2dense_ray.testing import make_tiny_moe
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("teacher") / "qwen3moe"
+    make_tiny_moe("qwen3_moe", str(path), tokenizer=tokenizer)
+    return path
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _convert(src, corpus, out, *extra):
+    return ["-q", "convert", str(src), "--data", str(corpus), "--samples", "2", "--seq-len", "16",
+            "--workers", "0", "--out", str(out), "--experts", "2", *extra]
+
+
+def _assert_clean_error(capsys, code, fragment, out_dir):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert fragment in err[0], err[0]
+    assert "Traceback" not in err[0]
+    parent = out_dir.parent
+    assert not out_dir.exists()
+    assert not [p for p in os.listdir(parent) if ".partial" in p], os.listdir(parent)
+
+
+def test_missing_path(tmp_path, corpus, capsys):
+    code = main(_convert(tmp_path / "nope", corpus, tmp_path / "out"))
+    _assert_clean_error(capsys, code, "no such checkpoint", tmp_path / "out")
+
+
+def test_dense_model_is_refused(tmp_path, corpus, capsys):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("qwen3", vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "dense")
+    capsys.readouterr()
+    code = main(_convert(tmp_path / "dense", corpus, tmp_path / "out"))
+    _assert_clean_error(capsys, code, "not a Mixture-of-Experts", tmp_path / "out")
+
+
+def test_unsupported_family(tmp_path, teacher, corpus, capsys):
+    src = _copy(teacher, tmp_path / "weird")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model_type"] = "jamba"
+    (src / "config.json").write_text(json.dumps(cfg))
+    code = main(_convert(src, corpus, tmp_path / "out"))
+    _assert_clean_error(capsys, code, "unsupported model family 'jamba'", tmp_path / "out")
+
+
+@pytest.mark.parametrize("k", ["0", "7"])
+def test_experts_out_of_range(tmp_path, teacher, corpus, capsys, k):
+    args = _convert(teacher, corpus, tmp_path / "out")
+    args[args.index("--experts") + 1] = k
+    code = main(args)
+    _assert_clean_error(capsys, code, "--experts must be between 1 and 6", tmp_path / "out")
+
+
+@pytest.mark.parametrize("flag,name", [("--scoring", "magic"), ("--grouping", "kmeans++"), ("--scaling", "huge")])
+def test_unknown_method(tmp_path, teacher, corpus, capsys, flag, name):
+    code = main(_convert(teacher, corpus, tmp_path / "out", flag, name))
+    _assert_clean_error(capsys, code, name, tmp_path / "out")
+
+
+def test_truncated_safetensors(tmp_path, teacher, corpus, capsys):
+    src = _copy(teacher, tmp_path / "trunc")
+    f = src / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 100])
+    code = main(_convert(src, corpus, tmp_path / "out"))
+    _assert_clean_error(capsys, code, "truncated", tmp_path / "out")
+
+
+def test_corrupted_header(tmp_path, teacher, corpus, capsys):
+    src = _copy(teacher, tmp_path / "corrupt")
+    f = src / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[10:40] = b"\xff" * 30
+    f.write_bytes(bytes(data))
+    code = main(_convert(src, corpus, tmp_path / "out"))
+    _assert_clean_error(capsys, code, "corrupted", tmp_path / "out")
+
+
+def test_shapes_disagree_with_config(tmp_path, teacher, corpus, capsys):
+    """Found mid-build: the partial output must be removed."""
+    from moe2dense_ray.build import build
+    from moe2dense_ray.calibrate import calibrate
+    from moe2dense_ray.errors import UserError
+    from moe2dense_ray.plan import make_plan
+
+    stats = calibrate(str(teacher), corpus, samples=2, seq_len=16, workers=0, progress=False)
+    plan = make_plan(stats, experts=2, scoring="sf")
+    src = _copy(teacher, tmp_path / "shapes")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["moe_intermediate_size"] = 16
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="has shape"):
+        build(str(src), plan, str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in os.listdir(tmp_path) if ".partial" in p]
+
+
+def test_empty_calibration_set(tmp_path, teacher, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code = main(_convert(teacher, empty, tmp_path / "out"))
+    _assert_clean_error(capsys, code, "empty", tmp_path / "out")
+
+
+def test_pickle_refused_without_flag(tmp_path, teacher, corpus, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    src = _copy(teacher, tmp_path / "pickled")
+    state = load_file(str(src / "model.safetensors"))
+    torch.save(state, src / "pytorch_model.bin")
+    (src / "model.safetensors").unlink()
+    code = main(_convert(src, corpus, tmp_path / "out"))
+    _assert_clean_error(capsys, code, "--allow-pickle", tmp_path / "out")
+
+
+def test_console_script_exit_code_and_one_line(tmp_path):
+    """The installed `moe2dense` entry point, as a user runs it: exit 2, one line, no traceback."""
+    exe = os.path.join(os.path.dirname(sys.executable), "moe2dense")
+    r = subprocess.run([exe, "convert", str(tmp_path / "missing"), "--data", "x.txt", "--experts", "2",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: no such checkpoint: {tmp_path / 'missing'}"], r.stderr
+    r = subprocess.run([exe, "convert"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_help_reads_like_a_manual():
+    exe = os.path.join(os.path.dirname(sys.executable), "moe2dense")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120).stdout
+    for word in ("calibrate", "plan", "build", "convert", "demo", "examples:", "exit status"):
+        assert word in out

@@ -1,0 +1,90 @@
+"""Exactness: the conversion is tested where an exact answer exists.
+
+A teacher whose routers are zero with top_k = E gives every expert the same gate on every
+token, so keeping all E experts with uniform scaling must reproduce its logits (< 1e-4, fp32),
+through the real transformers classes, after saving and reloading, for every family.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moe2dense_ray.build import build
+from moe2dense_ray.calibrate import calibrate
+from moe2dense_ray.checkpoint import CheckpointReader
+from moe2dense_ray.families import get_family
+from moe2dense_ray.plan import PLAN_FILE, make_plan
+from moe2dense_ray.testing import FAMILY_NAMES, make_tiny_moe
+
+DENSE_CLASS = {
+    "qwen3_moe": "Qwen3ForCausalLM", "qwen2_moe": "Qwen2ForCausalLM", "mixtral": "MistralForCausalLM",
+    "olmoe": "OlmoeForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM", "gpt_oss": "GptOssForCausalLM",
+}
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("model_type", FAMILY_NAMES)
+def test_uniform_router_all_experts_is_exact(model_type, tmp_path, tokenizer, corpus):
+    src, dst = tmp_path / "teacher", tmp_path / "student"
+    teacher = make_tiny_moe(model_type, str(src), uniform_router=True, tokenizer=tokenizer)
+    E = get_family(model_type)
+    stats = calibrate(str(src), corpus, samples=4, seq_len=32, workers=0, progress=False)
+    num_experts = stats.num_experts
+    plan = make_plan(stats, experts=num_experts, scoring="cp", scaling="uniform")
+    build(str(src), plan, str(dst), progress=False)
+
+    student = AutoModelForCausalLM.from_pretrained(str(dst), dtype=torch.float32).eval()
+    assert type(student).__name__ == DENSE_CLASS[model_type]
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    t, s = _logits(teacher, ids), _logits(student, ids)
+    assert t.abs().max() > 0.1, "the teacher's logits are too small for this test to mean anything"
+    diff = (t - s).abs().max().item()
+    assert diff < 1e-4, f"{model_type}: max |teacher - student| = {diff}"
+    # generate works on the student and the tokenizer came along
+    out = student.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)
+    assert (dst / "tokenizer.json").exists() or (dst / "tokenizer_config.json").exists()
+    assert json.loads((dst / PLAN_FILE).read_text())["experts"] == num_experts
+    assert E.model_type == model_type
+
+
+def test_selected_experts_are_copied_with_plan_scales(tmp_path, tokenizer, corpus):
+    """With K < E the dense FFN holds exactly the selected experts' weights with the plan's scales."""
+    src, dst = tmp_path / "teacher", tmp_path / "student"
+    teacher = make_tiny_moe("qwen3_moe", str(src), tokenizer=tokenizer)
+    stats = calibrate(str(src), corpus, samples=4, seq_len=32, workers=0, progress=False)
+    plan = make_plan(stats, experts=3, scoring="sf", scaling="score")
+    rep = build(str(src), plan, str(dst), progress=False)
+    r = CheckpointReader(str(dst))
+    I = teacher.config.moe_intermediate_size
+    for lp in plan.layers:
+        experts = teacher.model.layers[lp.layer].mlp.experts
+        gate = r.get(f"model.layers.{lp.layer}.mlp.gate_proj.weight")
+        down = r.get(f"model.layers.{lp.layer}.mlp.down_proj.weight")
+        assert len(lp.selected) == 3 and sorted(lp.selected) == sorted(e for g in lp.groups for e in g)
+        for j, (group, a) in enumerate(zip(lp.groups, lp.scales)):
+            (e,) = group
+            torch.testing.assert_close(gate[j * I:(j + 1) * I], experts.gate_up_proj[e, :I], rtol=0, atol=0)
+            torch.testing.assert_close(down[:, j * I:(j + 1) * I], a * experts.down_proj[e], rtol=1e-6, atol=1e-7)
+        # width: the routed part is K/E of the teacher's routed experts; the rest is zero padding
+        assert gate.shape[0] == rep.intermediate_size
+        assert gate[3 * I:].abs().sum() == 0
+        # score scaling keeps the calibrated total gate mass (1 for renormalised top-k)
+        assert sum(lp.scales) == pytest.approx(1.0, rel=1e-6)
+    # the already-dense layer 0 is kept exactly, zero-padded to the student's width
+    dense_gate = r.get("model.layers.0.mlp.gate_proj.weight")
+    torch.testing.assert_close(dense_gate[: teacher.config.intermediate_size], teacher.model.layers[0].mlp.gate_proj.weight)
+    # attention, embeddings and norms are copied bit for bit
+    t_state = teacher.state_dict()
+    for key in r.keys():
+        if ".mlp." not in key:
+            assert torch.equal(r.get(key), t_state[key]), key
