@@ -1,0 +1,244 @@
+"""`moe2dense`: the command line, a thin layer over the Python API in this package."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import UserError
+
+_DESCRIPTION = """\
+moe2dense converts a trained Mixture-of-Experts language model (Qwen3-MoE, Qwen2-MoE, Mixtral,
+OLMoE, DeepSeek-V2/V3, GPT-OSS) into a standard dense model that loads with
+AutoModelForCausalLM.from_pretrained. Experts are scored on calibration text, the best K per
+layer are selected, grouped into k blocks, concatenated into one dense FFN and scaled
+(arXiv 2605.28207).
+
+Pipeline (each stage is a subcommand; `convert` chains the first three):
+  calibrate  SRC -> STATS   run the teacher on text, sum routing/expert statistics (Ray actors)
+  plan       STATS -> PLAN  score, select, group and scale experts (seconds; many plans per STATS)
+  build      SRC + PLAN -> DST  stream the checkpoint tensor by tensor into the dense model
+
+Paths may be local directories or fsspec URLs (s3://, gs://, hf://, memory://, ...).
+"""
+
+_EXAMPLES = """\
+examples:
+  moe2dense demo
+  moe2dense convert Qwen/Qwen3-30B-A3B-local --data fineweb.jsonl --experts 8 --scoring cp --out qwen3-dense
+  moe2dense calibrate ./teacher --data calib.parquet --samples 512 --seq-len 2048 --workers 4 --full-stats --out stats/
+  moe2dense plan stats/ --experts 8 --scoring do-acp --out plan.json
+  moe2dense build ./teacher plan.json --out ./student
+
+exit status: 0 on success, 2 on bad input (one line `error: ...` on stderr, nothing half-written).
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `error:` line and exit code 2, like every other error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        sys.stderr.write(f"error: {message} (see `{self.prog} --help`)\n")
+        sys.exit(2)
+
+
+def _methods_help() -> str:
+    from .methods import GROUPINGS, SCALINGS, SCORINGS
+
+    out = []
+    for title, reg in (("scorings (--scoring)", SCORINGS), ("groupings (--grouping)", GROUPINGS),
+                       ("scalings (--scaling)", SCALINGS)):
+        out.append(f"{title}:")
+        for name in reg.names():
+            doc = (reg.get(name).__doc__ or "").strip().splitlines()
+            out.append(f"  {name:<10} {doc[0] if doc else ''}")
+    return "\n".join(out)
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument("--data", required=True, metavar="DATA",
+                   help="calibration text: .txt, .jsonl (field `text`), .parquet, a directory of those, "
+                        "or hf:NAME[:CONFIG] for a Hugging Face dataset")
+    g.add_argument("--samples", type=int, default=64, metavar="N", help="number of token blocks (default 64; paper: 512)")
+    g.add_argument("--seq-len", type=int, default=512, metavar="L", help="tokens per block (default 512; paper: 2048)")
+    g.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="Ray actors, one teacher replica each (0 = in this process, no Ray; default 1)")
+    g.add_argument("--batch-size", type=int, default=4, metavar="B", help="blocks per forward pass (default 4)")
+    g.add_argument("--text-field", default="text", help="field/column holding the text (default text)")
+    g.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                   help="GPUs per Ray actor (default: 1 when the cluster has GPUs); a teacher larger than "
+                        "one GPU is sharded over the actor's GPUs")
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("methods (see `moe2dense methods`)")
+    g.add_argument("--experts", "-K", type=int, required=True, metavar="K", help="experts kept per MoE layer")
+    g.add_argument("--groups", "-k", type=int, default=None, metavar="k",
+                   help="groups per layer, k <= K (default K: pure pruning, the paper's best)")
+    g.add_argument("--scoring", default="cp", help="expert scoring (default cp)")
+    g.add_argument("--grouping", default="none", help="expert grouping (default none)")
+    g.add_argument("--scaling", default="uniform", help="magnitude scaling (default uniform)")
+    g.add_argument("--seed", type=int, default=0, help="seed for random scoring/grouping and data order")
+
+
+def _add_build_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--out", "-o", required=True, metavar="DST", help="output directory (local or URL)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="cast the student (default: keep the teacher's dtypes; bf16 for MXFP4)")
+    g.add_argument("--shard-size", type=float, default=1.0, metavar="GB", help="max shard size in GB (default 1)")
+    g.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    g.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickle (.bin) checkpoints; they can run code when loaded")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="moe2dense", description=_DESCRIPTION, epilog=_EXAMPLES,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__import__('moe2dense_ray').__version__}")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    c = sub.add_parser("convert", help="calibrate, plan and build in one go",
+                       description="Convert an MoE checkpoint SRC into a dense checkpoint DST.\n\n"
+                       "DST holds a standard Hugging Face model plus moe2dense_plan.json recording what was kept.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("src", metavar="SRC", help="MoE checkpoint directory (local or URL)")
+    _add_data_args(c)
+    _add_method_args(c)
+    _add_build_args(c)
+    c.add_argument("--stats", metavar="STATS", help="also keep the calibration statistics here, for later `plan` runs")
+    c.add_argument("--full-stats", action="store_true", default=None,
+                   help="collect expert-output statistics even if the chosen methods do not need them")
+
+    k = sub.add_parser("calibrate", help="run the teacher on text and save additive statistics",
+                       description="Run SRC on calibration text and save per-layer statistics (sums) to STATS.\n"
+                       "Statistics from any number of workers add up to the same result.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    k.add_argument("src", metavar="SRC")
+    _add_data_args(k)
+    k.add_argument("--full-stats", action="store_true",
+                   help="also run every expert on every token (needed by acp, do-acp, reap, ean, output grouping)")
+    k.add_argument("--out", "-o", required=True, metavar="STATS")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) checkpoints")
+
+    pl = sub.add_parser("plan", help="score, select, group and scale experts from STATS",
+                        description="Compute a conversion plan from calibration statistics (no model needed, "
+                        "except --src for weight grouping).")
+    pl.add_argument("stats", metavar="STATS")
+    _add_method_args(pl)
+    pl.add_argument("--src", help="the teacher checkpoint (needed by --grouping weight; default: the one calibrated)")
+    pl.add_argument("--out", "-o", required=True, metavar="PLAN", help="plan file (JSON)")
+
+    b = sub.add_parser("build", help="apply a plan to a checkpoint, streaming it into a dense model",
+                       description="Stream SRC tensor by tensor into the dense checkpoint described by PLAN.")
+    b.add_argument("src", metavar="SRC")
+    b.add_argument("plan", metavar="PLAN", help="plan file, or a directory holding moe2dense_plan.json")
+    _add_build_args(b)
+
+    d = sub.add_parser("demo", help="convert the bundled teacher end to end on local Ray and report perplexities",
+                       description="Runs the whole pipeline on the small teacher shipped with the package: "
+                       "calibration on 2 Ray actors, several scorings, build, and a perplexity table.")
+    d.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
+    d.add_argument("--workers", type=int, default=2)
+
+    sub.add_parser("methods", help="list scoring, grouping and scaling methods")
+    sub.add_parser("families", help="list supported model families")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    progress = not args.quiet
+    if args.command == "convert":
+        from .convert import convert
+
+        r = convert(args.src, args.data, args.out, experts=args.experts, groups=args.groups,
+                    scoring=args.scoring, grouping=args.grouping, scaling=args.scaling,
+                    samples=args.samples, seq_len=args.seq_len, workers=args.workers,
+                    full_stats=args.full_stats, stats_out=args.stats, seed=args.seed, dtype=args.dtype,
+                    max_shard_bytes=int(args.shard_size * (1 << 30)), overwrite=args.overwrite,
+                    allow_pickle=args.allow_pickle, batch_size=args.batch_size, progress=progress,
+                    gpus_per_worker=args.gpus_per_worker, text_field=args.text_field)
+        rep = r.report
+        print(f"wrote {rep.out}: {rep.dense_model_type} with FFN width {rep.intermediate_size}, "
+              f"{rep.student_params / 1e6:.2f}M parameters (teacher {rep.teacher_params / 1e6:.2f}M), "
+              f"calibrated on {r.stats.tokens} tokens")
+    elif args.command == "calibrate":
+        from .calibrate import calibrate
+
+        s = calibrate(args.src, args.data, samples=args.samples, seq_len=args.seq_len, workers=args.workers,
+                      full=args.full_stats, out=args.out, batch_size=args.batch_size, seed=args.seed,
+                      progress=progress, text_field=args.text_field, gpus_per_worker=args.gpus_per_worker,
+                      allow_pickle=args.allow_pickle)
+        print(f"wrote {args.out}: {len(s.moe_layers)} MoE layers, {s.tokens} tokens, "
+              f"{'full' if s.full else 'router'} statistics, {s.meta['seconds']:.1f}s")
+    elif args.command == "plan":
+        from .build import read_expert_weights
+        from .plan import make_plan, save_plan
+        from .stats import Stats
+
+        stats = Stats.load(args.stats)
+        weights = None
+        if args.grouping == "weight":
+            src = args.src or stats.source
+            if not src:
+                raise UserError("--grouping weight needs --src (the teacher checkpoint)")
+            weights = read_expert_weights(src)
+        plan = make_plan(stats, experts=args.experts, groups=args.groups, scoring=args.scoring,
+                         grouping=args.grouping, scaling=args.scaling, seed=args.seed, expert_weights=weights)
+        save_plan(plan, args.out)
+        print(f"wrote {args.out}: K={plan.experts}, k={plan.groups}, {plan.scoring}/{plan.grouping}/{plan.scaling}, "
+              f"{len(plan.layers)} layers")
+    elif args.command == "build":
+        from .build import build
+        from .plan import load_plan
+
+        rep = build(args.src, load_plan(args.plan), args.out, dtype=args.dtype,
+                    max_shard_bytes=int(args.shard_size * (1 << 30)), overwrite=args.overwrite,
+                    allow_pickle=args.allow_pickle, progress=progress)
+        print(f"wrote {rep.out}: {rep.dense_model_type}, FFN width {rep.intermediate_size}, "
+              f"{rep.student_params / 1e6:.2f}M parameters in {rep.seconds:.1f}s")
+    elif args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(args.out, workers=args.workers, progress=progress)
+    elif args.command == "methods":
+        print(_methods_help())
+    elif args.command == "families":
+        from .families import supported_families_table
+
+        print(supported_families_table())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would warn that it found no GPU
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # our own bars show tokens, layers and ETA
+    try:
+        return _run(args)
+    except UserError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted (no output was left half-written)\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+__all__ = ["main", "build_parser"]

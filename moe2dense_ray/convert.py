@@ -1,0 +1,72 @@
+"""`convert` = calibrate -> plan -> build, with every input checked before the expensive parts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .build import BuildReport, build, inspect_source, read_expert_weights
+from .calibrate import calibrate
+from .plan import Plan, check_counts, check_methods, make_plan, needs_full_stats
+from .stats import Stats
+
+
+@dataclass
+class ConvertResult:
+    plan: Plan
+    stats: Stats
+    report: BuildReport
+
+
+def convert(
+    src: str,
+    data: str,
+    out: str,
+    *,
+    experts: int,
+    scoring: str = "cp",
+    grouping: str = "none",
+    scaling: str = "uniform",
+    groups: int | None = None,
+    samples: int = 64,
+    seq_len: int = 512,
+    workers: int = 1,
+    full_stats: bool | None = None,
+    stats_out: str | None = None,
+    seed: int = 0,
+    dtype: str | None = None,
+    max_shard_bytes: int = 1 << 30,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    batch_size: int = 4,
+    progress: bool = True,
+    gpus_per_worker: float | None = None,
+    text_field: str = "text",
+) -> ConvertResult:
+    """Convert an MoE checkpoint into a dense one in a single call.
+
+    Expert-output statistics are collected only when a chosen method needs them (`full_stats`
+    None), since they cost a run of every expert on every token.
+    """
+    reader, _, _, _, shape = inspect_source(src, allow_pickle=allow_pickle)
+    reader.close()
+    check_counts(shape.num_experts, experts, groups)
+    check_methods(scoring, grouping, scaling)
+    full = needs_full_stats(scoring, grouping, scaling) if full_stats is None else full_stats
+    from .checkpoint import url_to_fs
+    from .errors import UserError
+
+    fs, dest = url_to_fs(out)
+    if fs.exists(dest) and not overwrite and fs.ls(dest):
+        raise UserError(f"{out} already exists (use --overwrite to replace it)")
+    stats = calibrate(src, data, samples=samples, seq_len=seq_len, workers=workers, full=full,
+                      out=stats_out, batch_size=batch_size, seed=seed, progress=progress,
+                      gpus_per_worker=gpus_per_worker, text_field=text_field, allow_pickle=allow_pickle)
+    weights = read_expert_weights(src, allow_pickle=allow_pickle) if grouping == "weight" else None
+    plan = make_plan(stats, experts=experts, scoring=scoring, grouping=grouping, scaling=scaling,
+                     groups=groups, seed=seed, expert_weights=weights)
+    report = build(src, plan, out, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
+                   allow_pickle=allow_pickle, progress=progress)
+    return ConvertResult(plan, stats, report)
+
+
+__all__ = ["convert", "ConvertResult"]

@@ -1,0 +1,497 @@
+"""Calibration text: read documents from files, URLs or the Hugging Face hub, pack them into token blocks.
+
+Calibration only needs `samples * seq_len` tokens, while the corpora people point us at can be
+terabytes (FineWeb), so everything here *streams*: files are opened through fsspec (local paths,
+`memory://`, `s3://`, `gs://`, `hf://`... all work the same), read a line / a parquet batch at a time,
+and reading stops as soon as enough tokens have been packed.
+
+Supported sources (see `load_texts`):
+
+* `.txt`            documents separated by blank lines (a file without blank lines is one document)
+* `.jsonl` `.json`  one JSON object per line with a text field (`.json` may also be a JSON array)
+* `.parquet`        a text column
+* any of the above except parquet compressed as `.gz`, `.bz2` or `.xz`
+* a directory (searched recursively) or a glob of such files, read in sorted order
+* `hf:NAME`, `hf:NAME:CONFIG` or `hf:NAME:CONFIG:SPLIT`: a Hugging Face dataset, streamed
+
+Every problem the user can fix (a missing path, a wrong field name, a broken line, an empty set)
+raises `UserError` with a one-line message that names the file and, where it helps, the line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TextIO
+
+import torch
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
+    from transformers import PreTrainedTokenizerBase
+
+FORMATS: dict[str, str] = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl",
+                           ".json": "json", ".parquet": "parquet"}
+"""File extension -> reader. Anything else is rejected rather than guessed at."""
+
+HF_PREFIX = "hf:"
+
+# A document longer than this is yielded in pieces by the .txt reader, so that a corpus stored as one
+# enormous paragraph (no blank lines) never has to sit in memory whole.
+MAX_DOC_CHARS = 1 << 20
+_READ_CHUNK = 1 << 20  # readline() limit: one pathological line cannot be read in one go either
+# Characters tokenized per round per token still missing. Tokens average ~4 characters, so one
+# round usually suffices; a document longer than the round's budget is cut at whitespace and its
+# rest tokenized in the next round, so nothing is lost when the guess is low, and a corpus of a
+# few huge documents is never tokenized whole for a few blocks when it is high.
+_CHARS_PER_TOKEN_GUESS = 8
+_CUT_SEARCH = 256  # how far past the budget to look for whitespace to cut a document at
+_TOKENIZE_BATCH = 32  # documents per tokenizer call: batching is much faster with fast tokenizers
+DEFAULT_SHUFFLE_BUFFER = 1000
+# The shuffle pool also stops growing at this many characters per token wanted: enough documents
+# to mix, without reading far past what calibration will use.
+_SHUFFLE_CHARS_PER_TOKEN = 16
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading documents
+# ----------------------------------------------------------------------------------------------
+
+
+def load_texts(source: str, *, text_field: str = "text", split: str = "train") -> Iterator[str]:
+    """Stream the documents of `source`, in order, skipping null and empty texts.
+
+    The source is resolved *eagerly* (so a missing path or an unsupported extension fails at the
+    call, not at the first `next()`), while documents are read lazily. `split` is only used for
+    `hf:` datasets; files have no splits.
+    """
+    if source.startswith(HF_PREFIX):
+        return _hf_texts(source, text_field=text_field, split=split)
+    fs, files = _resolve_files(source)
+    return _iter_files(fs, files, text_field)
+
+
+def _hf_texts(source: str, *, text_field: str, split: str) -> Iterator[str]:
+    """Open a Hugging Face dataset in streaming mode: FineWeb-sized corpora are never downloaded whole."""
+    parts = source[len(HF_PREFIX):].split(":")
+    if not parts[0] or len(parts) > 3 or any(not p for p in parts[1:]):
+        raise UserError(f"bad Hugging Face dataset {source!r}: expected hf:NAME, hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT")
+    name = parts[0]
+    config = parts[1] if len(parts) > 1 else None
+    if len(parts) > 2:
+        split = parts[2]
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - datasets is a hard dependency
+        raise UserError(f"reading {source} needs the `datasets` package: pip install datasets") from e
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load Hugging Face dataset {source} (split {split!r}): {msg}") from e
+    return _hf_rows(ds, source, text_field)
+
+
+def _hf_rows(ds: Iterable[dict[str, Any]], source: str, text_field: str) -> Iterator[str]:
+    for i, row in enumerate(ds):
+        if text_field not in row:
+            raise UserError(f"{source}: row {i} has no {text_field!r} field (fields: {', '.join(sorted(row))}); "
+                            f"pick one with --text-field")
+        text = _check_text(row[text_field], f"{source}: row {i}", text_field)
+        if text:
+            yield text
+
+
+def _split_ext(path: str) -> tuple[str | None, str | None]:
+    """(format, compression) from a file name: `a.jsonl.gz` -> ('jsonl', 'gzip')."""
+    from fsspec.compression import compr
+    from fsspec.utils import compressions
+
+    name = path.rstrip("/").rsplit("/", 1)[-1].lower()
+    stem, ext = os.path.splitext(name)
+    compression = None
+    if ext[1:] in compressions and compressions[ext[1:]] in compr and compressions[ext[1:]] != "zip":
+        compression = compressions[ext[1:]]
+        stem, ext = os.path.splitext(stem)
+    fmt = FORMATS.get(ext)
+    if fmt == "parquet" and compression is not None:
+        return None, None  # parquet compresses internally; a .parquet.gz cannot be read in a stream
+    return fmt, compression
+
+
+def _supported_list() -> str:
+    return ".txt, .jsonl, .json or .parquet (text formats optionally .gz/.bz2/.xz), a directory, a glob, or hf:DATASET"
+
+
+def _resolve_files(source: str) -> tuple[AbstractFileSystem, list[str]]:
+    """The readable files behind a path, URL, directory or glob, in a stable (sorted) order.
+
+    Directories and globs silently skip hidden files (`.DS_Store`, `_SUCCESS`) and files of other
+    types (a README next to the shards), but must contain at least one readable file.
+    """
+    import fsspec
+
+    if not source or not source.strip():
+        raise UserError("no calibration data given: pass a file, directory, glob, URL or hf:DATASET")
+    if "://" not in source and "::" not in source:
+        source = os.path.expanduser(source)
+    try:
+        fs, path = fsspec.core.url_to_fs(source)
+    except (ValueError, ImportError) as e:
+        raise UserError(f"cannot open {source}: {e}") from e
+
+    if not fs.exists(path) and any(c in path for c in "*?["):  # an existing name with `[` is not a glob
+        found = fs.glob(path, detail=True)
+        files: list[str] = []
+        for p, info in found.items():
+            files.extend(fs.find(p) if info.get("type") == "directory" else [p])
+        if not files:
+            raise UserError(f"no files match {source}")
+        root = path[:min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+        return fs, _readable(files, root, source)
+    if not fs.exists(path):
+        raise UserError(f"calibration data not found: {source}")
+    if fs.isdir(path):
+        return fs, _readable(fs.find(path), path, source)
+    if _split_ext(path)[0] is None:
+        raise UserError(f"unsupported calibration data file {source}: expected {_supported_list()}")
+    return fs, [path]
+
+
+def _readable(files: Iterable[str], root: str, source: str) -> list[str]:
+    """Supported files, skipping those hidden below `root` (`.cache/`, `.DS_Store`, `_SUCCESS`)."""
+    root = root.rstrip("/")
+
+    def hidden(f: str) -> bool:
+        rel = f[len(root):] if root and f.startswith(root + "/") else f.rsplit("/", 1)[-1]
+        return any(part.startswith((".", "_")) for part in rel.split("/") if part)
+
+    keep = [f for f in files if not hidden(f) and _split_ext(f)[0] is not None]
+    if not keep:
+        raise UserError(f"no supported data files in {source}: expected {_supported_list()}")
+    return sorted(keep)
+
+
+def _display(fs: AbstractFileSystem, path: str) -> str:
+    """The name to show in messages: local paths as given, remote ones with their protocol."""
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    return path if protocol in ("file", "local") else fs.unstrip_protocol(path)
+
+
+def _iter_files(fs: AbstractFileSystem, files: list[str], text_field: str) -> Iterator[str]:
+    for path in files:
+        fmt, compression = _split_ext(path)
+        name = _display(fs, path)
+        try:
+            if fmt == "txt":
+                yield from _txt_docs(fs, path, compression)
+            elif fmt == "parquet":
+                yield from _parquet_docs(fs, path, name, text_field)
+            else:
+                yield from _json_docs(fs, path, compression, name, text_field, fmt == "json")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{name} is not UTF-8 text: {e.reason} at byte {e.start}") from e
+        except (OSError, EOFError) as e:
+            # truncated/corrupt gzip, permission denied, a remote read failing...
+            raise UserError(f"cannot read {name}: {e}") from e
+
+
+def _open_text(fs: AbstractFileSystem, path: str, compression: str | None) -> TextIO:
+    # utf-8-sig: a byte-order mark (common from Windows editors) would break JSON on line 1
+    return fs.open(path, "rt", compression=compression, encoding="utf-8-sig")
+
+
+def _txt_docs(fs: AbstractFileSystem, path: str, compression: str | None) -> Iterator[str]:
+    """Paragraphs separated by blank lines; internal newlines are kept (they carry meaning in code/poetry)."""
+    with _open_text(fs, path, compression) as f:
+        lines: list[str] = []
+        size = 0
+        while True:
+            line = f.readline(_READ_CHUNK)
+            if not line:
+                break
+            if not line.strip():
+                if lines:
+                    yield "".join(lines).rstrip("\n")
+                    lines, size = [], 0
+                continue
+            lines.append(line)
+            size += len(line)
+            if size >= MAX_DOC_CHARS:
+                yield "".join(lines).rstrip("\n")
+                lines, size = [], 0
+        if lines:
+            yield "".join(lines).rstrip("\n")
+
+
+def _check_text(value: Any, where: str, text_field: str) -> str | None:
+    """Null means "no text" (common in parquet); anything else that is not a string is an error."""
+    if value is None or isinstance(value, str):
+        return value or None
+    raise UserError(f"{where}: field {text_field!r} is a {type(value).__name__}, not a string")
+
+
+def _json_docs(fs: AbstractFileSystem, path: str, compression: str | None, name: str, text_field: str,
+               maybe_array: bool) -> Iterator[str]:
+    """JSON lines; a `.json` file whose first character is `[` is read as one JSON array instead."""
+    if maybe_array:
+        with _open_text(fs, path, compression) as f:
+            head = f.read(4096).lstrip()
+        if head.startswith("["):
+            yield from _json_array_docs(fs, path, compression, name, text_field)
+            return
+    with _open_text(fs, path, compression) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{name}:{lineno}: malformed JSON on line {lineno}: {e.msg} (column {e.colno})") from e
+            if not isinstance(obj, dict):
+                raise UserError(f"{name}:{lineno}: line {lineno} is a JSON {type(obj).__name__}, not an object "
+                                f"with a {text_field!r} field")
+            if text_field not in obj:
+                raise UserError(f"{name}:{lineno}: line {lineno} has no {text_field!r} field "
+                                f"(fields: {', '.join(sorted(obj)) or 'none'}); pick one with --text-field")
+            text = _check_text(obj[text_field], f"{name}:{lineno}", text_field)
+            if text:
+                yield text
+
+
+def _json_array_docs(fs: AbstractFileSystem, path: str, compression: str | None, name: str,
+                     text_field: str) -> Iterator[str]:
+    """A JSON array cannot be streamed with the standard library; such files are small in practice."""
+    with _open_text(fs, path, compression) as f:
+        try:
+            items = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{name}:{e.lineno}: malformed JSON on line {e.lineno}: {e.msg} (column {e.colno})") from e
+    for i, obj in enumerate(items):
+        if isinstance(obj, str):
+            value: Any = obj
+        elif isinstance(obj, dict):
+            if text_field not in obj:
+                raise UserError(f"{name}: item {i} has no {text_field!r} field "
+                                f"(fields: {', '.join(sorted(obj)) or 'none'}); pick one with --text-field")
+            value = obj[text_field]
+        else:
+            raise UserError(f"{name}: item {i} is a JSON {type(obj).__name__}, not an object or a string")
+        text = _check_text(value, f"{name}: item {i}", text_field)
+        if text:
+            yield text
+
+
+def _parquet_docs(fs: AbstractFileSystem, path: str, name: str, text_field: str) -> Iterator[str]:
+    """Only the text column is read, one row group batch at a time: parquet shards are often GBs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as raw:
+        try:
+            pf = pq.ParquetFile(raw)
+        except (pa.ArrowInvalid, pa.ArrowException) as e:
+            raise UserError(f"{name} is not a valid parquet file: {e}") from e
+        columns = pf.schema_arrow.names
+        if text_field not in columns:
+            raise UserError(f"{name} has no {text_field!r} column (columns: {', '.join(columns) or 'none'}); "
+                            f"pick one with --text-field")
+        for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
+            for value in batch.column(0).to_pylist():
+                text = _check_text(value, name, text_field)
+                if text:
+                    yield text
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing into blocks
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """`samples' x seq_len` token blocks; `attention_mask` is 0 on padding, which statistics must skip."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.input_ids.ndim != 2 or self.input_ids.shape != self.attention_mask.shape:
+            raise ValueError(f"input_ids {tuple(self.input_ids.shape)} and attention_mask "
+                             f"{tuple(self.attention_mask.shape)} must be equal 2-D shapes")
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens: what calibration statistics are averaged over."""
+        return int(self.attention_mask.sum())
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def shard(self, i: int, n: int) -> CalibrationSet:
+        """Rows of part `i` of `n` contiguous, near-equal parts (sizes differ by at most one).
+
+        Used to hand each of `n` workers its own rows; a part is empty when `n` exceeds the rows.
+        The rows are copied: a slice of a tensor pickles its whole storage, so without the copy
+        every Ray worker would be shipped the entire set.
+        """
+        if n < 1 or not 0 <= i < n:
+            raise ValueError(f"shard({i}, {n}): need n >= 1 and 0 <= i < n")
+        base, extra = divmod(self.num_samples, n)
+        start = i * base + min(i, extra)
+        stop = start + base + (1 if i < extra else 0)
+        return CalibrationSet(self.input_ids[start:stop].clone(), self.attention_mask[start:stop].clone())
+
+
+def _shuffled(docs: Iterator[str], buffer: int, seed: int, *, max_chars: int) -> Iterator[str]:
+    """Seeded approximate shuffle through a bounded buffer (as `datasets` streaming shuffle does).
+
+    Corpora are often sorted (by source, date, topic); taking the first N documents verbatim would
+    calibrate on one slice of the distribution. A full shuffle would need the whole corpus; a pool
+    of at most `buffer` documents and `max_chars` characters keeps memory and read-ahead bounded
+    and is deterministic for a given seed.
+    """
+    if buffer <= 1:
+        yield from docs
+        return
+    rng = random.Random(seed)
+    pool: list[str] = []
+    chars = 0
+    for doc in docs:
+        if len(pool) < buffer and chars < max_chars:
+            pool.append(doc)
+            chars += len(doc)
+            continue
+        j = rng.randrange(len(pool))
+        yield pool[j]
+        chars += len(doc) - len(pool[j])
+        pool[j] = doc
+    rng.shuffle(pool)
+    yield from pool
+
+
+_WHITESPACE = re.compile(r"\s")
+
+
+def _cut_point(doc: str, budget: int) -> int:
+    """Where to cut `doc` to tokenize about `budget` characters now: at whitespace, so no word is split."""
+    if len(doc) <= budget:
+        return len(doc)
+    m = _WHITESPACE.search(doc, budget, budget + _CUT_SEARCH)
+    if m:
+        return m.start()
+    k = max(doc.rfind(" ", 0, budget), doc.rfind("\n", 0, budget))
+    return k if k > 0 else budget
+
+
+def _special_affixes(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer wraps a text in by default (e.g. Llama's BOS, none for Qwen).
+
+    Documents are tokenized without them, because a document cut into pieces must get them once,
+    and they are added around each whole document: the model was trained on documents so framed.
+    """
+    plain = list(tokenizer("x", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("x", add_special_tokens=True)["input_ids"])
+    for i in range(len(full) - len(plain) + 1):
+        if plain and full[i:i + len(plain)] == plain:
+            return full[:i], full[i + len(plain):]
+    return [], []
+
+
+def calibration_blocks(
+    source: str,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    samples: int,
+    seq_len: int,
+    seed: int = 0,
+    text_field: str = "text",
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+) -> CalibrationSet:
+    """Up to `samples` blocks of exactly `seq_len` tokens from `source`, packed LM-style.
+
+    Documents (in a seeded buffered shuffle; `shuffle_buffer <= 1` keeps file order) are tokenized
+    with the tokenizer's own special-token convention (BOS for Llama-style tokenizers, nothing for
+    Qwen-style ones), followed by EOS when the tokenizer has one, concatenated and cut into blocks.
+    Packing wastes no compute on padding and matches how the model was trained. Reading stops as
+    soon as the blocks are full. If the text runs out first, the last partial block is padded
+    (`attention_mask` 0) and fewer than `samples` rows may be returned.
+    """
+    if samples < 1:
+        raise UserError(f"--samples must be at least 1 (got {samples})")
+    if seq_len < 2:
+        raise UserError(f"--seq-len must be at least 2 (got {seq_len}): next-token statistics need two tokens")
+    eos = tokenizer.eos_token_id
+    special = set(tokenizer.all_special_ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    need = samples * seq_len
+
+    prefix, suffix = _special_affixes(tokenizer)
+    docs = _shuffled(load_texts(source, text_field=text_field), shuffle_buffer, seed,
+                     max_chars=max(need * _SHUFFLE_CHARS_PER_TOKEN, MAX_DOC_CHARS))
+    rows: list[list[int]] = []
+    buf: list[int] = []
+    n_docs = 0
+    pending = ""  # the rest of a document cut at the previous round's budget
+    started = False  # whether the current document has emitted tokens (and so its prefix) yet
+    while len(rows) < samples:
+        budget = (need - len(rows) * seq_len - len(buf)) * _CHARS_PER_TOKEN_GUESS
+        pieces: list[tuple[str, bool, bool]] = []  # (text, starts a document, ends it)
+        while len(pieces) < _TOKENIZE_BATCH and budget > 0:
+            first = not pending
+            doc = pending or next(docs, None)
+            if doc is None:
+                break
+            n_docs += int(first)
+            k = _cut_point(doc, budget)
+            pieces.append((doc[:k], first, k == len(doc)))
+            pending = doc[k:]
+            budget -= k
+        if not pieces:
+            break  # the text ran out
+        encoded = tokenizer([p[0] for p in pieces], add_special_tokens=False, verbose=False)["input_ids"]
+        for ids, (_, first, last) in zip(encoded, pieces):
+            if first:
+                started = False
+            ids = list(ids)
+            if any(t not in special for t in ids):
+                buf.extend(ids if started else prefix + ids)
+                started = True
+            if last and started:
+                buf.extend(suffix)
+                if eos is not None and (not buf or buf[-1] != eos):
+                    buf.append(eos)
+            start = 0  # cut with an offset and compact once: deleting per row is quadratic on a long document
+            while len(buf) - start >= seq_len and len(rows) < samples:
+                rows.append(buf[start:start + seq_len])
+                start += seq_len
+            del buf[:start]
+            if len(rows) == samples:
+                break
+
+    mask = [[1] * seq_len for _ in rows]
+    if buf and len(rows) < samples:
+        mask.append([1] * len(buf) + [0] * (seq_len - len(buf)))
+        rows.append(buf + [pad] * (seq_len - len(buf)))
+    if not rows:
+        what = "no documents" if n_docs == 0 else f"{n_docs} document(s) but 0 tokens"
+        raise UserError(f"the calibration set from {source} is empty: it has {what} "
+                        f"(text field {text_field!r})")
+    return CalibrationSet(torch.tensor(rows, dtype=torch.long), torch.tensor(mask, dtype=torch.long))
+
+
+__all__ = ["CalibrationSet", "calibration_blocks", "load_texts", "FORMATS", "MAX_DOC_CHARS"]
