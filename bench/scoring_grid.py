@@ -1,0 +1,135 @@
+"""The paper's pre-distillation grid on the bundled teacher: perplexity by scoring, K and grouping.
+
+One calibration (full statistics) serves every plan. Prints a Markdown table and writes
+`docs/results/scoring_grid.{md,json,png}` (or --out).
+
+    python bench/scoring_grid.py [--teacher DIR --data FILE --heldout FILE --samples 64 --seq-len 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+
+def main() -> None:
+    from moe2dense_ray import assets
+    from moe2dense_ray.build import build, read_expert_weights
+    from moe2dense_ray.calibrate import _tokenizer, calibrate
+    from moe2dense_ray.data import calibration_blocks
+    from moe2dense_ray.evaluate import load_model, perplexity
+    from moe2dense_ray.plan import make_plan
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--teacher", default=assets.teacher_path())
+    ap.add_argument("--data", default=assets.calibration_path())
+    ap.add_argument("--heldout", default=assets.heldout_path())
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--eval-samples", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--random-seeds", type=int, default=5, help="draws of the random baseline per K")
+    ap.add_argument("--out", default="docs/results")
+    ap.add_argument("--work", default="runs/scoring_grid")
+    a = ap.parse_args()
+
+    t0 = time.time()
+    stats = calibrate(a.teacher, a.data, samples=a.samples, seq_len=a.seq_len, workers=a.workers, full=True,
+                      progress=False)
+    E = stats.num_experts
+    tok = _tokenizer(a.teacher)
+    held = calibration_blocks(a.heldout, tok, samples=a.eval_samples, seq_len=a.seq_len, seed=123)
+    teacher_ppl = perplexity(load_model(a.teacher), held.input_ids, held.attention_mask)
+    weights = read_expert_weights(a.teacher)
+    rows = []
+    ks = [k for k in (E // 8, E // 4, E // 2) if k >= 1]
+    # random selection is the floor every scoring must beat; one draw is noise, so take several
+    configs = [(s, K, "none", K, seed) for K in ks
+               for s, seeds in [("random", range(a.random_seeds))] + [(s, [0]) for s in SCORED]
+               for seed in seeds]
+    configs += [(s, 2 * K, g, K, 0) for K in ks[:2] for s in ("cp", "do-acp") for g in ("weight", "output", "router")]
+    for scoring, K, grouping, k, seed in configs:
+        plan = make_plan(stats, experts=K, groups=k, scoring=scoring, grouping=grouping, scaling="uniform",
+                         seed=seed, expert_weights=weights if grouping == "weight" else None)
+        dst = os.path.join(a.work, f"{scoring}-K{K}-{grouping}-k{k}-s{seed}")
+        rep = build(a.teacher, plan, dst, overwrite=True, progress=False)
+        ppl = perplexity(load_model(dst), held.input_ids, held.attention_mask)
+        rows.append({"scoring": scoring, "K": K, "grouping": grouping, "k": k, "seed": seed, "ppl": ppl,
+                     "params_M": rep.student_params / 1e6})
+        print(f"{scoring:>7} K={K:<3} {grouping:>6} k={k:<3} seed {seed} ppl {ppl:9.2f}", flush=True)
+
+    os.makedirs(a.out, exist_ok=True)
+    lines = [f"Teacher {os.path.basename(a.teacher.rstrip('/'))}: E={E}, held-out perplexity {teacher_ppl:.2f}; "
+             f"calibration {stats.tokens} tokens; evaluation {int(held.num_tokens)} tokens; no distillation. "
+             f"`random` is the geometric mean (and range) over {a.random_seeds} seeds.", "",
+             "| scoring | K | grouping | k | params (M) | perplexity | vs random |", "|---|---:|---|---:|---:|---:|---:|"]
+    for r in summarize(rows):
+        spread = f" ({r['min']:.1f}-{r['max']:.1f})" if r["n"] > 1 else ""
+        lines.append(f"| {r['scoring']} | {r['K']} | {r['grouping']} | {r['k']} | {r['params_M']:.2f} | "
+                     f"{r['ppl']:.2f}{spread} | {r['vs_random']:.2f}x |")
+    text = "\n".join(lines)
+    print("\n" + text)
+    with open(os.path.join(a.out, "scoring_grid.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(a.out, "scoring_grid.json"), "w") as f:
+        json.dump({"teacher_ppl": teacher_ppl, "num_experts": E, "tokens": stats.tokens, "rows": rows,
+                   "summary": summarize(rows)}, f, indent=1)
+    _plot(rows, ks, teacher_ppl, os.path.join(a.out, "scoring_grid.png"))
+    print(f"\n{len(rows)} students in {time.time() - t0:.0f}s; wrote {a.out}/scoring_grid.md/.json/.png")
+
+
+SCORED = ("sf", "pp", "cp", "acp", "do-acp", "reap", "ean")
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per configuration: random seeds folded into a geometric mean with its range, and
+    every configuration's perplexity relative to random pruning at the same number of groups k."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["scoring"], r["K"], r["grouping"], r["k"]), []).append(r)
+    out = []
+    for (scoring, K, grouping, k), rs in groups.items():
+        ppls = [r["ppl"] for r in rs]
+        out.append({"scoring": scoring, "K": K, "grouping": grouping, "k": k, "n": len(rs),
+                    "params_M": rs[0]["params_M"], "ppl": math.exp(sum(map(math.log, ppls)) / len(ppls)),
+                    "min": min(ppls), "max": max(ppls)})
+    base = {r["k"]: r["ppl"] for r in out if r["scoring"] == "random" and r["grouping"] == "none"}
+    for r in out:
+        r["vs_random"] = r["ppl"] / base[r["k"]] if r["k"] in base else float("nan")
+    return out
+
+
+def _plot(rows, ks, teacher_ppl, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    summary = summarize(rows)
+    for s in ("random",) + SCORED:
+        pts = [r for r in summary if r["scoring"] == s and r["grouping"] == "none"]
+        x, y = [r["K"] for r in pts], [r["ppl"] for r in pts]
+        if s == "random":
+            ax.fill_between(x, [r["min"] for r in pts], [r["max"] for r in pts], color="0.8", label="random (range)")
+            ax.plot(x, y, color="0.4", marker="o", label="random (geo. mean)")
+        else:
+            ax.plot(x, y, marker="o", label=s)
+    ax.axhline(teacher_ppl, color="k", ls="--", lw=1, label="MoE teacher")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("experts kept per layer (K = k, pure pruning)")
+    ax.set_ylabel("held-out perplexity (before distillation)")
+    ax.set_title("Dense students from the bundled Qwen3-MoE teacher")
+    ax.legend(ncol=3, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
