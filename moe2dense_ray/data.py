@@ -20,6 +20,7 @@ raises `UserError` with a one-line message that names the file and, where it hel
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -93,17 +94,34 @@ def _hf_texts(source: str, *, text_field: str, split: str) -> Iterator[str]:
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load Hugging Face dataset {source} (split {split!r}): {msg}") from e
+        raise UserError(f"cannot load Hugging Face dataset {source} (split {split!r}): {_one_line(e)}") from e
     return _hf_rows(ds, source, text_field)
 
 
+def _row_text(row: dict[str, Any], where: str, text_field: str) -> str | None:
+    """The text field of one record; a record without it names the fields it does have."""
+    if text_field not in row:
+        raise UserError(f"{where} has no {text_field!r} field "
+                        f"(fields: {', '.join(sorted(row)) or 'none'}); pick one with --text-field")
+    return _check_text(row[text_field], where, text_field)
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as one line: library messages often span several, and errors here print one."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _hf_rows(ds: Iterable[dict[str, Any]], source: str, text_field: str) -> Iterator[str]:
-    for i, row in enumerate(ds):
-        if text_field not in row:
-            raise UserError(f"{source}: row {i} has no {text_field!r} field (fields: {', '.join(sorted(row))}); "
-                            f"pick one with --text-field")
-        text = _check_text(row[text_field], f"{source}: row {i}", text_field)
+    rows = iter(ds)
+    for i in itertools.count():
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:  # datasets' own errors (schema casts, broken files) are about the data
+            raise UserError(f"{source}: cannot read row {i}: {_one_line(e)}") from e
+        text = _row_text(row, f"{source}: row {i}", text_field)
         if text:
             yield text
 
@@ -257,10 +275,7 @@ def _json_docs(fs: AbstractFileSystem, path: str, compression: str | None, name:
             if not isinstance(obj, dict):
                 raise UserError(f"{name}:{lineno}: line {lineno} is a JSON {type(obj).__name__}, not an object "
                                 f"with a {text_field!r} field")
-            if text_field not in obj:
-                raise UserError(f"{name}:{lineno}: line {lineno} has no {text_field!r} field "
-                                f"(fields: {', '.join(sorted(obj)) or 'none'}); pick one with --text-field")
-            text = _check_text(obj[text_field], f"{name}:{lineno}", text_field)
+            text = _row_text(obj, f"{name}:{lineno}: line {lineno}", text_field)
             if text:
                 yield text
 

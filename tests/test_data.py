@@ -347,34 +347,48 @@ def test_bad_sizes(tmp_path: Path) -> None:
     assert "--seq-len" in _err(calibration_blocks, src, tok, samples=1, seq_len=1)
 
 
-def test_hf_source_parsing_without_the_hub(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The hf: path is exercised with a stand-in `load_dataset`: tests never reach the hub."""
-    import datasets
+def _local_hf_dataset(root: Path) -> str:
+    """A dataset directory the way the Hub lays one out: data files plus README `configs` metadata."""
+    files = {
+        "cfg/train.jsonl": [{"text": "a"}],
+        "cfg/validation.jsonl": [{"text": "a b"}, {"text": None}, {"text": "c"}],
+        "cfg/test.jsonl": [{"text": "b c"}],
+        "other/train.jsonl": [{"content": "a"}],
+        "mixed/train.jsonl": [{"text": "a"}],
+        "mixed/validation.jsonl": [{"text": "b"}, {"other": 1}],
+    }
+    for rel, rows in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    configs = {}
+    for rel in files:
+        configs.setdefault(rel.split("/")[0], []).append(rel)
+    meta = ["---", "configs:"]
+    for name, rels in configs.items():
+        meta += [f"- config_name: {name}", "  data_files:"]
+        for rel in rels:
+            meta += [f"  - split: {Path(rel).stem}", f"    path: {rel}"]
+    (root / "README.md").write_text("\n".join(meta + ["---", ""]))
+    return str(root)
 
-    calls: list[tuple] = []
 
-    def fake_load_dataset(name, config=None, *, split, streaming):
-        calls.append((name, config, split, streaming))
-        if name == "missing/ds":
-            raise FileNotFoundError("Dataset 'missing/ds' doesn't exist on the Hub")
-        rows = [{"text": "a b"}, {"text": None}, {"text": "c"}]
-        return iter(rows if name == "org/good" else rows + [{"other": 1}])
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    it = load_texts("hf:org/ds:cfg", split="validation")
-    assert [next(it), next(it)] == ["a b", "c"]
-    with pytest.raises(UserError, match="row 3 has no 'text' field"):
-        next(it)
-    load_texts("hf:org/ds")
-    load_texts("hf:org/ds:cfg:test")
-    assert calls == [("org/ds", "cfg", "validation", True), ("org/ds", None, "train", True),
-                     ("org/ds", "cfg", "test", True)]
-    assert "cannot load Hugging Face dataset hf:missing/ds" in _err(load_texts, "hf:missing/ds")
+def test_hf_source_with_real_datasets(tmp_path: Path) -> None:
+    """hf:NAME[:CONFIG[:SPLIT]] through the real `datasets.load_dataset` (streaming) on a local
+    dataset directory, which `load_dataset` resolves exactly like a Hub name, without the network."""
+    root = _local_hf_dataset(tmp_path / "ds")
+    assert list(load_texts(f"hf:{root}:cfg", split="validation")) == ["a b", "c"]  # null text skipped
+    assert list(load_texts(f"hf:{root}:cfg:test")) == ["b c"]  # the split in the source wins
+    assert list(load_texts(f"hf:{root}:cfg")) == ["a"]  # default split: train
+    assert "row 0 has no 'text' field (fields: content)" in _err(list, load_texts(f"hf:{root}:other"))
+    # datasets raises its own (multi-line) error for rows that break the schema: one line here
+    msg = _err(list, load_texts(f"hf:{root}:mixed", split="validation"))
+    assert msg.startswith(f"hf:{root}:mixed: cannot read row 0") and "\n" not in msg
+    assert "BuilderConfig 'nope' not found" in _err(load_texts, f"hf:{root}:nope")
+    assert "Bad split: nope" in _err(load_texts, f"hf:{root}:cfg:nope")
+    assert "cannot load Hugging Face dataset" in _err(load_texts, f"hf:{tmp_path}/missing")
     assert "bad Hugging Face dataset" in _err(load_texts, "hf:a:b:c:d")
     tok = make_word_tokenizer(["a", "b", "c"])
-    with pytest.raises(UserError, match="row 3"):
-        calibration_blocks("hf:org/ds", tok, samples=2, seq_len=4)
-    calib = calibration_blocks("hf:org/good", tok, samples=1, seq_len=4, shuffle_buffer=0)
+    calib = calibration_blocks(f"hf:{root}:cfg:validation", tok, samples=1, seq_len=4, shuffle_buffer=0)
     assert calib.input_ids.tolist() == [[3, 4, 1, 5]]
 
 
