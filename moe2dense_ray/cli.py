@@ -24,12 +24,17 @@ Paths may be local directories or fsspec URLs (s3://, gs://, hf://, memory://, .
 """
 
 _EXAMPLES = """\
-examples:
+examples (from the repository root; the bundled teacher is a 16-expert Qwen3-MoE):
   moe2dense demo
-  moe2dense convert Qwen/Qwen3-30B-A3B-local --data fineweb.jsonl --experts 8 --scoring cp --out qwen3-dense
-  moe2dense calibrate ./teacher --data calib.parquet --samples 512 --seq-len 2048 --workers 4 --full-stats --out stats/
-  moe2dense plan stats/ --experts 8 --scoring do-acp --out plan.json
-  moe2dense build ./teacher plan.json --out ./student
+  T=moe2dense_ray/assets/teacher-qwen3moe
+  moe2dense convert $T --data moe2dense_ray/assets/calibration.jsonl --samples 64 --seq-len 256 \\
+      --experts 4 --scoring cp --out runs/dense-cp
+  moe2dense calibrate $T --data moe2dense_ray/assets/calibration.jsonl --samples 64 --seq-len 256 \\
+      --workers 2 --full-stats --out runs/stats
+  moe2dense plan runs/stats --experts 4 --scoring reap --out runs/plan.json
+  moe2dense build $T runs/plan.json --out runs/dense-reap
+  moe2dense convert s3://bucket/Qwen3-30B-A3B --data hf:HuggingFaceFW/fineweb-edu:sample-10BT \\
+      --samples 512 --seq-len 2048 --experts 8 --scoring do-acp --workers 8 --out s3://bucket/qwen3-dense
 
 exit status: 0 on success, 2 on bad input (one line `error: ...` on stderr, nothing half-written).
 """
@@ -117,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run SRC on calibration text and save per-layer statistics (sums) to STATS.\n"
                        "Statistics from any number of workers add up to the same result.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    k.add_argument("src", metavar="SRC")
+    k.add_argument("src", metavar="SRC", help="MoE checkpoint directory (local or URL)")
     _add_data_args(k)
     k.add_argument("--full-stats", action="store_true",
                    help="also run every expert on every token (needed by acp, do-acp, reap, ean, output grouping)")
@@ -128,14 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="score, select, group and scale experts from STATS",
                         description="Compute a conversion plan from calibration statistics (no model needed, "
                         "except --src for weight grouping).")
-    pl.add_argument("stats", metavar="STATS")
+    pl.add_argument("stats", metavar="STATS", help="statistics written by `moe2dense calibrate` (local or URL)")
     _add_method_args(pl)
     pl.add_argument("--src", help="the teacher checkpoint (needed by --grouping weight; default: the one calibrated)")
     pl.add_argument("--out", "-o", required=True, metavar="PLAN", help="plan file (JSON)")
 
     b = sub.add_parser("build", help="apply a plan to a checkpoint, streaming it into a dense model",
                        description="Stream SRC tensor by tensor into the dense checkpoint described by PLAN.")
-    b.add_argument("src", metavar="SRC")
+    b.add_argument("src", metavar="SRC", help="the MoE checkpoint the plan was made for (local or URL)")
     b.add_argument("plan", metavar="PLAN", help="plan file, or a directory holding moe2dense_plan.json")
     _add_build_args(b)
 

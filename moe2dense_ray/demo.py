@@ -106,12 +106,20 @@ def _plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    names = [r["model"] for r in rows]
-    vals = [r["ppl"] for r in rows]
-    ax.barh(names[::-1], vals[::-1], color=["#888"] * (len(rows) - 1) + ["#2a6"])
-    ax.set_xlabel("held-out perplexity (lower is better)")
+    names = [r["model"] for r in rows][::-1]
+    vals = [r["ppl"] for r in rows][::-1]
+    ax.barh(names, vals, color=["#888"] * (len(rows) - 1) + ["#2a6"])
+    for y, v in enumerate(vals):
+        ax.text(v, y, f" {v:.1f}", va="center", fontsize=8)
     ax.set_xscale("log")
+    ax.set_xlim(min(vals) / 1.5, max(vals) * 1.6)
+    ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
+    ax.set_xlabel("held-out perplexity, log scale (lower is better)")
     ax.set_title("MoE teacher vs dense students before distillation")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,0 +1,58 @@
+"""What a new user runs first: the demo, and the examples printed by `moe2dense --help`, on the
+bundled teacher, exactly as written (only the repository-relative paths are made absolute)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+from moe2dense_ray import assets, cli
+from moe2dense_ray.demo import run_demo
+from moe2dense_ray.plan import load_plan
+
+
+def test_demo_on_the_bundled_teacher(ray_cluster, tmp_path):
+    out = tmp_path / "demo"
+    result = run_demo(str(out), workers=2, progress=False, scorings=("random", "cp"), samples=8, seq_len=128)
+    assert result["teacher"] == assets.teacher_path()
+    assert (result["num_experts"], result["experts"], result["tokens"]) == (16, 4, 8 * 128)
+    teacher, *students = result["rows"]
+    assert [r["model"] for r in students] == ["dense K=4 random", "dense K=4 cp"]
+    # the model card says test perplexity 52.4 on the whole split; 16 blocks of 128 tokens is noisier
+    assert 30 < teacher["ppl"] < 90
+    for r in students:  # K = E/4 before distillation: smaller and (much) worse than the teacher
+        assert r["params_M"] < teacher["params_M"] / 2 and r["ppl"] > teacher["ppl"]
+    assert json.loads((out / "results.json").read_text())["rows"] == result["rows"]
+    assert (out / "results.md").read_text().count("\n") == 2 + len(result["rows"])
+    assert (out / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _help_examples() -> list[list[str]]:
+    """The example commands of `moe2dense --help` that run on the bundled teacher, as argv lists."""
+    text = cli._EXAMPLES.replace("\\\n", " ")
+    shell_vars, commands = {}, []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("T="):
+            shell_vars["$T"] = line[2:]
+        elif line.startswith("moe2dense ") and "$T" in line or line.startswith("moe2dense plan"):
+            for name, value in shell_vars.items():
+                line = line.replace(name, value)
+            commands.append(shlex.split(line)[1:])
+    return commands
+
+
+def test_help_examples_run_on_the_bundled_teacher(ray_cluster, tmp_path, monkeypatch):
+    commands = _help_examples()
+    assert [c[0] for c in commands] == ["convert", "calibrate", "plan", "build"]
+    monkeypatch.chdir(tmp_path)  # the examples write under runs/
+    for argv in commands:
+        argv = [a.replace("moe2dense_ray/assets", str(assets.ASSETS_DIR)) for a in argv]
+        assert cli.main(["--quiet", *argv]) == 0, argv
+    for student, scoring in (("dense-cp", "cp"), ("dense-reap", "reap")):
+        plan = load_plan(str(tmp_path / "runs" / student))
+        assert (plan.scoring, plan.experts, len(plan.layers)) == (scoring, 4, 4)
+        assert (tmp_path / "runs" / student / "model.safetensors.index.json").exists() or \
+            (tmp_path / "runs" / student / "model.safetensors").exists()
