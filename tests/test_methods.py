@@ -512,3 +512,22 @@ def test_plan_pipeline_end_to_end(stats):
                     assert len(scales) == k and sum(scales) == pytest.approx(1.0)
             for g in groups:
                 assert float(merge_weights(g, res.scores).sum()) == pytest.approx(1.0)
+
+
+def test_router_centres_follow_do_acp_greedy_order():
+    """DO-ACP's `scores` are ACP; its ranking is the greedy order. Two identical strong experts
+    (0 and 1) must not both become centres: the greedy picks 0 then the orthogonal expert 2."""
+    n = 100
+    f = torch.zeros(4, n, 2, dtype=torch.float64)
+    f[0, :, 0] = f[1, :, 0] = 1.0
+    f[2, :, 1], f[3, :, 1] = 0.8, 0.1
+    s = {"tokens": torch.tensor(float(n)), "sel_count": torch.full((4,), 50.0),
+         "prob_sel_sum": torch.full((4,), 20.0), "sqnorm_all": (f ** 2).sum((1, 2)),
+         "gram": torch.einsum("ath,bth->ab", f, f),
+         "logit_gram": n * torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0.9], [0, 0, 0.9, 1]],
+                                        dtype=torch.float64)}
+    result = SCORINGS.get("do-acp")(s, k=2, seed=0, layer=0)
+    assert float(result.scores[1]) > float(result.scores[2])  # by ACP alone, 1 would be a centre
+    selected = select(result, 3)
+    assert selected == [0, 2, 1]
+    assert GROUPINGS.get("router")(selected, 2, scores=result.scores, stats=s) == [[0, 1], [2]]

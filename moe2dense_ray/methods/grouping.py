@@ -363,19 +363,19 @@ def group_router(
     selected: list[int], k: int, *, scores: Tensor, stats: Stats | None = None,
     expert_weights: WeightsFn | None = None, seed: int = 0, layer: int = 0,
 ) -> list[list[int]]:
-    """MC-SMoE: top-k scored experts are centres; others join the most router-similar centre.
+    """MC-SMoE: the k best-ranked experts are centres; others join the most router-similar centre.
 
     Similarity: cosine between router-logit columns over calibration tokens, from logit_gram:
     cos_ij = gram_ij / sqrt(gram_ii gram_jj) (0 if either column is all zero). Centres are the
-    k highest-scoring selected experts (ties: position in `selected`); a similarity tie goes to
-    the better-ranked centre.
+    first k of `selected`, which is the selection ranking: by score for most scorings, but
+    DO-ACP's greedy order for do-acp, whose `scores` are plain ACP; ranking its centres by ACP
+    would make two near-duplicate experts both centres and merge away the diverse one the greedy
+    step chose. A similarity tie goes to the better-ranked centre.
     """
     sel = _check_args(selected, k, "router")
     if stats is None or "logit_gram" not in stats:
         raise UserError("grouping 'router' needs the router statistics (logit_gram)")
-    pos = {e: i for i, e in enumerate(sel)}
-    ranked = sorted(sel, key=_score_key(scores, pos))
-    centres, others = ranked[:k], ranked[k:]
+    centres, others = sel[:k], sel[k:]
     gram = stats["logit_gram"].to(torch.float64)
     norm = torch.sqrt(torch.diagonal(gram).clamp_min(0.0))
     groups = [[c] for c in centres]
