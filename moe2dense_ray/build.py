@@ -16,7 +16,7 @@ import re
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -168,11 +168,15 @@ class ExpertReader:
         self._check(keys[2], ts[2], (H, I))
         return Expert(*ts)
 
-    def expert_weights(self, layer: int) -> torch.Tensor:
-        """[E, D] flattened weights of every routed expert, for weight-space grouping."""
+    def expert_weights(self, layer: int, experts: Sequence[int]) -> torch.Tensor:
+        """[len(experts), D] flattened weights of the given routed experts, for weight-space grouping.
+
+        Only the selected experts are read: memory grows with K (what `build` holds anyway to
+        concatenate them), not with E, which is 256 for DeepSeek-V3.
+        """
         rows = []
-        for e in range(self.s.num_experts):
-            x = self.expert(layer, e)
+        for e in experts:
+            x = self.expert(layer, int(e))
             rows.append(torch.cat([x.gate.flatten(), x.up.flatten(), x.down.flatten()]))
         return torch.stack(rows)
 

@@ -134,8 +134,8 @@ def make_plan(
 ) -> Plan:
     """Score, select, group and scale every MoE layer from calibration statistics.
 
-    `expert_weights(layer) -> Tensor[E, D]` gives flattened expert weights for weight-space
-    grouping; it is only called when that grouping is chosen.
+    `expert_weights(layer, experts) -> Tensor[len(experts), D]` gives flattened weights of the
+    selected experts for weight-space grouping; it is only called when that grouping is chosen.
     """
     from .methods import GROUPINGS, SCALINGS, SCORINGS, select
 
@@ -152,7 +152,7 @@ def make_plan(
         s = stats.layer(layer)
         result = score_fn(s, k=k, seed=seed, layer=layer)
         selected = select(result, experts)
-        weights_fn = (lambda layer=layer: expert_weights(layer)) if expert_weights else None
+        weights_fn = (lambda sel, layer=layer: expert_weights(layer, sel)) if expert_weights else None
         grouped = group_fn(selected, k, scores=result.scores, stats=s, expert_weights=weights_fn, seed=seed, layer=layer)
         scales = scale_fn(grouped, result.scores, s)
         shared = float(s["shared_gate_sum"] / s["tokens"]) if "shared_gate_sum" in s else 1.0

@@ -304,7 +304,7 @@ def planted_weights(seed: int = 0, clusters: int = 3, noise: float = 0.01) -> to
 
 def _group_call(name, selected, k, stats, scores, weights=None, seed=0, layer=0):
     return GROUPINGS.get(name)(selected, k, scores=scores, stats=stats,
-                               expert_weights=(lambda: weights) if weights is not None else None,
+                               expert_weights=(lambda sel: weights[torch.tensor(sel)]) if weights is not None else None,
                                seed=seed, layer=layer)
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from moe2dense_ray.build import build
+from moe2dense_ray.build import build, read_expert_weights
 from moe2dense_ray.calibrate import calibrate
 from moe2dense_ray.checkpoint import CheckpointReader
 from moe2dense_ray.plan import make_plan
@@ -54,6 +54,28 @@ def test_sharded_in_and_out_and_only_selected_experts_read(tmp_path, tokenizer, 
     student = AutoModelForCausalLM.from_pretrained(dst)
     assert type(student).__name__ == "MistralForCausalLM"
     assert student.config.intermediate_size == 3 * teacher.config.intermediate_size
+
+
+def test_weight_grouping_reads_only_the_selected_experts(tmp_path, tokenizer, corpus, monkeypatch):
+    """Weight-space grouping needs expert weights at plan time: K of them per layer, never all E."""
+    src = tmp_path / "teacher"
+    make_tiny_moe("mixtral", str(src), tokenizer=tokenizer)
+    stats = calibrate(str(src), corpus, samples=2, seq_len=16, workers=0, progress=False)
+    reads: list[str] = []
+    orig = CheckpointReader.get
+
+    def spy(self, key):
+        reads.append(key)
+        return orig(self, key)
+
+    monkeypatch.setattr(CheckpointReader, "get", spy)
+    plan = make_plan(stats, experts=4, groups=2, scoring="sf", grouping="weight",
+                     expert_weights=read_expert_weights(str(src)))
+    monkeypatch.undo()
+    wanted = {f"model.layers.{lp.layer}.block_sparse_moe.experts.{e}.{w}.weight"
+              for lp in plan.layers for e in lp.selected for w in ("w1", "w2", "w3")}
+    assert {k for k in reads if ".experts." in k} == wanted
+    assert all(len(lp.groups) == 2 and len(lp.selected) == 4 for lp in plan.layers)
 
 
 def test_fsspec_urls_end_to_end(tmp_path, tokenizer, corpus):

@@ -7,7 +7,11 @@ score-weighted averaging of its weights (`merge_weights`). With K == k every gro
 Signature of every registered grouping::
 
     fn(selected: list[int], k: int, *, scores: Tensor[E], stats: dict | None,
-       expert_weights: Callable[[], Tensor[E, D]] | None, seed: int, layer: int) -> list[list[int]]
+       expert_weights: Callable[[list[int]], Tensor[len, D]] | None, seed: int, layer: int)
+       -> list[list[int]]
+
+`expert_weights(experts)` returns the flattened weights of just those experts (rows in the order
+asked), so weight-space grouping reads K experts of a layer, never all E.
 
 It returns exactly k non-empty groups partitioning `selected`, normalised by `finalize_groups`:
 members by descending score, groups by their best member's position in `selected`. Every
@@ -28,7 +32,7 @@ from .registry import Registry
 from .scoring import generator
 
 Stats = Mapping[str, Tensor]
-WeightsFn = Callable[[], Tensor]
+WeightsFn = Callable[[list[int]], Tensor]
 GroupingFn = Callable[..., list[list[int]]]
 
 GROUPINGS: Registry[GroupingFn] = Registry("grouping")
@@ -277,10 +281,10 @@ def group_weight(
     sel = _check_args(selected, k, "weight")
     if expert_weights is None:
         raise UserError("grouping 'weight' needs the expert weights (a checkpoint), which were not provided")
-    W = expert_weights()
-    if W.dim() != 2 or W.shape[0] <= max(sel):
-        raise UserError(f"grouping 'weight': expert weights of shape {tuple(W.shape)} do not cover experts {sel}")
-    G = _gram_rows(W[torch.tensor(sel)])
+    W = expert_weights(sel)
+    if W.dim() != 2 or W.shape[0] != len(sel):
+        raise UserError(f"grouping 'weight': expert weights of shape {tuple(W.shape)} do not match experts {sel}")
+    G = _gram_rows(W)
     diag = torch.diagonal(G)
     D2 = (diag[:, None] + diag[None, :] - 2 * G).clamp_min(0.0)
     if _indistinguishable(D2, float(diag.max()) if len(sel) else 0.0):
