@@ -90,9 +90,24 @@ class ExpertReader:
 
     def __init__(self, reader: CheckpointReader, family: Family, shape: MoEShape):
         self.r, self.f, self.s = reader, family, shape
+        self._prefixes: dict[int, str] = {}
+
+    def moe_prefix(self, layer: int) -> str:
+        """Where this checkpoint keeps layer `layer`'s MoE block, relative to the layer.
+
+        The family's on-disk name (`block_sparse_moe` for Mixtral) unless the checkpoint was
+        saved straight from transformers' in-memory modules, which call every MoE block `mlp`.
+        """
+        if layer not in self._prefixes:
+            name = self.f.moe_prefix
+            if name != "mlp" and not self.r.has_prefix(f"model.layers.{layer}.{name}.") \
+                    and self.r.has_prefix(f"model.layers.{layer}.mlp.experts."):
+                name = "mlp"
+            self._prefixes[layer] = name
+        return self._prefixes[layer]
 
     def _prefix(self, layer: int) -> str:
-        return f"model.layers.{layer}.{self.f.moe_prefix}"
+        return f"model.layers.{layer}.{self.moe_prefix(layer)}"
 
     def _check(self, key: str, t: torch.Tensor, want: tuple[int, ...]) -> torch.Tensor:
         if tuple(t.shape) != tuple(want):
@@ -300,7 +315,7 @@ def build(
         bar = Progress(shape.num_layers, "build", unit="layers", enabled=progress)
         for i in range(shape.num_layers):
             keys = by_layer.get(i, [])
-            ffn_prefix = f"{family.moe_prefix}." if i in moe_set else "mlp."
+            ffn_prefix = f"{experts.moe_prefix(i)}." if i in moe_set else "mlp."
             for key in keys:
                 rest = _LAYER_KEY.match(key).group(2)
                 if not rest.startswith(ffn_prefix):
@@ -314,10 +329,10 @@ def build(
                     w = merge_weights(group, torch.tensor(lp.scores, dtype=torch.float64))
                     parts.append((weighted_average(members, [float(x) for x in w]), float(scale)))
                 if family.shared_prefix:
-                    shared = experts.mlp(f"model.layers.{i}.{family.moe_prefix}.{family.shared_prefix}",
+                    shared = experts.mlp(f"model.layers.{i}.{experts.moe_prefix(i)}.{family.shared_prefix}",
                                          width=shape.shared_size)
                     parts.append((shared, float(lp.shared_scale)))
-                ffn_dtype = _source_dtype(reader, family, i)
+                ffn_dtype = _source_dtype(reader, experts.moe_prefix(i), i)
             else:
                 parts = [(experts.mlp(f"model.layers.{i}.mlp", width=shape.dense_size), 1.0)]
                 ffn_dtype = reader.dtype(f"model.layers.{i}.mlp.gate_proj.weight")
@@ -359,9 +374,9 @@ def _count_params(url: str) -> int:
     return n
 
 
-def _source_dtype(reader: CheckpointReader, family: Family, layer: int) -> torch.dtype:
+def _source_dtype(reader: CheckpointReader, moe_prefix: str, layer: int) -> torch.dtype:
     """The dtype the student's FFN is written in: the teacher's expert dtype (bf16 for MXFP4)."""
-    prefix = f"model.layers.{layer}.{family.moe_prefix}.experts."
+    prefix = f"model.layers.{layer}.{moe_prefix}.experts."
     keys = [k for k in reader.keys() if k.startswith(prefix)]
     if any(k.endswith("_blocks") for k in keys):
         return torch.bfloat16

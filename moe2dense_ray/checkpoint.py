@@ -226,6 +226,10 @@ class CheckpointReader:
     def __contains__(self, key: str) -> bool:
         return key in self.key_to_file
 
+    def has_prefix(self, prefix: str) -> bool:
+        """Whether any tensor name starts with `prefix` (names only; no file is opened)."""
+        return any(k.startswith(prefix) for k in self.key_to_file)
+
     def shape(self, key: str) -> tuple[int, ...]:
         f = self.key_to_file[key]
         if f in self._files:

@@ -6,6 +6,7 @@ import json
 import os
 
 import fsspec
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -149,16 +150,21 @@ def test_gpt_oss_mxfp4_source(tmp_path, tokenizer, corpus):
     assert r.get("model.layers.0.mlp.experts.gate_up_proj").dtype == torch.bfloat16
 
 
-def test_fused_in_memory_layout_reads_only_selected_rows(tmp_path, tokenizer, corpus, monkeypatch):
-    """A checkpoint saved with transformers' fused [E, 2I, H] experts converts too, reading one
+@pytest.mark.parametrize("family", ["olmoe", "mixtral", "qwen2_moe", "deepseek_v3"])
+def test_fused_in_memory_layout_reads_only_selected_rows(family, tmp_path, tokenizer, corpus, monkeypatch):
+    """A checkpoint saved straight from transformers' modules (fused [E, 2I, H] experts, every MoE
+    block named `mlp`, Mixtral's `block_sparse_moe` included) converts too, exactly, reading one
     expert's bytes at a time."""
     src, dst = tmp_path / "teacher", tmp_path / "student"
-    teacher = make_tiny_moe("olmoe", str(src), uniform_router=True, tokenizer=tokenizer)
+    teacher = make_tiny_moe(family, str(src), uniform_router=True, tokenizer=tokenizer)
     fused = {k: v.contiguous() for k, v in teacher.state_dict().items()}
-    assert any(k.endswith("experts.gate_up_proj") for k in fused)
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in fused)
+    (src / "model.safetensors").unlink()
+    for index in src.glob("model*.safetensors*"):
+        index.unlink()
     save_file(fused, str(src / "model.safetensors"), metadata={"format": "pt"})
     stats = calibrate(str(src), corpus, samples=2, seq_len=16, workers=0, progress=False)
-    plan = make_plan(stats, experts=6, scoring="sf")
+    plan = make_plan(stats, experts=stats.num_experts, scoring="sf")
     rows: list[tuple[str, int]] = []
     orig = CheckpointReader.get_row
 
@@ -169,7 +175,7 @@ def test_fused_in_memory_layout_reads_only_selected_rows(tmp_path, tokenizer, co
     monkeypatch.setattr(CheckpointReader, "get_row", spy)
     build(str(src), plan, str(dst), progress=False)
     monkeypatch.undo()
-    assert len(rows) == len(set(rows)) == 2 * 6 * teacher.config.num_hidden_layers
+    assert len(rows) == len(set(rows)) == 2 * stats.num_experts * len(plan.layers)
     assert _max_diff(teacher, AutoModelForCausalLM.from_pretrained(dst)) < 1e-4
 
 
