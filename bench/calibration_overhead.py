@@ -57,9 +57,9 @@ def main() -> None:
         router_cal = Calibrator(d, full=False)
         full_cal = Calibrator(d, full=True)
 
-        def fwd(m):
+        def fwd(m):  # the decoder stack, as calibration runs it (no LM head)
             with torch.inference_mode():
-                m(input_ids=ids, attention_mask=mask, use_cache=False)
+                m.model(input_ids=ids, attention_mask=mask, use_cache=False)
 
         t_bare = _time(lambda: fwd(bare), a.repeat)
         t_router = _time(lambda: router_cal.run(ids, mask, batch_size=a.batch), a.repeat)

@@ -15,10 +15,12 @@ added: 1 worker and N workers give the same statistics up to float rounding.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -32,20 +34,31 @@ from .stats import STATS_VERSION, Stats, add_sums
 EXPERT_CHUNK_ELEMS = 1 << 25
 
 
-def localize(src: str, cache_dir: str | None = None, *, weights: bool = True) -> str:
-    """A local directory holding `src` (fsspec URLs are copied once, file by file)."""
+@contextlib.contextmanager
+def localize(src: str, cache_dir: str | None = None, *, weights: bool = True) -> Iterator[str]:
+    """A local directory holding `src` while the block runs.
+
+    transformers only loads from local paths, so fsspec URLs are copied file by file into a
+    temporary directory, which is removed on exit: once a model is loaded its weights live in
+    memory, and N Ray actors on one node must not leave N copies of a large teacher on disk.
+    Local directories are used in place.
+    """
     fs, path = url_to_fs(src)
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         if not os.path.isdir(path):
             raise UserError(f"no such checkpoint: {src}")
-        return path
+        yield path
+        return
     dest = tempfile.mkdtemp(prefix="moe2dense-src-", dir=cache_dir)
-    for p in fs.ls(path, detail=False):
-        name = p.rsplit("/", 1)[-1]
-        if not weights and name.endswith((".safetensors", ".bin")):
-            continue
-        fs.get(p, f"{dest}/{name}")
-    return dest
+    try:
+        for p in fs.ls(path, detail=False):
+            name = p.rsplit("/", 1)[-1]
+            if not weights and name.endswith((".safetensors", ".bin")):
+                continue
+            fs.get(p, f"{dest}/{name}")
+        yield dest
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
 
 
 def _layers(model) -> Any:
@@ -78,35 +91,36 @@ class Calibrator:
         if threads:
             torch.set_num_threads(threads)
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        path = localize(src)
-        import json
+        with localize(src) as path:
+            import json
 
-        with open(os.path.join(path, "config.json")) as f:
-            cfg = json.load(f)
-        self.family = get_family(cfg.get("model_type"))
-        kwargs: dict[str, Any] = {}
-        if dtype == "auto":
-            # bf16 matmuls are slow and imprecise on CPU: calibrate in fp32 there.
-            kwargs["dtype"] = "auto" if self.device.startswith("cuda") else torch.float32
-        else:
-            kwargs["dtype"] = getattr(torch, dtype)
-        quant = (cfg.get("quantization_config") or {}).get("quant_method")
-        if quant == "mxfp4":
-            from transformers import Mxfp4Config
+            with open(os.path.join(path, "config.json")) as f:
+                cfg = json.load(f)
+            self.family = get_family(cfg.get("model_type"))
+            kwargs: dict[str, Any] = {}
+            if dtype == "auto":
+                # bf16 matmuls are slow and imprecise on CPU: calibrate in fp32 there.
+                kwargs["dtype"] = "auto" if self.device.startswith("cuda") else torch.float32
+            else:
+                kwargs["dtype"] = getattr(torch, dtype)
+            quant = (cfg.get("quantization_config") or {}).get("quant_method")
+            if quant == "mxfp4":
+                from transformers import Mxfp4Config
 
-            kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
-        elif quant == "fp8":
-            # the hooks run experts from their weight tensors, so the replica holds them dequantized
-            from transformers import FineGrainedFP8Config
+                kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+            elif quant == "fp8":
+                # the hooks run experts from their weight tensors, so the replica holds them dequantized
+                from transformers import FineGrainedFP8Config
 
-            block = tuple(cfg["quantization_config"].get("weight_block_size") or (128, 128))
-            kwargs["quantization_config"] = FineGrainedFP8Config(weight_block_size=block, dequantize=True)
-        if self.device.startswith("cuda") and torch.cuda.device_count() > 1:
-            kwargs["device_map"] = "auto"  # shard a teacher too big for one GPU over the actor's GPUs
-        self.model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+                block = tuple(cfg["quantization_config"].get("weight_block_size") or (128, 128))
+                kwargs["quantization_config"] = FineGrainedFP8Config(weight_block_size=block, dequantize=True)
+            if self.device.startswith("cuda") and torch.cuda.device_count() > 1:
+                kwargs["device_map"] = "auto"  # shard a teacher too big for one GPU over the actor's GPUs
+            self.model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
         if "device_map" not in kwargs:
             self.model.to(self.device)
         self.shape = moe_shape(self.family, self.model.config)
+        self._decoder = getattr(self.model, "model", self.model)
         self.full = full
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens = 0
@@ -208,7 +222,9 @@ class Calibrator:
             mask = attention_mask[s:s + batch_size].to(dev)
             self._mask = mask.reshape(-1).bool()
             self._all_real = bool(self._mask.all())
-            self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            # the decoder stack only: statistics come from hooks inside it, and the LM head would
+            # materialise [B, S, vocab] logits (5 GB at B=4, S=2048 for Qwen3's 151k vocabulary)
+            self._decoder(input_ids=ids, attention_mask=mask, use_cache=False)
             counted += int(mask.sum())
         self.tokens += counted
         self.samples += int(input_ids.shape[0])
@@ -226,7 +242,8 @@ def _tokenizer(src: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(localize(src, weights=False))
+        with localize(src, weights=False) as path:
+            return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the tokenizer of {src}: {str(e).splitlines()[0]}") from None
 

@@ -12,7 +12,8 @@ def load_model(path: str, dtype: torch.dtype = torch.float32):
 
     from .calibrate import localize
 
-    return AutoModelForCausalLM.from_pretrained(localize(path), dtype=dtype).eval()
+    with localize(path) as local:
+        return AutoModelForCausalLM.from_pretrained(local, dtype=dtype).eval()
 
 
 @torch.inference_mode()

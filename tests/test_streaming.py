@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import tempfile
 
 import fsspec
 import pytest
@@ -81,6 +83,10 @@ def test_weight_grouping_reads_only_the_selected_experts(tmp_path, tokenizer, co
 
 def test_fsspec_urls_end_to_end(tmp_path, tokenizer, corpus):
     """Source, statistics and destination on a non-local fsspec filesystem (memory://)."""
+    def local_copies():
+        return set(glob.glob(os.path.join(tempfile.gettempdir(), "moe2dense-src-*")))
+
+    before = local_copies()
     local = tmp_path / "teacher"
     teacher = make_tiny_moe("qwen2_moe", str(local), uniform_router=True, tokenizer=tokenizer)
     fs = fsspec.filesystem("memory")
@@ -89,6 +95,7 @@ def test_fsspec_urls_end_to_end(tmp_path, tokenizer, corpus):
     stats = calibrate("memory://t2/teacher", corpus, samples=2, seq_len=16, workers=0, progress=False,
                       out="memory://t2/stats")
     assert fs.exists("/t2/stats/meta.json")
+    assert local_copies() == before  # the temporary local copy of the teacher is gone
     plan = make_plan(stats, experts=6, scoring="pp")
     build("memory://t2/teacher", plan, "memory://t2/student", progress=False)
     assert not [p for p in fs.ls("/t2", detail=False) if "partial" in p]
