@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from moe2dense_ray.calibrate import Calibrator, calibrate
 from moe2dense_ray.methods import SCORINGS, select
-from moe2dense_ray.testing import make_tiny_moe
+from moe2dense_ray.testing import TINY, make_tiny_moe
+
+FAMILIES = sorted(TINY)
 
 
 def _brute_force(model, ids, mask):
@@ -103,3 +106,25 @@ def test_one_worker_and_two_ray_workers_agree(tmp_path, tokenizer, corpus, ray_c
     for key in one.sums:
         torch.testing.assert_close(one.sums[key], two.sums[key], rtol=1e-5, atol=1e-6, msg=key)
     assert two.meta["workers"] == 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padding_never_counts_in_any_family(family, tmp_path, tokenizer):
+    """A right-padded batch gives the same sums as its rows run alone without padding: padded
+    positions neither count nor (causal attention) change the real tokens' statistics."""
+    src = tmp_path / "t"
+    make_tiny_moe(family, str(src), tokenizer=tokenizer)
+    ids = torch.randint(3, 96, (3, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 2:] = 0
+    batched = Calibrator(str(src), full=True)
+    assert batched.run(ids, mask, batch_size=3) == int(mask.sum())
+    alone = Calibrator(str(src), full=True)
+    for row, m in zip(ids, mask):
+        n = int(m.sum())
+        alone.run(row[None, :n], torch.ones(1, n, dtype=mask.dtype), batch_size=1)
+    assert alone.tokens == batched.tokens == int(mask.sum())
+    assert batched.sums.keys() == alone.sums.keys()
+    for key, got in batched.sums.items():
+        torch.testing.assert_close(got, alone.sums[key], rtol=1e-4, atol=1e-5, msg=f"{family} {key}")
