@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .checkpoint import CheckpointReader, CheckpointWriter, copy_aux_files
+from .checkpoint import TOKENIZER_FILES, CheckpointReader, CheckpointWriter, copy_aux_files
 from .errors import UserError
 from .families import Family, MoEShape, dense_config_dict, dense_width, get_family, moe_shape
 from .plan import PLAN_FILE, Plan
@@ -276,9 +276,13 @@ def build(
     if plan.num_experts != shape.num_experts:
         raise UserError(f"the plan is for {plan.num_experts} experts, the checkpoint has {shape.num_experts}")
     plan.validate()
-    missing = [i for i in shape.moe_layers if i not in {lp.layer for lp in plan.layers}]
-    if missing:
-        raise UserError(f"the plan has no entry for MoE layers {missing}")
+    planned = sorted(lp.layer for lp in plan.layers)
+    if planned != sorted(shape.moe_layers):
+        made_for = f" (made from {plan.source})" if plan.source else ""
+        raise UserError(f"the plan{made_for} covers MoE layers {planned}, but {src} has MoE layers "
+                        f"{list(shape.moe_layers)}: it was made for a different model")
+    if not any(reader.exists(n) for n in TOKENIZER_FILES):
+        warnings.warn(f"{src} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): the student will have none either")
     experts = ExpertReader(reader, family, shape)
     routed = plan.groups * shape.expert_size
     width = dense_width(shape, routed) if family.dense_layout == "mlp" else routed
@@ -309,7 +313,7 @@ def build(
 
     teacher_params = sum(_numel(reader.shape(k)) for k in reader.keys())
     moe_set = set(shape.moe_layers)
-    with CheckpointWriter(out, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
+    with CheckpointWriter(out, max_shard_bytes=max_shard_bytes, overwrite=overwrite, sources=(src,)) as writer:
         for key in other:
             copy(writer, key)
         bar = Progress(shape.num_layers, "build", unit="layers", enabled=progress)

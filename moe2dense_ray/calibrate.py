@@ -20,11 +20,12 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from typing import Any, Iterator
 
 import torch
 
-from .checkpoint import url_to_fs
+from .checkpoint import TOKENIZER_FILES, check_output, url_to_fs
 from .errors import UserError
 from .families import Family, get_family, moe_shape
 from .progress import Progress
@@ -243,6 +244,10 @@ def _tokenizer(src: str):
 
     try:
         with localize(src, weights=False) as path:
+            if not any(os.path.exists(os.path.join(path, n)) for n in TOKENIZER_FILES):
+                # transformers would quietly build an empty tokenizer, and every text would be 0 tokens
+                raise UserError(f"{src} has no tokenizer ({' / '.join(TOKENIZER_FILES)}); copy the "
+                                f"teacher's tokenizer files next to its config.json")
             return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the tokenizer of {src}: {str(e).splitlines()[0]}") from None
@@ -253,8 +258,10 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, num_cpus=num_cpus,
-                 include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        address = os.environ.get("RAY_ADDRESS") or None
+        # an embedded Ray is an implementation detail: its start-up chatter would break the bars
+        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 ignore_reinit_error=True, logging_level="INFO" if address else "ERROR")
 
 
 def calibrate(
@@ -273,6 +280,7 @@ def calibrate(
     progress: bool = True,
     text_field: str = "text",
     allow_pickle: bool = False,
+    overwrite: bool = False,
 ) -> Stats:
     """Calibrate `src` on `data` and return (and, with `out`, save) its statistics.
 
@@ -284,8 +292,19 @@ def calibrate(
 
     reader, cfg_dict, family, cfg, shape = inspect_source(src, allow_pickle=allow_pickle)  # validate first
     reader.close()
+    if out:
+        check_output(out, what="statistics", overwrite=overwrite, sources=(src,))
+    max_len = getattr(cfg, "max_position_embeddings", None)
+    if max_len and seq_len > max_len:
+        raise UserError(f"--seq-len {seq_len} is longer than {src} was trained for "
+                        f"(max_position_embeddings {max_len})")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
     tok = _tokenizer(src)
     calib = calibration_blocks(data, tok, samples=samples, seq_len=seq_len, seed=seed, text_field=text_field)
+    if calib.num_samples < samples:
+        warnings.warn(f"{data} holds only {calib.num_tokens} tokens: calibrating on {calib.num_samples} "
+                      f"blocks, not the {samples} asked for", stacklevel=2)
     t0 = time.time()
     total = int(calib.num_tokens)
     bar = Progress(total, "calibrate", unit="tok", enabled=progress)
@@ -328,7 +347,7 @@ def calibrate(
     }
     stats = Stats(sums, meta)
     if out:
-        stats.save(out)
+        stats.save(out, overwrite=overwrite)
     return stats
 
 

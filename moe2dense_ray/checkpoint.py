@@ -10,6 +10,7 @@ is written: an interrupted run never leaves a destination that looks complete.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import struct
 import uuid
@@ -29,6 +30,9 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 _ITEMSIZE = {k: torch.empty((), dtype=v).element_size() for k, v in _DTYPES.items()}
 
+# Any one of these makes a checkpoint directory loadable with AutoTokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
 # Files copied from teacher to student unchanged (tokenizer, chat template, generation defaults).
 AUX_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -38,8 +42,55 @@ AUX_FILES = (
 
 
 def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(str(url))
+    try:
+        fs, path = fsspec.core.url_to_fs(str(url))
+    except ImportError as e:  # e.g. s3:// without s3fs: fsspec says which package to install
+        raise UserError(f"{url}: {' '.join(str(e).split())}") from None
+    except ValueError as e:
+        raise UserError(f"{url}: {' '.join(str(e).split())}") from None
     return fs, path.rstrip("/") or path
+
+
+# What marks a directory as a moe2dense output that --overwrite may replace.
+OUTPUT_MARKERS = {"checkpoint": ("config.json", "moe2dense_plan.json"), "statistics": ("meta.json",)}
+
+
+def check_output(url: str, *, what: str, overwrite: bool, sources: tuple[str, ...] = ()) -> None:
+    """Refuse an output location before any work is done, rather than fail (or destroy) at the end.
+
+    - the output may never be one of the inputs (`--out` = SRC would replace the teacher);
+    - an existing non-empty location is replaced only with --overwrite, and only when it holds
+      an output of the same kind: --overwrite must not delete a directory of someone's files;
+    - a local destination's nearest existing parent must be writable.
+    """
+    fs, path = url_to_fs(url)
+    for src in sources:
+        sfs, spath = url_to_fs(src)
+        same = type(sfs) is type(fs) and (spath == path if not _is_local(fs) else
+                                            os.path.realpath(spath) == os.path.realpath(path))
+        if same:
+            raise UserError(f"--out {url} is the source {src}: write the {what} somewhere else")
+    if fs.exists(path):
+        if not fs.isdir(path):
+            raise UserError(f"{url} exists and is a file, not a {what} directory")
+        if fs.ls(path, detail=False):
+            if not overwrite:
+                raise UserError(f"{url} already exists (use --overwrite to replace it)")
+            markers = OUTPUT_MARKERS[what]
+            if not any(fs.exists(f"{path}/{m}") for m in markers):
+                raise UserError(f"{url} is not a {what} directory (no {' or '.join(markers)}); "
+                                f"refusing to replace it even with --overwrite")
+    if _is_local(fs):
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UserError(f"cannot write {url}: {parent} is not writable")
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
 
 
 class _SafetensorsFile:
@@ -167,7 +218,7 @@ class CheckpointReader:
         self.fp8: dict[str, str] = {}
         block = [128, 128]
         if "config.json" in names:
-            q = json.loads(self.read_text("config.json")).get("quantization_config") or {}
+            q = self.config_dict().get("quantization_config") or {}
             block = list(q.get("weight_block_size") or block)
         self.fp8_block = block
         for key in list(self.key_to_file):
@@ -216,9 +267,12 @@ class CheckpointReader:
         if not self.exists("config.json"):
             raise UserError(f"{self.url} has no config.json: not a Hugging Face checkpoint")
         try:
-            return json.loads(self.read_text("config.json"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{self.url}/config.json is not valid JSON ({e.msg})") from None
+            cfg = json.loads(self.read_text("config.json"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{self.url}/config.json is not valid JSON ({getattr(e, 'msg', e)})") from None
+        if not isinstance(cfg, dict):
+            raise UserError(f"{self.url}/config.json holds a JSON {type(cfg).__name__}, not an object")
+        return cfg
 
     def keys(self) -> list[str]:
         return list(self.key_to_file)
@@ -281,12 +335,11 @@ class CheckpointWriter:
     exception it is deleted and `url` is untouched.
     """
 
-    def __init__(self, url: str, *, max_shard_bytes: int = 1 << 30, overwrite: bool = False):
+    def __init__(self, url: str, *, max_shard_bytes: int = 1 << 30, overwrite: bool = False,
+                 sources: tuple[str, ...] = ()):
         self.url = str(url)
         self.fs, self.dest = url_to_fs(self.url)
-        if self.fs.exists(self.dest) and not overwrite:
-            if not (self.fs.isdir(self.dest) and not self.fs.ls(self.dest)):
-                raise UserError(f"{self.url} already exists (use --overwrite to replace it)")
+        check_output(self.url, what="checkpoint", overwrite=overwrite, sources=sources)
         self.overwrite = overwrite
         self.tmp = f"{self.dest}.partial-{uuid.uuid4().hex[:8]}"
         self.max_shard_bytes = max_shard_bytes

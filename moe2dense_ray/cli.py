@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import warnings
 
 from .errors import UserError
 
@@ -48,6 +50,36 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _count(minimum: int):
+    """argparse type: an integer >= minimum, so nonsense fails at parse time, not mid-run."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def _positive(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    # also accepted after the subcommand; SUPPRESS keeps `moe2dense -q calibrate ...` working
+    p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+
+
 def _methods_help() -> str:
     from .methods import GROUPINGS, SCALINGS, SCORINGS
 
@@ -66,13 +98,13 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", required=True, metavar="DATA",
                    help="calibration text: .txt, .jsonl (field `text`), .parquet, a directory of those, "
                         "or hf:NAME[:CONFIG] for a Hugging Face dataset")
-    g.add_argument("--samples", type=int, default=64, metavar="N", help="number of token blocks (default 64; paper: 512)")
-    g.add_argument("--seq-len", type=int, default=512, metavar="L", help="tokens per block (default 512; paper: 2048)")
-    g.add_argument("--workers", type=int, default=1, metavar="N",
+    g.add_argument("--samples", type=_count(1), default=64, metavar="N", help="number of token blocks (default 64; paper: 512)")
+    g.add_argument("--seq-len", type=_count(2), default=512, metavar="L", help="tokens per block (default 512; paper: 2048)")
+    g.add_argument("--workers", type=_count(0), default=1, metavar="N",
                    help="Ray actors, one teacher replica each (0 = in this process, no Ray; default 1)")
-    g.add_argument("--batch-size", type=int, default=4, metavar="B", help="blocks per forward pass (default 4)")
+    g.add_argument("--batch-size", type=_count(1), default=4, metavar="B", help="blocks per forward pass (default 4)")
     g.add_argument("--text-field", default="text", help="field/column holding the text (default text)")
-    g.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+    g.add_argument("--gpus-per-worker", type=_positive, default=None, metavar="G",
                    help="GPUs per Ray actor (default: 1 when the cluster has GPUs); a teacher larger than "
                         "one GPU is sharded over the actor's GPUs")
 
@@ -93,8 +125,9 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", "-o", required=True, metavar="DST", help="output directory (local or URL)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="cast the student (default: keep the teacher's dtypes; bf16 for MXFP4)")
-    g.add_argument("--shard-size", type=float, default=1.0, metavar="GB", help="max shard size in GB (default 1)")
-    g.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    g.add_argument("--shard-size", type=_positive, default=1.0, metavar="GB", help="max shard size in GB (default 1)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace DST if it holds a checkpoint (never a directory of other files, never SRC)")
     g.add_argument("--allow-pickle", action="store_true",
                    help="accept pickle (.bin) checkpoints; they can run code when loaded")
 
@@ -126,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(k)
     k.add_argument("--full-stats", action="store_true",
                    help="also run every expert on every token (needed by acp, do-acp, reap, ean, output grouping)")
-    k.add_argument("--out", "-o", required=True, metavar="STATS")
-    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--out", "-o", required=True, metavar="STATS", help="statistics directory (local or URL)")
+    k.add_argument("--overwrite", action="store_true", help="replace STATS if it holds statistics")
+    k.add_argument("--seed", type=int, default=0, help="seed for the choice and order of calibration blocks")
     k.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) checkpoints")
 
     pl = sub.add_parser("plan", help="score, select, group and scale experts from STATS",
@@ -136,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("stats", metavar="STATS", help="statistics written by `moe2dense calibrate` (local or URL)")
     _add_method_args(pl)
     pl.add_argument("--src", help="the teacher checkpoint (needed by --grouping weight; default: the one calibrated)")
-    pl.add_argument("--out", "-o", required=True, metavar="PLAN", help="plan file (JSON)")
+    pl.add_argument("--out", "-o", required=True, metavar="PLAN",
+                    help="plan file (JSON), or a directory to write moe2dense_plan.json into")
+    pl.add_argument("--overwrite", action="store_true", help="replace PLAN if it exists")
 
     b = sub.add_parser("build", help="apply a plan to a checkpoint, streaming it into a dense model",
                        description="Stream SRC tensor by tensor into the dense checkpoint described by PLAN.")
@@ -148,10 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Runs the whole pipeline on the small teacher shipped with the package: "
                        "calibration on 2 Ray actors, several scorings, build, and a perplexity table.")
     d.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
-    d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--workers", type=_count(0), default=2, help="Ray actors for calibration (default 2)")
 
     sub.add_parser("methods", help="list scoring, grouping and scaling methods")
     sub.add_parser("families", help="list supported model families")
+    for name in ("convert", "calibrate", "plan", "build", "demo"):
+        _add_quiet(sub.choices[name])
     return p
 
 
@@ -175,7 +213,7 @@ def _run(args: argparse.Namespace) -> int:
         from .calibrate import calibrate
 
         s = calibrate(args.src, args.data, samples=args.samples, seq_len=args.seq_len, workers=args.workers,
-                      full=args.full_stats, out=args.out, batch_size=args.batch_size, seed=args.seed,
+                      full=args.full_stats, out=args.out, overwrite=args.overwrite, batch_size=args.batch_size, seed=args.seed,
                       progress=progress, text_field=args.text_field, gpus_per_worker=args.gpus_per_worker,
                       allow_pickle=args.allow_pickle)
         print(f"wrote {args.out}: {len(s.moe_layers)} MoE layers, {s.tokens} tokens, "
@@ -191,11 +229,21 @@ def _run(args: argparse.Namespace) -> int:
             src = args.src or stats.source
             if not src:
                 raise UserError("--grouping weight needs --src (the teacher checkpoint)")
+            from .build import inspect_source
+
+            reader, _, family, _, shape = inspect_source(src)
+            reader.close()
+            theirs = (family.model_type, shape.num_experts, shape.hidden_size, list(shape.moe_layers))
+            ours = (stats.model_type, stats.num_experts, stats.meta.get("hidden_size"), list(stats.moe_layers))
+            if theirs != ours:
+                raise UserError(f"--src {src} ({theirs[0]}, {theirs[1]} experts, hidden {theirs[2]}) is not the "
+                                f"model these statistics were calibrated on ({ours[0]}, {ours[1]} experts, "
+                                f"hidden {ours[2]})")
             weights = read_expert_weights(src)
         plan = make_plan(stats, experts=args.experts, groups=args.groups, scoring=args.scoring,
                          grouping=args.grouping, scaling=args.scaling, seed=args.seed, expert_weights=weights)
-        save_plan(plan, args.out)
-        print(f"wrote {args.out}: K={plan.experts}, k={plan.groups}, {plan.scoring}/{plan.grouping}/{plan.scaling}, "
+        written = save_plan(plan, args.out, overwrite=args.overwrite)
+        print(f"wrote {written}: K={plan.experts}, k={plan.groups}, {plan.scoring}/{plan.grouping}/{plan.scaling}, "
               f"{len(plan.layers)} layers")
     elif args.command == "build":
         from .build import build
@@ -219,9 +267,17 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings read like errors: one `warning: ...` line, not a source location and code."""
+    sys.stderr.write(f"warning: {' '.join(str(message).split())}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors (already printed) and --help return, as every error does
+        return e.code if isinstance(e.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 0
@@ -233,10 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # our own bars show tokens, layers and ETA
+    warnings.showwarning = _one_line_warning
     try:
         return _run(args)
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
+        return 2
+    except OSError as e:  # the environment, not a bug: a read-only or full disk, a lost connection
+        sys.stderr.write(f"error: {' '.join(str(e).split()) or type(e).__name__}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted (no output was left half-written)\n")

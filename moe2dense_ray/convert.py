@@ -52,14 +52,11 @@ def convert(
     check_counts(shape.num_experts, experts, groups)
     check_methods(scoring, grouping, scaling)
     full = needs_full_stats(scoring, grouping, scaling) if full_stats is None else full_stats
-    from .checkpoint import url_to_fs
-    from .errors import UserError
+    from .checkpoint import check_output
 
-    fs, dest = url_to_fs(out)
-    if fs.exists(dest) and not overwrite and fs.ls(dest):
-        raise UserError(f"{out} already exists (use --overwrite to replace it)")
+    check_output(out, what="checkpoint", overwrite=overwrite, sources=(src,))
     stats = calibrate(src, data, samples=samples, seq_len=seq_len, workers=workers, full=full,
-                      out=stats_out, batch_size=batch_size, seed=seed, progress=progress,
+                      out=stats_out, overwrite=overwrite, batch_size=batch_size, seed=seed, progress=progress,
                       gpus_per_worker=gpus_per_worker, text_field=text_field, allow_pickle=allow_pickle)
     weights = read_expert_weights(src, allow_pickle=allow_pickle) if grouping == "weight" else None
     plan = make_plan(stats, experts=experts, scoring=scoring, grouping=grouping, scaling=scaling,

@@ -73,11 +73,32 @@ class Plan:
                 raise UserError(f"plan layer {lp.layer}: needs one scale per group")
 
 
-def save_plan(plan: Plan, url: str) -> None:
-    import fsspec
+def save_plan(plan: Plan, url: str, *, overwrite: bool = False) -> str:
+    """Write the plan to a file, or into a directory as moe2dense_plan.json; returns the file.
 
-    with fsspec.open(url, "w") as f:
-        f.write(plan.to_json())
+    The file appears complete or not at all (written beside it, then renamed), and an existing
+    plan is only replaced with `overwrite`.
+    """
+    import uuid
+
+    from .checkpoint import url_to_fs
+
+    fs, path = url_to_fs(url)
+    if fs.isdir(path):
+        path = f"{path}/{PLAN_FILE}"
+    if fs.exists(path) and not overwrite:
+        raise UserError(f"{path} already exists (use --overwrite to replace it)")
+    parent = path.rsplit("/", 1)[0] if "/" in path else "."
+    fs.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open(tmp, "w") as f:
+            f.write(plan.to_json())
+        fs.mv(tmp, path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+    return path
 
 
 def load_plan(url: str) -> Plan:

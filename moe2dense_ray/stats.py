@@ -7,6 +7,7 @@ combined by addition, and scores are computed from the sums afterwards.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from .checkpoint import url_to_fs
+from .checkpoint import check_output, url_to_fs
 from .errors import UserError
 
 STATS_FILE = "stats.safetensors"
@@ -72,10 +73,12 @@ class Stats:
         meta["samples"] = int(self.meta.get("samples", 0)) + int(other.meta.get("samples", 0))
         return Stats(add_sums(self.sums, other.sums), meta)
 
-    def save(self, url: str) -> None:
-        """Write atomically: a STATS directory is complete or absent."""
+    def save(self, url: str, *, overwrite: bool = False) -> None:
+        """Write atomically: a STATS directory is complete or absent (see `check_output` for what
+        may be replaced)."""
+        check_output(url, what="statistics", overwrite=overwrite)
         fs, path = url_to_fs(url)
-        tmp = f"{path}.partial"
+        tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
         fs.makedirs(tmp, exist_ok=True)
         with fs.open(f"{tmp}/{STATS_FILE}", "wb") as f:
             f.write(safetensors_save({k: v.contiguous() for k, v in self.sums.items()}))
@@ -91,9 +94,17 @@ class Stats:
         if not fs.exists(f"{path}/{META_FILE}") or not fs.exists(f"{path}/{STATS_FILE}"):
             raise UserError(f"{url} is not a statistics directory (run `moe2dense calibrate` first)")
         with fs.open(f"{path}/{META_FILE}", "r") as f:
-            meta = json.loads(f.read())
-        if meta.get("version") != STATS_VERSION:
-            raise UserError(f"{url}: statistics version {meta.get('version')} is not {STATS_VERSION}")
+            try:
+                meta = json.loads(f.read())
+            except json.JSONDecodeError as e:
+                raise UserError(f"{url}/{META_FILE} is not valid JSON ({e.msg}); re-run `moe2dense calibrate`") from None
+        if not isinstance(meta, dict) or meta.get("version") != STATS_VERSION:
+            version = meta.get("version") if isinstance(meta, dict) else None
+            raise UserError(f"{url}: statistics version {version} is not {STATS_VERSION}")
         with fs.open(f"{path}/{STATS_FILE}", "rb") as f:
-            sums = safetensors_load(f.read())
+            try:
+                sums = safetensors_load(f.read())
+            except Exception as e:  # safetensors raises its own error type for corrupt files
+                raise UserError(f"{url}/{STATS_FILE} is corrupt ({' '.join(str(e).split())}); "
+                                f"re-run `moe2dense calibrate`") from None
         return cls(sums, meta)

@@ -156,3 +156,87 @@ def test_help_reads_like_a_manual():
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120).stdout
     for word in ("calibrate", "plan", "build", "convert", "demo", "examples (", "exit status"):
         assert word in out
+
+
+# -------------------------------------------------------------------------- outputs are never destroyed
+
+
+def _one_error(capsys, code, fragment):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+    return err[0]
+
+
+def _calibrate(src, corpus, out, *extra):
+    return ["-q", "calibrate", str(src), "--data", str(corpus), "--samples", "2", "--seq-len", "16",
+            "--workers", "0", "--out", str(out), *extra]
+
+
+def test_outputs_never_replace_inputs_or_other_files(tmp_path, teacher, corpus, capsys):
+    src = _copy(teacher, tmp_path / "teacher")
+    before = sorted(os.listdir(src))
+    _one_error(capsys, main(_calibrate(src, corpus, src, "--overwrite")), "is the source")
+    stats = tmp_path / "stats"
+    assert main(_calibrate(src, corpus, stats)) == 0
+    plan = tmp_path / "plan.json"
+    assert main(["-q", "plan", str(stats), "--experts", "2", "--out", str(plan)]) == 0
+    _one_error(capsys, main(["-q", "build", str(src), str(plan), "--out", str(src), "--overwrite"]), "is the source")
+    _one_error(capsys, main(_convert(src, corpus, src, "--overwrite")), "is the source")
+    assert sorted(os.listdir(src)) == before
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("precious")
+    _one_error(capsys, main(_calibrate(src, corpus, mine)), "already exists (use --overwrite")
+    _one_error(capsys, main(_calibrate(src, corpus, mine, "--overwrite")), "not a statistics directory")
+    _one_error(capsys, main(["-q", "build", str(src), str(plan), "--out", str(mine), "--overwrite"]),
+               "not a checkpoint directory")
+    assert os.listdir(mine) == ["keep.txt"]
+
+    # the same kind of output is replaced with --overwrite, and only then
+    _one_error(capsys, main(_calibrate(src, corpus, stats)), "already exists")
+    assert main(_calibrate(src, corpus, stats, "--overwrite")) == 0
+    _one_error(capsys, main(["-q", "plan", str(stats), "--experts", "2", "--out", str(plan)]), "already exists")
+    assert main(["plan", str(stats), "--experts", "3", "--out", str(plan), "--overwrite", "-q"]) == 0
+    assert json.loads(plan.read_text())["experts"] == 3
+    assert not [p for p in os.listdir(tmp_path) if ".partial" in p]
+
+
+def test_inputs_checked_before_any_work(tmp_path, teacher, corpus, capsys):
+    _one_error(capsys, main(_calibrate(teacher, corpus, tmp_path / "s", "--seq-len", "100000")),
+               "max_position_embeddings")
+    for flag, value in (("--workers", "-1"), ("--batch-size", "0"), ("--samples", "0")):
+        _one_error(capsys, main(_calibrate(teacher, corpus, tmp_path / "s", flag, value)), f"argument {flag}")
+    _one_error(capsys, main(_calibrate(teacher, corpus, "s3fs-is-not-installed://b/x")), "s3fs-is-not-installed")
+    notok = _copy(teacher, tmp_path / "notok")
+    for name in os.listdir(notok):
+        if name.startswith("tokenizer"):
+            os.remove(notok / name)
+    _one_error(capsys, main(_calibrate(notok, corpus, tmp_path / "s")), "has no tokenizer")
+    for text, fragment in (('{"model_type": "qwen3_moe",', "not valid JSON"), ("[1, 2]", "JSON list")):
+        bad = _copy(teacher, tmp_path / f"cfg{len(text)}")
+        (bad / "config.json").write_text(text)
+        _one_error(capsys, main(_calibrate(bad, corpus, tmp_path / "s")), fragment)
+    assert not (tmp_path / "s").exists()
+
+
+def test_statistics_and_plans_from_another_model(tmp_path, teacher, corpus, tokenizer, capsys):
+    stats = tmp_path / "stats"
+    assert main(_calibrate(teacher, corpus, stats)) == 0
+    other = tmp_path / "other"
+    make_tiny_moe("qwen3_moe", str(other), tokenizer=tokenizer, num_hidden_layers=3, mlp_only_layers=[1])
+    _one_error(capsys, main(["-q", "plan", str(stats), "--experts", "2", "--groups", "1", "--grouping", "weight",
+                             "--src", str(other), "--out", str(tmp_path / "p.json")]), "is not the model")
+    assert main(["-q", "plan", str(stats), "--experts", "2", "--out", str(tmp_path / "p.json")]) == 0
+    _one_error(capsys, main(["-q", "build", str(other), str(tmp_path / "p.json"), "--out", str(tmp_path / "o")]),
+               "made for a different model")
+    meta = json.loads((stats / "meta.json").read_text())
+    (stats / "meta.json").write_text("{")
+    _one_error(capsys, main(["-q", "plan", str(stats), "--experts", "2", "--out", str(tmp_path / "q.json")]),
+               "meta.json is not valid JSON")
+    (stats / "meta.json").write_text(json.dumps(meta))
+    data = (stats / "stats.safetensors").read_bytes()
+    (stats / "stats.safetensors").write_bytes(data[:50])
+    _one_error(capsys, main(["-q", "plan", str(stats), "--experts", "2", "--out", str(tmp_path / "q.json")]),
+               "stats.safetensors is corrupt")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "q.json").exists()
