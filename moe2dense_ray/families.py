@@ -75,6 +75,7 @@ FAMILIES: dict[str, Family] = {
             dense_layout="mlp", expert_layout="per_expert",
             experts_attr="num_experts", expert_size_attr="moe_intermediate_size",
             sparse_rule="qwen", moe_config_keys=_QWEN_MOE_KEYS,
+            notes="Layers already dense (`mlp_only_layers`) are kept, zero-padded to the student's FFN width.",
         ),
         Family(
             model_type="qwen2_moe", dense_model_type="qwen2", dense_architecture="Qwen2ForCausalLM",
@@ -92,6 +93,8 @@ FAMILIES: dict[str, Family] = {
             moe_prefix="block_sparse_moe", expert_keys=("w1", "w3", "w2"),
             moe_config_keys=("num_local_experts", "num_experts_per_tok", "router_jitter_noise",
                              "output_router_logits", "router_aux_loss_coef"),
+            notes="Mistral is Mixtral's dense twin. Checkpoints saved from transformers' fused modules "
+            "(`mlp.experts.gate_up_proj`) are read as well as the per-expert `block_sparse_moe` layout.",
         ),
         Family(
             model_type="olmoe", dense_model_type="olmoe", dense_architecture="OlmoeForCausalLM",
@@ -104,6 +107,9 @@ FAMILIES: dict[str, Family] = {
             dense_architecture="DeepseekV2ForCausalLM", dense_layout="mlp", expert_layout="per_expert",
             experts_attr="n_routed_experts", expert_size_attr="moe_intermediate_size",
             shared_prefix="shared_experts", sparse_rule="deepseek",
+            notes="Every layer becomes dense (`first_k_dense_replace` = layers); the first dense layers "
+            "are kept, zero-padded. Shared experts are kept; group-limited top-k and "
+            "`routed_scaling_factor` are read from the real router's output.",
         ),
         Family(
             model_type="deepseek_v3", dense_model_type="deepseek_v3",
@@ -111,6 +117,9 @@ FAMILIES: dict[str, Family] = {
             experts_attr="n_routed_experts", expert_size_attr="moe_intermediate_size",
             router_prob="sigmoid", shared_prefix="shared_experts", sparse_rule="deepseek",
             router_extra_keys=("gate.e_score_correction_bias",),
+            notes="As deepseek_v2, with a sigmoid router and `e_score_correction_bias` (used for selection, "
+            "not for gates). Block-FP8 weights (`weight_scale_inv`) are dequantized to bf16; MTP layers "
+            "beyond `num_hidden_layers` are dropped.",
         ),
         Family(
             model_type="gpt_oss", dense_model_type="gpt_oss", dense_architecture="GptOssForCausalLM",

@@ -131,9 +131,10 @@ def check_methods(scoring: str, grouping: str, scaling: str, *, full_stats: bool
 
     needs = [SCORINGS.needs(scoring), GROUPINGS.needs(grouping), SCALINGS.needs(scaling)]
     if full_stats is False and "full" in needs:
-        raise UserError(
-            f"{scoring}/{grouping} needs expert-output statistics: calibrate with --full-stats"
-        )
+        which = [f"{kind} {name}" for kind, name, need in
+                 zip(("scoring", "grouping", "scaling"), (scoring, grouping, scaling), needs) if need == "full"]
+        raise UserError(f"{' and '.join(which)} needs expert-output statistics, which these were calibrated "
+                        f"without: calibrate with --full-stats")
 
 
 def needs_full_stats(scoring: str, grouping: str, scaling: str) -> bool:

@@ -138,7 +138,7 @@ def score_sf(stats: Stats, *, k: int, seed: int = 0, layer: int = 0) -> ScoreRes
 
 @SCORINGS.register("pp", needs="router")
 def score_pp(stats: Stats, *, k: int, seed: int = 0, layer: int = 0) -> ScoreResult:
-    """Pre-selection probability: mean router probability over all tokens (METHOD.md reconstruction)."""
+    """Pre-selection probability: mean router probability over all tokens, selected or not."""
     n = _tokens(stats, "pp")
     _need(stats, "pp", "prob_sum")
     return ScoreResult(_f64(stats, "prob_sum") / n)
