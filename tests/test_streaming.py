@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -22,6 +23,23 @@ from moe2dense_ray.testing import make_tiny_moe
 IDS = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(3))
 
 
+@contextlib.contextmanager
+def _recorded(monkeypatch, method: str):
+    """Record the arguments of every CheckpointReader.<method> call made inside the block."""
+    calls: list = []
+    orig = getattr(CheckpointReader, method)
+
+    def spy(self, *args):
+        calls.append(args[0] if len(args) == 1 else args)
+        return orig(self, *args)
+
+    monkeypatch.setattr(CheckpointReader, method, spy)
+    try:
+        yield calls
+    finally:
+        monkeypatch.undo()
+
+
 def _max_diff(a, b) -> float:
     with torch.no_grad():
         return (a(input_ids=IDS).logits - b(input_ids=IDS).logits).abs().max().item()
@@ -36,16 +54,8 @@ def test_sharded_in_and_out_and_only_selected_experts_read(tmp_path, tokenizer, 
     stats = calibrate(str(src), corpus, samples=2, seq_len=16, workers=0, progress=False)
     plan = make_plan(stats, experts=3, scoring="cp")
 
-    reads: list[str] = []
-    orig = CheckpointReader.get
-
-    def spy(self, key):
-        reads.append(key)
-        return orig(self, key)
-
-    monkeypatch.setattr(CheckpointReader, "get", spy)
-    build(str(src), plan, str(dst), max_shard_bytes=30_000, progress=False)
-    monkeypatch.undo()
+    with _recorded(monkeypatch, "get") as reads:
+        build(str(src), plan, str(dst), max_shard_bytes=30_000, progress=False)
 
     expert_reads = [k for k in reads if ".experts." in k]
     wanted = {f"model.layers.{lp.layer}.block_sparse_moe.experts.{e}.{w}.weight"
@@ -64,17 +74,9 @@ def test_weight_grouping_reads_only_the_selected_experts(tmp_path, tokenizer, co
     src = tmp_path / "teacher"
     make_tiny_moe("mixtral", str(src), tokenizer=tokenizer)
     stats = calibrate(str(src), corpus, samples=2, seq_len=16, workers=0, progress=False)
-    reads: list[str] = []
-    orig = CheckpointReader.get
-
-    def spy(self, key):
-        reads.append(key)
-        return orig(self, key)
-
-    monkeypatch.setattr(CheckpointReader, "get", spy)
-    plan = make_plan(stats, experts=4, groups=2, scoring="sf", grouping="weight",
-                     expert_weights=read_expert_weights(str(src)))
-    monkeypatch.undo()
+    with _recorded(monkeypatch, "get") as reads:
+        plan = make_plan(stats, experts=4, groups=2, scoring="sf", grouping="weight",
+                         expert_weights=read_expert_weights(str(src)))
     wanted = {f"model.layers.{lp.layer}.block_sparse_moe.experts.{e}.{w}.weight"
               for lp in plan.layers for e in lp.selected for w in ("w1", "w2", "w3")}
     assert {k for k in reads if ".experts." in k} == wanted
@@ -172,16 +174,8 @@ def test_fused_in_memory_layout_reads_only_selected_rows(family, tmp_path, token
     save_file(fused, str(src / "model.safetensors"), metadata={"format": "pt"})
     stats = calibrate(str(src), corpus, samples=2, seq_len=16, workers=0, progress=False)
     plan = make_plan(stats, experts=stats.num_experts, scoring="sf")
-    rows: list[tuple[str, int]] = []
-    orig = CheckpointReader.get_row
-
-    def spy(self, key, row):
-        rows.append((key, row))
-        return orig(self, key, row)
-
-    monkeypatch.setattr(CheckpointReader, "get_row", spy)
-    build(str(src), plan, str(dst), progress=False)
-    monkeypatch.undo()
+    with _recorded(monkeypatch, "get_row") as rows:
+        build(str(src), plan, str(dst), progress=False)
     assert len(rows) == len(set(rows)) == 2 * stats.num_experts * len(plan.layers)
     assert _max_diff(teacher, AutoModelForCausalLM.from_pretrained(dst)) < 1e-4
 
