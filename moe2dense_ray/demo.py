@@ -67,7 +67,7 @@ def run_demo(out: str = "runs/demo", *, workers: int = 2, progress: bool = True,
     print(f"teacher: {teacher}")
     t0 = time.time()
     stats = calibrate(teacher, calib_text, samples=samples, seq_len=seq_len, workers=workers, full=True,
-                      out=os.path.join(out, "stats"), progress=progress)
+                      out=os.path.join(out, "stats"), overwrite=True, progress=progress)  # re-runnable
     E = stats.num_experts
     K = max(1, E // 4)
     print(f"calibrated {stats.tokens} tokens on {workers} Ray workers in {time.time() - t0:.1f}s; "

@@ -27,6 +27,9 @@ def test_demo_on_the_bundled_teacher(ray_cluster, tmp_path):
     assert json.loads((out / "results.json").read_text())["rows"] == result["rows"]
     assert (out / "results.md").read_text().count("\n") == 2 + len(result["rows"])
     assert (out / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the README's first command must work a second time, over its own earlier results
+    again = run_demo(str(out), workers=0, progress=False, scorings=("cp",), samples=8, seq_len=128)
+    assert again["rows"][1] == result["rows"][2]  # same statistics, same plan, same student
 
 
 def _help_examples() -> list[list[str]]:
