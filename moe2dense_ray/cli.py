@@ -93,7 +93,9 @@ def _methods_help() -> str:
     return "\n".join(out)
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+def _add_source_and_data_args(p: argparse.ArgumentParser) -> None:
+    """The teacher and the calibration set: what `convert` and `calibrate` both start from."""
+    p.add_argument("src", metavar="SRC", help="MoE checkpoint directory (local or URL)")
     g = p.add_argument_group("calibration")
     g.add_argument("--data", required=True, metavar="DATA",
                    help="calibration text: .txt, .jsonl (field `text`), .parquet, a directory of those, "
@@ -143,8 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Convert an MoE checkpoint SRC into a dense checkpoint DST.\n\n"
                        "DST holds a standard Hugging Face model plus moe2dense_plan.json recording what was kept.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("src", metavar="SRC", help="MoE checkpoint directory (local or URL)")
-    _add_data_args(c)
+    _add_source_and_data_args(c)
     _add_method_args(c)
     _add_build_args(c)
     c.add_argument("--stats", metavar="STATS", help="also keep the calibration statistics here, for later `plan` runs")
@@ -155,8 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run SRC on calibration text and save per-layer statistics (sums) to STATS.\n"
                        "Statistics from any number of workers add up to the same result.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    k.add_argument("src", metavar="SRC", help="MoE checkpoint directory (local or URL)")
-    _add_data_args(k)
+    _add_source_and_data_args(k)
     k.add_argument("--full-stats", action="store_true",
                    help="also run every expert on every token (needed by acp, do-acp, reap, ean, output grouping)")
     k.add_argument("--out", "-o", required=True, metavar="STATS", help="statistics directory (local or URL)")
