@@ -12,6 +12,7 @@ layer's selected experts plus one output shard, whatever the size of the teacher
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import warnings
@@ -90,7 +91,12 @@ class ExpertReader:
 
     def __init__(self, reader: CheckpointReader, family: Family, shape: MoEShape):
         self.r, self.f, self.s = reader, family, shape
-        self._prefixes: dict[int, str] = {}
+        # one pass over the tensor names: which layers keep their MoE block under which name
+        self._blocks: set[tuple[int, str]] = set()
+        for key in reader.keys():
+            m = _LAYER_KEY.match(key)
+            if m:
+                self._blocks.add((int(m.group(1)), m.group(2).split(".", 1)[0]))
 
     def moe_prefix(self, layer: int) -> str:
         """Where this checkpoint keeps layer `layer`'s MoE block, relative to the layer.
@@ -98,13 +104,8 @@ class ExpertReader:
         The family's on-disk name (`block_sparse_moe` for Mixtral) unless the checkpoint was
         saved straight from transformers' in-memory modules, which call every MoE block `mlp`.
         """
-        if layer not in self._prefixes:
-            name = self.f.moe_prefix
-            if name != "mlp" and not self.r.has_prefix(f"model.layers.{layer}.{name}.") \
-                    and self.r.has_prefix(f"model.layers.{layer}.mlp.experts."):
-                name = "mlp"
-            self._prefixes[layer] = name
-        return self._prefixes[layer]
+        name = self.f.moe_prefix
+        return name if (layer, name) in self._blocks or (layer, "mlp") not in self._blocks else "mlp"
 
     def _prefix(self, layer: int) -> str:
         return f"model.layers.{layer}.{self.moe_prefix(layer)}"
@@ -181,7 +182,7 @@ class ExpertReader:
         self._check(keys[0], ts[0], (I, H))
         self._check(keys[1], ts[1], (I, H))
         self._check(keys[2], ts[2], (H, I))
-        return Expert(*ts)
+        return Expert(*(t.float() for t in ts))
 
     def expert_weights(self, layer: int, experts: Sequence[int]) -> torch.Tensor:
         """[len(experts), D] flattened weights of the given routed experts, for weight-space grouping.
@@ -311,7 +312,7 @@ def build(
             t = t.to(reader.dtype(key))
         writer.add(key, t)
 
-    teacher_params = sum(_numel(reader.shape(k)) for k in reader.keys())
+    teacher_params = sum(math.prod(reader.shape(k)) for k in reader.keys())
     moe_set = set(shape.moe_layers)
     with CheckpointWriter(out, max_shard_bytes=max_shard_bytes, overwrite=overwrite, sources=(src,)) as writer:
         for key in other:
@@ -336,12 +337,10 @@ def build(
                     shared = experts.mlp(f"model.layers.{i}.{experts.moe_prefix(i)}.{family.shared_prefix}",
                                          width=shape.shared_size)
                     parts.append((shared, float(lp.shared_scale)))
-                ffn_dtype = _source_dtype(reader, experts.moe_prefix(i), i)
+                ffn_dtype = _source_dtype(reader, keys, f"model.layers.{i}.{experts.moe_prefix(i)}.experts.")
             else:
                 parts = [(experts.mlp(f"model.layers.{i}.mlp", width=shape.dense_size), 1.0)]
                 ffn_dtype = reader.dtype(f"model.layers.{i}.mlp.gate_proj.weight")
-            parts = [(Expert(*(t.float() if isinstance(t, torch.Tensor) else t for t in
-                               (e.gate, e.up, e.down, e.gate_bias, e.up_bias, e.down_bias))), a) for e, a in parts]
             _write_ffn(writer, family, i, concat_ffn(parts, width), out_dtype or ffn_dtype)
             bar.update(1)
             if on_layer:
@@ -356,7 +355,7 @@ def build(
         copy_aux_files(reader, writer)
         writer.write_text(PLAN_FILE, plan.to_json())
     reader.close()
-    student_params = _count_params(out)
+    student_params = writer.total_numel
     return BuildReport(
         out=out, model_type=family.model_type, dense_model_type=family.dense_model_type,
         intermediate_size=width, teacher_params=teacher_params, student_params=student_params,
@@ -364,24 +363,9 @@ def build(
     )
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _count_params(url: str) -> int:
-    r = CheckpointReader(url)
-    n = sum(_numel(r.shape(k)) for k in r.keys())
-    r.close()
-    return n
-
-
-def _source_dtype(reader: CheckpointReader, moe_prefix: str, layer: int) -> torch.dtype:
+def _source_dtype(reader: CheckpointReader, layer_keys: list[str], prefix: str) -> torch.dtype:
     """The dtype the student's FFN is written in: the teacher's expert dtype (bf16 for MXFP4)."""
-    prefix = f"model.layers.{layer}.{moe_prefix}.experts."
-    keys = [k for k in reader.keys() if k.startswith(prefix)]
+    keys = [k for k in layer_keys if k.startswith(prefix)]
     if any(k.endswith("_blocks") for k in keys):
         return torch.bfloat16
     for k in keys:

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .checkpoint import TOKENIZER_FILES, check_output, url_to_fs
+from .checkpoint import TOKENIZER_FILES, check_output, is_local, parse_config, url_to_fs
 from .errors import UserError
 from .families import Family, get_family, moe_shape
 from .progress import Progress
@@ -45,7 +45,7 @@ def localize(src: str, cache_dir: str | None = None, *, weights: bool = True) ->
     Local directories are used in place.
     """
     fs, path = url_to_fs(src)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if is_local(fs):
         if not os.path.isdir(path):
             raise UserError(f"no such checkpoint: {src}")
         yield path
@@ -93,10 +93,8 @@ class Calibrator:
             torch.set_num_threads(threads)
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         with localize(src) as path:
-            import json
-
-            with open(os.path.join(path, "config.json")) as f:
-                cfg = json.load(f)
+            with open(os.path.join(path, "config.json"), "rb") as f:
+                cfg = parse_config(f.read(), f"{src}/config.json")
             self.family = get_family(cfg.get("model_type"))
             kwargs: dict[str, Any] = {}
             if dtype == "auto":
@@ -321,11 +319,13 @@ def calibrate(
         threads = max(1, int(ray.available_resources().get("CPU", 1)) // workers)
         Actor = ray.remote(Calibrator).options(num_cpus=1, num_gpus=use_gpu)
         actors = [Actor.remote(src, full=full, dtype=dtype, threads=threads) for _ in range(workers)]
+        # near-equal parts of at most batch_size rows, handed out round-robin; `shard` copies its
+        # rows, so each task ships its own tokens and not the storage of the whole set
+        n_parts = -(-calib.num_samples // batch_size)
         pending = []
-        n_rows = calib.input_ids.shape[0]
-        for j, s in enumerate(range(0, n_rows, batch_size)):
-            a = actors[j % workers]
-            pending.append(a.run.remote(calib.input_ids[s:s + batch_size], calib.attention_mask[s:s + batch_size], batch_size))
+        for j in range(n_parts):
+            part = calib.shard(j, n_parts)
+            pending.append(actors[j % workers].run.remote(part.input_ids, part.attention_mask, batch_size))
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             bar.update(ray.get(done[0]))

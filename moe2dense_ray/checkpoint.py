@@ -10,6 +10,7 @@ is written: an interrupted run never leaves a destination that looks complete.
 from __future__ import annotations
 
 import json
+import math
 import os
 import posixpath
 import struct
@@ -44,10 +45,8 @@ AUX_FILES = (
 def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
         fs, path = fsspec.core.url_to_fs(str(url))
-    except ImportError as e:  # e.g. s3:// without s3fs: fsspec says which package to install
-        raise UserError(f"{url}: {' '.join(str(e).split())}") from None
-    except ValueError as e:
-        raise UserError(f"{url}: {' '.join(str(e).split())}") from None
+    except (ImportError, ValueError) as e:  # e.g. s3:// without s3fs: fsspec says what to install
+        raise UserError(f"cannot open {url}: {' '.join(str(e).split())}") from None
     return fs, path.rstrip("/") or path
 
 
@@ -66,7 +65,7 @@ def check_output(url: str, *, what: str, overwrite: bool, sources: tuple[str, ..
     fs, path = url_to_fs(url)
     for src in sources:
         sfs, spath = url_to_fs(src)
-        same = type(sfs) is type(fs) and (spath == path if not _is_local(fs) else
+        same = type(sfs) is type(fs) and (spath == path if not is_local(fs) else
                                             os.path.realpath(spath) == os.path.realpath(path))
         if same:
             raise UserError(f"--out {url} is the source {src}: write the {what} somewhere else")
@@ -80,7 +79,7 @@ def check_output(url: str, *, what: str, overwrite: bool, sources: tuple[str, ..
             if not any(fs.exists(f"{path}/{m}") for m in markers):
                 raise UserError(f"{url} is not a {what} directory (no {' or '.join(markers)}); "
                                 f"refusing to replace it even with --overwrite")
-    if _is_local(fs):
+    if is_local(fs):
         parent = os.path.dirname(os.path.abspath(path))
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
@@ -88,7 +87,19 @@ def check_output(url: str, *, what: str, overwrite: bool, sources: tuple[str, ..
             raise UserError(f"cannot write {url}: {parent} is not writable")
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+def parse_config(data: str | bytes, where: str) -> dict[str, Any]:
+    """A config.json's contents, or a one-line UserError saying what is wrong with it."""
+    try:
+        cfg = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{where} is not valid JSON ({getattr(e, 'msg', None) or e.reason})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{where} holds a JSON {type(cfg).__name__}, not an object")
+    return cfg
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether `fs` is the local filesystem (where paths can go to os.* and transformers)."""
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocols or "local" in protocols
 
@@ -125,10 +136,7 @@ class _SafetensorsFile:
             if e.get("dtype") not in _DTYPES:
                 raise UserError(f"{name}: tensor {key} has unsupported dtype {e.get('dtype')!r}")
             begin, stop = e["data_offsets"]
-            numel = 1
-            for s in e["shape"]:
-                numel *= s
-            if stop - begin != numel * _ITEMSIZE[e["dtype"]]:
+            if stop - begin != math.prod(e["shape"]) * _ITEMSIZE[e["dtype"]]:
                 raise UserError(f"{name} is corrupted: tensor {key} has the wrong byte length")
         self._fh = None
 
@@ -168,6 +176,7 @@ class CheckpointReader:
     def __init__(self, url: str, *, allow_pickle: bool = False):
         self.url = str(url)
         self.fs, self.root = url_to_fs(self.url)
+        self._config: dict[str, Any] | None = None
         if not self.fs.exists(self.root):
             raise UserError(f"no such checkpoint: {self.url}")
         if not self.fs.isdir(self.root):
@@ -266,23 +275,15 @@ class CheckpointReader:
     def config_dict(self) -> dict[str, Any]:
         if not self.exists("config.json"):
             raise UserError(f"{self.url} has no config.json: not a Hugging Face checkpoint")
-        try:
-            cfg = json.loads(self.read_text("config.json"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{self.url}/config.json is not valid JSON ({getattr(e, 'msg', e)})") from None
-        if not isinstance(cfg, dict):
-            raise UserError(f"{self.url}/config.json holds a JSON {type(cfg).__name__}, not an object")
-        return cfg
+        if self._config is None:
+            self._config = parse_config(self.read_bytes("config.json"), f"{self.url}/config.json")
+        return self._config
 
     def keys(self) -> list[str]:
         return list(self.key_to_file)
 
     def __contains__(self, key: str) -> bool:
         return key in self.key_to_file
-
-    def has_prefix(self, prefix: str) -> bool:
-        """Whether any tensor name starts with `prefix` (names only; no file is opened)."""
-        return any(k.startswith(prefix) for k in self.key_to_file)
 
     def shape(self, key: str) -> tuple[int, ...]:
         f = self.key_to_file[key]
@@ -336,10 +337,10 @@ class CheckpointWriter:
     """
 
     def __init__(self, url: str, *, max_shard_bytes: int = 1 << 30, overwrite: bool = False,
-                 sources: tuple[str, ...] = ()):
+                 sources: tuple[str, ...] = (), what: str = "checkpoint"):
         self.url = str(url)
         self.fs, self.dest = url_to_fs(self.url)
-        check_output(self.url, what="checkpoint", overwrite=overwrite, sources=sources)
+        check_output(self.url, what=what, overwrite=overwrite, sources=sources)
         self.overwrite = overwrite
         self.tmp = f"{self.dest}.partial-{uuid.uuid4().hex[:8]}"
         self.max_shard_bytes = max_shard_bytes
@@ -347,6 +348,7 @@ class CheckpointWriter:
         self._buffer_bytes = 0
         self._shards: list[tuple[str, list[str]]] = []
         self.total_bytes = 0
+        self.total_numel = 0  # parameters written: the student's size without re-reading it
         self.keys_written: set[str] = set()
 
     def __enter__(self) -> "CheckpointWriter":
@@ -367,6 +369,7 @@ class CheckpointWriter:
             self._flush()
         self._buffer[key] = t
         self._buffer_bytes += _tensor_bytes(t)
+        self.total_numel += t.numel()
 
     def _flush(self) -> None:
         if not self._buffer:

@@ -272,6 +272,18 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     sys.stderr.write(f"warning: {' '.join(str(message).split())}\n")
 
 
+def _quiet_model_libraries() -> None:
+    """Settings for the libraries that load models, made before they are first imported."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would warn that it found no GPU
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # our own bars show tokens, layers and ETA
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -281,14 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would warn that it found no GPU
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()  # our own bars show tokens, layers and ETA
+    if args.command not in ("methods", "families"):  # listings need no models: skip ~2 s of imports
+        _quiet_model_libraries()
     warnings.showwarning = _one_line_warning
     try:
         return _run(args)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .build import BuildReport, build, inspect_source, read_expert_weights
 from .calibrate import calibrate
-from .plan import Plan, check_counts, check_methods, make_plan, needs_full_stats
+from .plan import Plan, check_counts, check_methods, make_plan
 from .stats import Stats
 
 
@@ -50,8 +50,8 @@ def convert(
     reader, _, _, _, shape = inspect_source(src, allow_pickle=allow_pickle)
     reader.close()
     check_counts(shape.num_experts, experts, groups)
-    check_methods(scoring, grouping, scaling)
-    full = needs_full_stats(scoring, grouping, scaling) if full_stats is None else full_stats
+    needs_full = check_methods(scoring, grouping, scaling)
+    full = needs_full if full_stats is None else full_stats
     from .checkpoint import check_output
 
     check_output(out, what="checkpoint", overwrite=overwrite, sources=(src,))

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 
+from .checkpoint import is_local, url_to_fs
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -153,16 +154,11 @@ def _resolve_files(source: str) -> tuple[AbstractFileSystem, list[str]]:
     Directories and globs silently skip hidden files (`.DS_Store`, `_SUCCESS`) and files of other
     types (a README next to the shards), but must contain at least one readable file.
     """
-    import fsspec
-
     if not source or not source.strip():
         raise UserError("no calibration data given: pass a file, directory, glob, URL or hf:DATASET")
     if "://" not in source and "::" not in source:
         source = os.path.expanduser(source)
-    try:
-        fs, path = fsspec.core.url_to_fs(source)
-    except (ValueError, ImportError) as e:
-        raise UserError(f"cannot open {source}: {e}") from e
+    fs, path = url_to_fs(source)
 
     if not fs.exists(path) and any(c in path for c in "*?["):  # an existing name with `[` is not a glob
         found = fs.glob(path, detail=True)
@@ -198,8 +194,7 @@ def _readable(files: Iterable[str], root: str, source: str) -> list[str]:
 
 def _display(fs: AbstractFileSystem, path: str) -> str:
     """The name to show in messages: local paths as given, remote ones with their protocol."""
-    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-    return path if protocol in ("file", "local") else fs.unstrip_protocol(path)
+    return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
 def _iter_files(fs: AbstractFileSystem, files: list[str], text_field: str) -> Iterator[str]:

@@ -125,8 +125,10 @@ def check_counts(num_experts: int, experts: int, groups: int | None) -> int:
     return k
 
 
-def check_methods(scoring: str, grouping: str, scaling: str, *, full_stats: bool | None = None) -> None:
-    """Resolve method names (unknown names are a UserError) and check the statistics suffice."""
+def check_methods(scoring: str, grouping: str, scaling: str, *, full_stats: bool | None = None) -> bool:
+    """Resolve method names (unknown names are a UserError) and check the statistics suffice.
+
+    Returns whether the methods need expert-output (full) statistics."""
     from .methods import GROUPINGS, SCALINGS, SCORINGS
 
     needs = [SCORINGS.needs(scoring), GROUPINGS.needs(grouping), SCALINGS.needs(scaling)]
@@ -135,12 +137,7 @@ def check_methods(scoring: str, grouping: str, scaling: str, *, full_stats: bool
                  zip(("scoring", "grouping", "scaling"), (scoring, grouping, scaling), needs) if need == "full"]
         raise UserError(f"{' and '.join(which)} needs expert-output statistics, which these were calibrated "
                         f"without: calibrate with --full-stats")
-
-
-def needs_full_stats(scoring: str, grouping: str, scaling: str) -> bool:
-    from .methods import GROUPINGS, SCALINGS, SCORINGS
-
-    return "full" in (SCORINGS.needs(scoring), GROUPINGS.needs(grouping), SCALINGS.needs(scaling))
+    return "full" in needs
 
 
 def make_plan(

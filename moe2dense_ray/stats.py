@@ -7,7 +7,6 @@ combined by addition, and scores are computed from the sums afterwards.
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from .checkpoint import check_output, url_to_fs
+from .checkpoint import CheckpointWriter, url_to_fs
 from .errors import UserError
 
 STATS_FILE = "stats.safetensors"
@@ -74,19 +73,11 @@ class Stats:
         return Stats(add_sums(self.sums, other.sums), meta)
 
     def save(self, url: str, *, overwrite: bool = False) -> None:
-        """Write atomically: a STATS directory is complete or absent (see `check_output` for what
-        may be replaced)."""
-        check_output(url, what="statistics", overwrite=overwrite)
-        fs, path = url_to_fs(url)
-        tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
-        fs.makedirs(tmp, exist_ok=True)
-        with fs.open(f"{tmp}/{STATS_FILE}", "wb") as f:
-            f.write(safetensors_save({k: v.contiguous() for k, v in self.sums.items()}))
-        with fs.open(f"{tmp}/{META_FILE}", "w") as f:
-            f.write(json.dumps(self.meta, indent=1) + "\n")
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-        fs.mv(tmp, path, recursive=True)
+        """Write atomically: a STATS directory is complete or absent (the checkpoint writer's
+        partial-directory-then-move, with no tensor shards)."""
+        with CheckpointWriter(url, overwrite=overwrite, what="statistics") as w:
+            w.write_bytes(STATS_FILE, safetensors_save({k: v.contiguous() for k, v in self.sums.items()}))
+            w.write_json(META_FILE, self.meta)
 
     @classmethod
     def load(cls, url: str) -> "Stats":
