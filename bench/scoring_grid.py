@@ -14,6 +14,8 @@ import math
 import os
 import time
 
+from moe2dense_ray.methods import SCORINGS
+
 
 def main() -> None:
     from moe2dense_ray import assets
@@ -66,7 +68,8 @@ def main() -> None:
              f"calibration {stats.tokens} tokens; evaluation {int(held.num_tokens)} tokens; no distillation. "
              f"`random` is the geometric mean (and range) over {a.random_seeds} seeds.", "",
              "| scoring | K | grouping | k | params (M) | perplexity | vs random |", "|---|---:|---|---:|---:|---:|---:|"]
-    for r in summarize(rows):
+    summary = summarize(rows)
+    for r in summary:
         spread = f" ({r['min']:.1f}-{r['max']:.1f})" if r["n"] > 1 else ""
         lines.append(f"| {r['scoring']} | {r['K']} | {r['grouping']} | {r['k']} | {r['params_M']:.2f} | "
                      f"{r['ppl']:.2f}{spread} | {r['vs_random']:.2f}x |")
@@ -76,12 +79,12 @@ def main() -> None:
         f.write(text + "\n")
     with open(os.path.join(a.out, "scoring_grid.json"), "w") as f:
         json.dump({"teacher_ppl": teacher_ppl, "num_experts": E, "tokens": stats.tokens, "rows": rows,
-                   "summary": summarize(rows)}, f, indent=1)
-    _plot(rows, ks, teacher_ppl, os.path.join(a.out, "scoring_grid.png"))
+                   "summary": summary}, f, indent=1)
+    _plot(summary, ks, teacher_ppl, os.path.join(a.out, "scoring_grid.png"))
     print(f"\n{len(rows)} students in {time.time() - t0:.0f}s; wrote {a.out}/scoring_grid.md/.json/.png")
 
 
-SCORED = ("sf", "pp", "cp", "acp", "do-acp", "reap", "ean")
+SCORED = tuple(name for name in SCORINGS.names() if name != "random")  # every registered scoring
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -102,14 +105,13 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _plot(rows, ks, teacher_ppl, path) -> None:
+def _plot(summary, ks, teacher_ppl, path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4))
-    summary = summarize(rows)
     for s in ("random",) + SCORED:
         pts = [r for r in summary if r["scoring"] == s and r["grouping"] == "none"]
         x, y = [r["K"] for r in pts], [r["ppl"] for r in pts]

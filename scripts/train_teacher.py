@@ -509,7 +509,8 @@ def main(argv=None):
 
     t_start = time.time()
     manifest = prepare_corpus(work / "data", max_docs_per_source=max_docs)
-    tok = train_tokenizer(work / "data" / "train.jsonl", work / "tokenizer", vocab_size=args.vocab)
+    # reloaded from disk on purpose: the models train with exactly the tokenizer that ships
+    train_tokenizer(work / "data" / "train.jsonl", work / "tokenizer", vocab_size=args.vocab)
     tok = PreTrainedTokenizerFast.from_pretrained(str(work / "tokenizer"))
     eos = tok.eos_token_id
     rows = {s: read_jsonl(work / "data" / f"{s}.jsonl") for s in ("train", "validation", "test")}

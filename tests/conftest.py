@@ -11,11 +11,11 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import pytest  # noqa: E402
 import transformers  # noqa: E402
+from helpers_tokenizer import _TRAIN_WORDS  # noqa: E402
 
 transformers.utils.logging.disable_progress_bar()
 
-WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches "
-         "and kings of england sail rivers under pale moons singing old songs of grace").split()
+WORDS = _TRAIN_WORDS[:30]  # the tokenizer's first two lines
 
 
 def write_corpus(path, docs: int = 40, words: int = 120, seed: int = 0) -> str:

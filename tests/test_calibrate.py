@@ -28,45 +28,44 @@ def _brute_force(model, ids, mask):
         h.remove()
     m = mask.reshape(-1).bool()
     out = {}
-    torch.set_grad_enabled(False)
-    for i, x in inputs.items():
-        mlp = model.model.layers[i].mlp
-        ex, W = mlp.experts, mlp.gate.weight
-        E, k = W.shape[0], model.config.num_experts_per_tok
-        I = ex.gate_up_proj.shape[1] // 2
-        s = {n: torch.zeros(E, dtype=torch.float64) for n in
-             ("sel_count", "prob_sum", "prob_sel_sum", "gate_sum", "sqnorm_all", "sqnorm_routed",
-              "norm_routed", "gate_norm_routed")}
-        gram = torch.zeros(E, E, dtype=torch.float64)
-        tokens, mass = 0, 0.0
-        for t in range(x.shape[0]):
-            if not m[t]:
-                continue
-            tokens += 1
-            p = torch.softmax(x[t].double() @ W.double().T, -1)
-            top = torch.topk(p, k).indices.tolist()
-            g = p[top] / p[top].sum() if model.config.norm_topk_prob else p[top]
-            f = []
-            for e in range(E):
-                h = ex.gate_up_proj[e].double() @ x[t].double()
-                f.append(ex.down_proj[e].double() @ (F.silu(h[:I]) * h[I:]))
-            for e in range(E):
-                s["prob_sum"][e] += p[e]
-                n = f[e].norm()
-                s["sqnorm_all"][e] += n ** 2
-                for j in range(E):
-                    gram[e, j] += f[e] @ f[j]
-                if e in top:
-                    ge = g[top.index(e)]
-                    s["sel_count"][e] += 1
-                    s["prob_sel_sum"][e] += p[e]
-                    s["gate_sum"][e] += ge
-                    s["sqnorm_routed"][e] += n ** 2
-                    s["norm_routed"][e] += n
-                    s["gate_norm_routed"][e] += ge * n
-                    mass += float(ge)
-        out[i] = {**s, "gram": gram, "tokens": torch.tensor(float(tokens)), "gate_mass": torch.tensor(mass)}
-    torch.set_grad_enabled(True)
+    with torch.no_grad():  # restored even if the reference raises
+        for i, x in inputs.items():
+            mlp = model.model.layers[i].mlp
+            ex, W = mlp.experts, mlp.gate.weight
+            E, k = W.shape[0], model.config.num_experts_per_tok
+            I = ex.gate_up_proj.shape[1] // 2
+            s = {n: torch.zeros(E, dtype=torch.float64) for n in
+                 ("sel_count", "prob_sum", "prob_sel_sum", "gate_sum", "sqnorm_all", "sqnorm_routed",
+                  "norm_routed", "gate_norm_routed")}
+            gram = torch.zeros(E, E, dtype=torch.float64)
+            tokens, mass = 0, 0.0
+            for t in range(x.shape[0]):
+                if not m[t]:
+                    continue
+                tokens += 1
+                p = torch.softmax(x[t].double() @ W.double().T, -1)
+                top = torch.topk(p, k).indices.tolist()
+                g = p[top] / p[top].sum() if model.config.norm_topk_prob else p[top]
+                f = []
+                for e in range(E):
+                    h = ex.gate_up_proj[e].double() @ x[t].double()
+                    f.append(ex.down_proj[e].double() @ (F.silu(h[:I]) * h[I:]))
+                for e in range(E):
+                    s["prob_sum"][e] += p[e]
+                    n = f[e].norm()
+                    s["sqnorm_all"][e] += n ** 2
+                    for j in range(E):
+                        gram[e, j] += f[e] @ f[j]
+                    if e in top:
+                        ge = g[top.index(e)]
+                        s["sel_count"][e] += 1
+                        s["prob_sel_sum"][e] += p[e]
+                        s["gate_sum"][e] += ge
+                        s["sqnorm_routed"][e] += n ** 2
+                        s["norm_routed"][e] += n
+                        s["gate_norm_routed"][e] += ge * n
+                        mass += float(ge)
+            out[i] = {**s, "gram": gram, "tokens": torch.tensor(float(tokens)), "gate_mass": torch.tensor(mass)}
     return out
 
 

@@ -32,12 +32,15 @@ def _convert(src, corpus, out, *extra):
             "--workers", "0", "--out", str(out), "--experts", "2", *extra]
 
 
-def _assert_clean_error(capsys, code, fragment, out_dir):
+def _one_error(capsys, code, fragment):
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    assert fragment in err[0], err[0]
-    assert "Traceback" not in err[0]
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+    return err[0]
+
+
+def _assert_clean_error(capsys, code, fragment, out_dir):
+    line = _one_error(capsys, code, fragment)
+    assert "Traceback" not in line
     parent = out_dir.parent
     assert not out_dir.exists()
     assert not [p for p in os.listdir(parent) if ".partial" in p], os.listdir(parent)
@@ -159,12 +162,6 @@ def test_help_reads_like_a_manual():
 
 
 # -------------------------------------------------------------------------- outputs are never destroyed
-
-
-def _one_error(capsys, code, fragment):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
-    return err[0]
 
 
 def _calibrate(src, corpus, out, *extra):

@@ -363,7 +363,7 @@ def test_weight_grouping_is_a_kmeans_fixed_point(stats):
 
 
 def test_output_grouping_matches_scipy_average_linkage(data, stats):
-    hierarchy = pytest.importorskip("scipy.cluster.hierarchy")
+    from scipy.cluster import hierarchy
     X = (data["f"].sum(0) / N).numpy()
     for k in (2, 3, 5):
         Z = hierarchy.linkage(X, method="average", metric="euclidean")

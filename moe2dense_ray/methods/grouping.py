@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from .registry import Registry
-from .scoring import generator
+from .scoring import generator, need, safe_div, token_count
 
 Stats = Mapping[str, Tensor]
 WeightsFn = Callable[[list[int]], Tensor]
@@ -336,11 +336,8 @@ def group_output(
     see its docstring), or `distance=` "cosine". Deterministic (no seed needed).
     """
     sel = _check_args(selected, k, "output")
-    if stats is None or "out_sum" not in stats or "tokens" not in stats:
-        raise UserError("grouping 'output' needs the expert-output statistics (calibrate with --full-stats)")
-    n_tok = float(stats["tokens"])
-    if not n_tok > 0:
-        raise UserError(f"grouping 'output': the statistics count {n_tok:g} calibration tokens")
+    need(stats or {}, "grouping 'output'", "out_sum")
+    n_tok = token_count(stats, "grouping 'output'")
     X = stats["out_sum"].to(torch.float64)[torch.tensor(sel)] / n_tok
     metric = distance or OUTPUT_DISTANCE
     if metric == "euclidean":
@@ -377,8 +374,7 @@ def group_router(
     step chose. A similarity tie goes to the better-ranked centre.
     """
     sel = _check_args(selected, k, "router")
-    if stats is None or "logit_gram" not in stats:
-        raise UserError("grouping 'router' needs the router statistics (logit_gram)")
+    need(stats or {}, "grouping 'router'", "logit_gram")
     centres, others = sel[:k], sel[k:]
     gram = stats["logit_gram"].to(torch.float64)
     norm = torch.sqrt(torch.diagonal(gram).clamp_min(0.0))
@@ -386,8 +382,7 @@ def group_router(
     if others:
         o, c = torch.tensor(others), torch.tensor(centres)
         denom = norm[o][:, None] * norm[c][None, :]
-        cos = torch.where(denom > 0, gram[o][:, c] / torch.where(denom > 0, denom, torch.ones_like(denom)),
-                          torch.zeros_like(denom))
+        cos = safe_div(gram[o][:, c], denom)
         for e, j in zip(others, torch.argmax(cos, dim=1).tolist()):
             groups[j].append(e)
     return finalize_groups(groups, k, selected=sel, scores=scores, method="router", layer=layer)

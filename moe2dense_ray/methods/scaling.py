@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from .registry import Registry
+from .scoring import need, token_count
 
 Stats = Mapping[str, Tensor]
 ScalingFn = Callable[..., list[float]]
@@ -41,12 +42,8 @@ DeepSeek students; with K == k (the paper's setting there) both are identical.
 
 def gate_mass_per_token(stats: Stats) -> float:
     """m = gate_mass / tokens: mean total gate weight the MoE applies per token."""
-    if "gate_mass" not in stats or "tokens" not in stats:
-        raise UserError("scaling needs the router statistics gate_mass and tokens")
-    n = float(stats["tokens"])
-    if not n > 0:
-        raise UserError(f"scaling: the statistics count {n:g} calibration tokens")
-    m = float(stats["gate_mass"]) / n
+    need(stats, "scaling", "gate_mass")
+    m = float(stats["gate_mass"]) / token_count(stats, "scaling")
     if not math.isfinite(m):
         raise UserError(f"scaling: the calibrated gate mass per token is {m}")
     return m

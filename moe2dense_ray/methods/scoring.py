@@ -68,7 +68,8 @@ def generator(seed: int, layer: int, salt: str) -> torch.Generator:
     return g
 
 
-def _need(stats: Stats, method: str, *names: str) -> None:
+def need(stats: Stats, method: str, *names: str) -> None:
+    """Refuse, in one line naming the method, statistics that lack what it reads."""
     missing = [n for n in names if n not in stats]
     if missing:
         full = {"sqnorm_all", "sqnorm_routed", "norm_routed", "gate_norm_routed", "gram", "out_sum"}
@@ -76,8 +77,9 @@ def _need(stats: Stats, method: str, *names: str) -> None:
         raise UserError(f"{method} needs the statistics {', '.join(missing)}, which are missing{hint}")
 
 
-def _tokens(stats: Stats, method: str) -> float:
-    _need(stats, method, "tokens")
+def token_count(stats: Stats, method: str) -> float:
+    """The layer's calibration token count, which every mean divides by; refuses zero."""
+    need(stats, method, "tokens")
     n = float(stats["tokens"])
     if not n > 0:
         raise UserError(f"{method}: the statistics count {n:g} calibration tokens for this layer")
@@ -88,7 +90,7 @@ def _f64(stats: Stats, name: str) -> Tensor:
     return stats[name].to(torch.float64)
 
 
-def _safe_div(num: Tensor, den: Tensor) -> Tensor:
+def safe_div(num: Tensor, den: Tensor) -> Tensor:
     """num / den, and 0 where den == 0 (an expert never selected has no conditional mean)."""
     nz = den > 0
     return torch.where(nz, num / torch.where(nz, den, torch.ones_like(den)), torch.zeros_like(num))
@@ -132,15 +134,15 @@ def select(result: ScoreResult, K: int) -> list[int]:
 @SCORINGS.register("sf", needs="router")
 def score_sf(stats: Stats, *, k: int, seed: int = 0, layer: int = 0) -> ScoreResult:
     """Selection frequency: how many calibration tokens route to the expert (top-k count)."""
-    _need(stats, "sf", "sel_count")
+    need(stats, "sf", "sel_count")
     return ScoreResult(_f64(stats, "sel_count"))
 
 
 @SCORINGS.register("pp", needs="router")
 def score_pp(stats: Stats, *, k: int, seed: int = 0, layer: int = 0) -> ScoreResult:
     """Pre-selection probability: mean router probability over all tokens, selected or not."""
-    n = _tokens(stats, "pp")
-    _need(stats, "pp", "prob_sum")
+    n = token_count(stats, "pp")
+    need(stats, "pp", "prob_sum")
     return ScoreResult(_f64(stats, "prob_sum") / n)
 
 
@@ -150,8 +152,8 @@ def score_cp(stats: Stats, *, k: int, seed: int = 0, layer: int = 0) -> ScoreRes
 
     0 for an expert no calibration token selected (no evidence it is useful).
     """
-    _need(stats, "cp", "prob_sel_sum", "sel_count")
-    return ScoreResult(_safe_div(_f64(stats, "prob_sel_sum"), _f64(stats, "sel_count")))
+    need(stats, "cp", "prob_sel_sum", "sel_count")
+    return ScoreResult(safe_div(_f64(stats, "prob_sel_sum"), _f64(stats, "sel_count")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,9 +166,9 @@ def acp_scores(stats: Stats, method: str = "acp") -> Tensor:
     METHOD.md quotes this re-implementation; the paper may weight per token instead. The square
     root makes the activation factor an RMS output norm, i.e. on the scale of the output itself.
     """
-    n = _tokens(stats, method)
-    _need(stats, method, "prob_sel_sum", "sel_count", "sqnorm_all")
-    cp = _safe_div(_f64(stats, "prob_sel_sum"), _f64(stats, "sel_count"))
+    n = token_count(stats, method)
+    need(stats, method, "prob_sel_sum", "sel_count", "sqnorm_all")
+    cp = safe_div(_f64(stats, "prob_sel_sum"), _f64(stats, "sel_count"))
     rms = torch.sqrt((_f64(stats, "sqnorm_all") / n).clamp_min(0.0))
     return cp * rms
 
@@ -183,8 +185,8 @@ def dopt_kernel(stats: Stats) -> Tensor:
     G is the mean inner-product Gram of expert outputs, so K is positive semi-definite: its
     log-det measures the "volume" spanned by the chosen experts' (quality-weighted) outputs.
     """
-    n = _tokens(stats, "do-acp")
-    _need(stats, "do-acp", "gram")
+    n = token_count(stats, "do-acp")
+    need(stats, "do-acp", "gram")
     q = torch.sqrt(acp_scores(stats, "do-acp").clamp_min(0.0))
     G = _f64(stats, "gram") / n
     K = q[:, None] * G * q[None, :]
@@ -264,14 +266,14 @@ def score_reap(stats: Stats, *, k: int, seed: int = 0, layer: int = 0) -> ScoreR
 
     0 for an expert no calibration token selected.
     """
-    _need(stats, "reap", "gate_norm_routed", "sel_count")
-    return ScoreResult(_safe_div(_f64(stats, "gate_norm_routed"), _f64(stats, "sel_count")))
+    need(stats, "reap", "gate_norm_routed", "sel_count")
+    return ScoreResult(safe_div(_f64(stats, "gate_norm_routed"), _f64(stats, "sel_count")))
 
 
 @SCORINGS.register("ean", needs="full")
 def score_ean(stats: Stats, *, k: int, seed: int = 0, layer: int = 0) -> ScoreResult:
     """Expert activation norm: sum over routed tokens of the expert's output norm."""
-    _need(stats, "ean", "norm_routed")
+    need(stats, "ean", "norm_routed")
     return ScoreResult(_f64(stats, "norm_routed"))
 
 
