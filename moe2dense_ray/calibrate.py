@@ -62,6 +62,45 @@ def localize(src: str, cache_dir: str | None = None, *, weights: bool = True) ->
         shutil.rmtree(dest, ignore_errors=True)
 
 
+def load_causal_lm(src: str, *, device: str = "auto", dtype: str = "auto",
+                   experts_as_weights: bool = False) -> tuple[Any, dict[str, Any], str]:
+    """Load a (teacher) checkpoint for inference: `(model, config dict, device)`.
+
+    bf16 (the checkpoint's dtype) on GPUs, fp32 on CPU, where bf16 matmuls are slow and
+    imprecise. A model larger than one GPU is sharded over the process's GPUs (`device_map`).
+    Quantized experts are dequantized where their weights must be read as tensors
+    (`experts_as_weights`: calibration runs each expert from its weights).
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    with localize(src) as path:
+        with open(os.path.join(path, "config.json"), "rb") as f:
+            cfg = parse_config(f.read(), f"{src}/config.json")
+        get_family(cfg.get("model_type"))  # an unsupported family fails here, in one line
+        kwargs: dict[str, Any] = {}
+        if dtype == "auto":
+            kwargs["dtype"] = "auto" if device.startswith("cuda") else torch.float32
+        else:
+            kwargs["dtype"] = getattr(torch, dtype)
+        quant = (cfg.get("quantization_config") or {}).get("quant_method")
+        if quant == "mxfp4" and (experts_as_weights or not device.startswith("cuda")):
+            from transformers import Mxfp4Config
+
+            kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+        elif quant == "fp8" and (experts_as_weights or not device.startswith("cuda")):
+            from transformers import FineGrainedFP8Config
+
+            block = tuple(cfg["quantization_config"].get("weight_block_size") or (128, 128))
+            kwargs["quantization_config"] = FineGrainedFP8Config(weight_block_size=block, dequantize=True)
+        if device.startswith("cuda") and torch.cuda.device_count() > 1:
+            kwargs["device_map"] = "auto"  # shard a teacher too big for one GPU over the actor's GPUs
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    if "device_map" not in kwargs:
+        model.to(device)
+    return model, cfg, device
+
+
 def _layers(model) -> Any:
     inner = getattr(model, "model", model)
     return inner.layers
@@ -87,37 +126,10 @@ class Calibrator:
 
     def __init__(self, src: str, *, full: bool = False, device: str = "auto", dtype: str = "auto",
                  threads: int | None = None):
-        from transformers import AutoModelForCausalLM
-
         if threads:
             torch.set_num_threads(threads)
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        with localize(src) as path:
-            with open(os.path.join(path, "config.json"), "rb") as f:
-                cfg = parse_config(f.read(), f"{src}/config.json")
-            self.family = get_family(cfg.get("model_type"))
-            kwargs: dict[str, Any] = {}
-            if dtype == "auto":
-                # bf16 matmuls are slow and imprecise on CPU: calibrate in fp32 there.
-                kwargs["dtype"] = "auto" if self.device.startswith("cuda") else torch.float32
-            else:
-                kwargs["dtype"] = getattr(torch, dtype)
-            quant = (cfg.get("quantization_config") or {}).get("quant_method")
-            if quant == "mxfp4":
-                from transformers import Mxfp4Config
-
-                kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
-            elif quant == "fp8":
-                # the hooks run experts from their weight tensors, so the replica holds them dequantized
-                from transformers import FineGrainedFP8Config
-
-                block = tuple(cfg["quantization_config"].get("weight_block_size") or (128, 128))
-                kwargs["quantization_config"] = FineGrainedFP8Config(weight_block_size=block, dequantize=True)
-            if self.device.startswith("cuda") and torch.cuda.device_count() > 1:
-                kwargs["device_map"] = "auto"  # shard a teacher too big for one GPU over the actor's GPUs
-            self.model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
-        if "device_map" not in kwargs:
-            self.model.to(self.device)
+        self.model, cfg, self.device = load_causal_lm(src, device=device, dtype=dtype, experts_as_weights=True)
+        self.family = get_family(cfg.get("model_type"))
         self.shape = moe_shape(self.family, self.model.config)
         self._decoder = getattr(self.model, "model", self.model)
         self.full = full

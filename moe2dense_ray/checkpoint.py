@@ -51,7 +51,8 @@ def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 # What marks a directory as a moe2dense output that --overwrite may replace.
-OUTPUT_MARKERS = {"checkpoint": ("config.json", "moe2dense_plan.json"), "statistics": ("meta.json",)}
+OUTPUT_MARKERS = {"checkpoint": ("config.json", "moe2dense_plan.json"), "statistics": ("meta.json",),
+                  "logits": ("stream.json",), "run": ("distill.yaml",)}
 
 
 def check_output(url: str, *, what: str, overwrite: bool, sources: tuple[str, ...] = ()) -> None:

@@ -21,6 +21,9 @@ Pipeline (each stage is a subcommand; `convert` chains the first three):
   calibrate  SRC -> STATS   run the teacher on text, sum routing/expert statistics (Ray actors)
   plan       STATS -> PLAN  score, select, group and scale experts (seconds; many plans per STATS)
   build      SRC + PLAN -> DST  stream the checkpoint tensor by tensor into the dense model
+  distill    SRC + DST -> RUN   refine the dense student on the teacher's top-k distribution
+             (teacher actors stream to Ray Train workers running DeepSpeed); RUN/student is the result
+  teacher-logits SRC -> LOGITS  keep the teacher's stream as Parquet, for `distill --logits`
 
 Paths may be local directories or fsspec URLs (s3://, gs://, hf://, memory://, ...).
 """
@@ -35,6 +38,11 @@ examples (from the repository root; the bundled teacher is a 16-expert Qwen3-MoE
       --workers 2 --full-stats --out runs/stats
   moe2dense plan runs/stats --experts 4 --scoring reap --out runs/plan.json
   moe2dense build $T runs/plan.json --out runs/dense-reap
+  moe2dense distill --teacher $T --student runs/dense-reap --data moe2dense_ray/assets/calibration.jsonl \
+      --tokens 20000 --seq-len 128 --report-every 5 --out runs/distill-reap
+  moe2dense teacher-logits $T --data moe2dense_ray/assets/calibration.jsonl --tokens 20000 --seq-len 128 \
+      --out runs/logits
+  moe2dense distill --logits runs/logits --student runs/dense-cp --report-every 5 --out runs/distill-cp
   moe2dense convert s3://bucket/Qwen3-30B-A3B --data hf:HuggingFaceFW/fineweb-edu:sample-10BT \\
       --samples 512 --seq-len 2048 --experts 8 --scoring do-acp --workers 8 --out s3://bucket/qwen3-dense
 
@@ -186,9 +194,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
     d.add_argument("--workers", type=_count(0), default=2, help="Ray actors for calibration (default 2)")
 
+    from .distill.config import DistillConfig, TeacherLogitsConfig
+
+    ds = sub.add_parser("distill", help="distill the MoE teacher into a dense student on Ray Train + DeepSpeed",
+                        description="Train the dense student S on the teacher's distribution over DATA (or on a "
+                        "stream LOGITS written by `teacher-logits`).\n\nTeacher replicas run as Ray actors and "
+                        "stream compact top-k log-probabilities to the training workers; RUN collects "
+                        "checkpoints, metrics.jsonl, TensorBoard logs and, at the end, RUN/student (a standard "
+                        "dense checkpoint). Settings can come from --config YAML; flags override it.",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    DistillConfig.add_arguments(ds, exclude=("resume",))
+    ds.add_argument("--resume", metavar="RUN", default=argparse.SUPPRESS,
+                    help="continue the run in RUN from its last checkpoint, with the settings it was started with")
+    tl = sub.add_parser("teacher-logits", help="write the teacher's top-k stream over DATA to Parquet",
+                        description="Run the teacher once over DATA and write the stream that `distill` would "
+                        "compute online to LOGITS, for any number of `distill --logits LOGITS` runs.")
+    TeacherLogitsConfig.add_arguments(tl)
     sub.add_parser("methods", help="list scoring, grouping and scaling methods")
     sub.add_parser("families", help="list supported model families")
-    for name in ("convert", "calibrate", "plan", "build", "demo"):
+    for name in ("convert", "calibrate", "plan", "build", "demo", "distill", "teacher-logits"):
         _add_quiet(sub.choices[name])
     return p
 
@@ -258,6 +282,21 @@ def _run(args: argparse.Namespace) -> int:
         from .demo import run_demo
 
         run_demo(args.out, workers=args.workers, progress=progress)
+    elif args.command == "distill":
+        from .distill.config import DistillConfig
+        from .distill.run import distill
+
+        r = distill(_distill_config(args), progress=progress)
+        last = r.final
+        print(f"wrote {r.student}: {r.steps} steps, {r.tokens} tokens in {r.seconds:.0f}s; held-out perplexity "
+              f"{last.get('val_ppl', float('nan')):.2f}, KL to the teacher {last.get('val_kl', float('nan')):.3f}")
+    elif args.command == "teacher-logits":
+        from .distill.config import TeacherLogitsConfig
+        from .distill.run import teacher_logits
+
+        meta = teacher_logits(TeacherLogitsConfig.from_args(args), progress=progress)
+        print(f"wrote {args.out}: {meta['blocks']} blocks ({meta['val_blocks']} held out), {meta['codec']} "
+              f"codec, {meta['seconds']:.1f}s")
     elif args.command == "methods":
         print(_methods_help())
     elif args.command == "families":
@@ -265,6 +304,18 @@ def _run(args: argparse.Namespace) -> int:
 
         print(supported_families_table())
     return 0
+
+
+def _distill_config(args: argparse.Namespace):
+    """`--resume RUN` starts from the settings RUN was started with; other flags override them."""
+    from .distill.config import DistillConfig
+    from .distill.run import CONFIG_FILE
+
+    run = getattr(args, "resume", None)
+    if run is None:
+        return DistillConfig.from_args(args)
+    given = {k: v for k, v in vars(args).items() if k in DistillConfig.model_fields and k not in ("out", "resume")}
+    return DistillConfig.from_yaml(f"{run.rstrip('/')}/{CONFIG_FILE}", **given, out=run, resume=True)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -1,0 +1,315 @@
+"""Driving a distillation: `distill` (teacher service -> Ray Train) and `teacher_logits` (-> Parquet).
+
+Everything that can be checked is checked before Ray starts a worker: the student is dense and
+speaks the teacher's vocabulary, the token budget makes at least one optimizer step, the
+cluster can hold the workers asked for, and RUN is new (or resumed, or replaced on request).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint import check_output, is_local, parse_config, url_to_fs
+from ..errors import UserError
+from ..progress import Progress
+from .config import DistillConfig, TeacherLogitsConfig, TeacherStreamConfig
+from .stream import (Blocks, blocks_dataset, pack_blocks, read_stream, read_stream_meta, select_blocks,
+                     stream_meta, teacher_stream, write_stream)
+from .train import METRICS_FILE, TRAINED_FILE, train_func
+
+CONFIG_FILE = "distill.yaml"
+RESULTS_FILE = "results.json"
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+@dataclass
+class DistillResult:
+    run: str
+    student: str
+    steps: int
+    tokens: int
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.metrics[-1] if self.metrics else {}
+
+
+# -- checks -------------------------------------------------------------------------------------
+
+
+def _read_config(src: str, what: str) -> dict[str, Any]:
+    fs, path = url_to_fs(src)
+    if not fs.exists(f"{path}/config.json"):
+        raise UserError(f"no {what} checkpoint at {src} (no config.json)")
+    return parse_config(fs.cat_file(f"{path}/config.json"), f"{src}/config.json")
+
+
+def _check_student(student: str) -> dict[str, Any]:
+    cfg = _read_config(student, "student")
+    experts = max((int(cfg.get(k) or 0) for k in EXPERT_COUNT_KEYS), default=0)
+    if experts > 1:
+        raise UserError(f"the student {student} is not dense ({cfg.get('model_type')} with {experts} experts); "
+                        f"make one with `moe2dense build` or `moe2dense convert`")
+    return cfg
+
+
+def _check_vocabularies(teacher: str, student: str, teacher_vocab: int, student_vocab: int) -> None:
+    from ..calibrate import _tokenizer
+
+    if teacher_vocab != student_vocab:
+        raise UserError(f"the teacher's vocabulary ({teacher_vocab} logits) and the student's "
+                        f"({student_vocab}) differ: distillation compares their distributions token by token")
+    if _tokenizer(teacher).get_vocab() != _tokenizer(student).get_vocab():
+        raise UserError(f"the tokenizers of {teacher} and {student} differ; the student must use the teacher's")
+
+
+def _prepare_run(cfg: DistillConfig, sources: tuple[str, ...]) -> None:
+    """RUN is new, or resumed (it must hold a run), or replaced with --overwrite (only if it holds one)."""
+    fs, path = url_to_fs(cfg.out)
+    holds_run = fs.exists(f"{path}/{CONFIG_FILE}")
+    if cfg.resume:
+        if not holds_run:
+            raise UserError(f"--resume: {cfg.out} holds no distillation run (no {CONFIG_FILE})")
+        return
+    check_output(cfg.out, what="run", overwrite=cfg.overwrite, sources=sources)
+    if fs.exists(path) and cfg.overwrite:
+        fs.rm(path, recursive=True)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path}/{CONFIG_FILE}", "w") as f:
+        f.write(cfg.to_yaml())
+
+
+def _check_resources(cfg: TeacherStreamConfig, *, train_cpus: float, teacher: bool) -> None:
+    """An embedded Ray cannot grow: asking for more CPUs than it has would wait forever."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        return  # a cluster's autoscaler may add nodes
+    need = train_cpus + (cfg.teacher_workers * cfg.cpus_per_teacher if teacher else 0) + 0.1
+    have = ray.cluster_resources().get("CPU", 0)
+    if need > have:
+        raise UserError(f"this needs {need:g} CPUs (training workers, teacher replicas and the data pipeline) "
+                        f"but the local Ray has {have:g}: lower --workers, --teacher-workers, "
+                        f"--cpus-per-worker or --cpus-per-teacher")
+
+
+def _columns(ds) -> dict[str, np.ndarray]:
+    """A small dataset (the validation blocks) as numpy columns, ordered by block index."""
+    rows = sorted(ds.take_all(), key=lambda r: int(r["block_index"]))
+    if not rows:
+        return {}
+    return {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
+
+
+# -- teacher-logits -------------------------------------------------------------------------------
+
+
+def _blocks_for(cfg: TeacherStreamConfig, teacher: str, *, val_data: str | None = None) -> tuple[Blocks, Blocks]:
+    """(validation, training) blocks: validation takes indices 0..V-1, training continues from V."""
+    from ..calibrate import _tokenizer
+
+    tok = _tokenizer(teacher)
+    n = cfg.tokens // cfg.seq_len
+    if n < 1:
+        raise UserError(f"--tokens {cfg.tokens} is less than one block of --seq-len {cfg.seq_len}")
+    V = cfg.val_blocks
+    if val_data:
+        val = pack_blocks(val_data, tok, blocks=V, seq_len=cfg.seq_len, seed=cfg.seed, text_field=cfg.text_field)
+        train = pack_blocks(cfg.data, tok, blocks=n, seq_len=cfg.seq_len, seed=cfg.seed,
+                            text_field=cfg.text_field, first_index=len(val))
+    else:
+        both = pack_blocks(cfg.data, tok, blocks=V + n, seq_len=cfg.seq_len, seed=cfg.seed, text_field=cfg.text_field)
+        val, train = both.take(slice(0, V)), both.take(slice(V, None))
+    if len(train) < n:
+        import warnings
+
+        warnings.warn(f"{cfg.data} holds only {train.tokens} tokens after the validation blocks: "
+                      f"streaming {len(train)} blocks, not the {n} asked for", stacklevel=3)
+    if len(train) == 0:
+        raise UserError(f"{cfg.data} has no text left for training after {len(val)} validation blocks")
+    return val, train
+
+
+def teacher_logits(cfg: TeacherLogitsConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run the teacher over DATA once and write its stream to LOGITS (Parquet + stream.json)."""
+    from ..calibrate import ensure_ray
+
+    teacher_cfg = _read_config(cfg.teacher, "teacher")
+    check_output(cfg.out, what="logits", overwrite=cfg.overwrite, sources=(cfg.teacher, cfg.data))
+    val, train = _blocks_for(cfg, cfg.teacher)
+    ensure_ray()
+    _check_resources(cfg, train_cpus=0, teacher=True)
+    t0 = time.time()
+    both = Blocks(np.concatenate([val.index, train.index]), np.concatenate([val.input_ids, train.input_ids]),
+                  np.concatenate([val.attention_mask, train.attention_mask]))
+    meta = stream_meta(cfg, teacher=cfg.teacher, vocab_size=int(teacher_cfg["vocab_size"]), blocks=len(both),
+                       tokens=train.tokens)
+    meta["val_blocks"] = len(val)
+    write_stream(teacher_stream(blocks_dataset(both), teacher=cfg.teacher, cfg=cfg), cfg.out, meta,
+                 overwrite=cfg.overwrite, sources=(cfg.teacher,))
+    meta["seconds"] = round(time.time() - t0, 2)
+    return meta
+
+
+# -- distill ---------------------------------------------------------------------------------------
+
+
+def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
+    """Distill `cfg.teacher` (or the stream `cfg.logits`) into `cfg.student`; the result is RUN/student."""
+    from ..calibrate import ensure_ray
+
+    student_cfg = _check_student(cfg.student)
+    sources = tuple(s for s in (cfg.student, cfg.teacher, cfg.data, cfg.logits, cfg.val_data) if s)
+    if cfg.logits:
+        meta = read_stream_meta(cfg.logits)
+        if int(meta["vocab_size"]) != int(student_cfg["vocab_size"]):
+            raise UserError(f"the stream {cfg.logits} has the teacher's {meta['vocab_size']} logits per token, "
+                            f"the student {student_cfg['vocab_size']}: they must speak the same vocabulary")
+        # the stream was made with these; the run records them as they are
+        cfg = cfg.model_copy(update={k: meta[k] for k in ("codec", "top_k", "draws", "temperature", "seq_len")}
+                             | {"val_blocks": int(meta["val_blocks"])})
+        available = int(meta["blocks"]) - cfg.val_blocks
+        n_train = min(available, (cfg.tokens or available * cfg.seq_len) // cfg.seq_len)
+    else:
+        teacher_cfg = _read_config(cfg.teacher, "teacher")
+        _check_vocabularies(cfg.teacher, cfg.student, int(teacher_cfg["vocab_size"]), int(student_cfg["vocab_size"]))
+        n_train = cfg.tokens // cfg.seq_len
+    per_step = cfg.batch_size * cfg.grad_accum * cfg.workers
+    if n_train < per_step:
+        raise UserError(f"{n_train} training blocks of {cfg.seq_len} tokens are fewer than one optimizer step "
+                        f"uses ({cfg.workers} workers x {cfg.batch_size} blocks x {cfg.grad_accum} micro-batches)")
+    if cfg.loss not in _losses():
+        raise UserError(f"unknown loss {cfg.loss!r}; valid losses: {', '.join(_losses())}")
+    if cfg.codec == "sampled" and cfg.loss != "forward_kl":
+        raise UserError(f"--loss {cfg.loss} needs the teacher's top-k distribution; sampled streams "
+                        f"estimate forward KL only")
+    _prepare_run(cfg, sources)
+    ensure_ray()
+    _check_resources(cfg, train_cpus=cfg.workers * cfg.cpus_per_worker, teacher=not cfg.logits)
+
+    t0 = time.time()
+    V = cfg.val_blocks
+    if cfg.logits:
+        stream = read_stream(cfg.logits)
+        val = _columns(select_blocks(stream, hi=V))
+        steps = n_train // per_step
+        hi = V + steps * per_step
+        trained_file = f"{cfg.out}/{TRAINED_FILE}"
+        datasets = {f"train_{r}": select_blocks(stream, lo=V, hi=hi, world=cfg.workers, rank=r,
+                                                 trained_file=trained_file) for r in range(cfg.workers)}
+    else:
+        val_blocks, train = _blocks_for(cfg, cfg.teacher, val_data=cfg.val_data)
+        steps = len(train) // per_step
+        train = train.take(slice(0, steps * per_step))
+        val = _columns(teacher_stream(blocks_dataset(val_blocks), teacher=cfg.teacher, cfg=cfg))
+        trained_file = f"{cfg.out}/{TRAINED_FILE}"
+        datasets = {}
+        for r in range(cfg.workers):
+            mine = train.take(slice(r, None, cfg.workers))
+            ds = select_blocks(blocks_dataset(mine), lo=int(mine.index[0]), trained_file=trained_file)
+            datasets[f"train_{r}"] = teacher_stream(ds, teacher=cfg.teacher, cfg=cfg)
+
+    trainer = _trainer(cfg, steps=steps, val=val, datasets=datasets)
+    watcher = _MetricsWatcher(cfg.out, steps, enabled=progress)
+    watcher.start()
+    try:
+        result = trainer.fit()
+    finally:
+        watcher.stop()
+    if result.error:
+        raise result.error
+    metrics = read_metrics(cfg.out)
+    fs, path = url_to_fs(cfg.out)
+    if not fs.exists(f"{path}/student/config.json"):
+        raise RuntimeError(f"training finished but {cfg.out}/student was not written")
+    out = DistillResult(run=cfg.out, student=f"{cfg.out}/student", steps=steps,
+                        tokens=int(metrics[-1]["tokens"]) if metrics else 0, metrics=metrics,
+                        seconds=round(time.time() - t0, 2))
+    with fs.open(f"{path}/{RESULTS_FILE}", "w") as f:
+        json.dump({"steps": out.steps, "tokens": out.tokens, "seconds": out.seconds, "final": out.final}, f, indent=1)
+    return out
+
+
+def _losses() -> list[str]:
+    from .losses import LOSSES
+
+    return list(LOSSES)
+
+
+def _trainer(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], datasets: dict[str, Any]):
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .stream import _arrow_fs
+
+    fs, path = url_to_fs(cfg.out)
+    gpu = ray.cluster_resources().get("GPU", 0) > 0
+    storage = dict(storage_path=os.path.abspath(path)) if is_local(fs) else \
+        dict(storage_path=path, storage_filesystem=_arrow_fs(fs))
+    return TorchTrainer(
+        train_func,
+        train_loop_config={"cfg": cfg.model_dump(), "steps": steps, "run": cfg.out, "val": val},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
+        run_config=RunConfig(name="train", **storage, failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),  # each rank reads its own share (see train.py)
+    )
+
+
+def read_metrics(run: str) -> list[dict[str, Any]]:
+    """The reports of RUN in order, including those of attempts that a failure cut short."""
+    fs, path = url_to_fs(f"{run}/{METRICS_FILE}")
+    if not fs.exists(path):
+        return []
+    return [json.loads(line) for line in fs.cat_file(path).decode().splitlines() if line.strip()]
+
+
+class _MetricsWatcher:
+    """Shows the run's progress on the driver by following RUN/metrics.jsonl (written by rank 0)."""
+
+    def __init__(self, run: str, steps: int, *, enabled: bool):
+        self.run, self.enabled = run, enabled
+        self.bar = Progress(steps, "distill", unit="step", enabled=enabled)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+
+    def start(self) -> None:
+        if self.enabled:
+            self._thread.start()
+
+    def _follow(self) -> None:
+        while not self._stop.wait(2.0):
+            self._show()
+
+    def _show(self) -> None:
+        try:
+            rows = read_metrics(self.run)
+        except (OSError, ValueError):
+            return
+        if rows:
+            last = rows[-1]
+            self.bar.n = int(last["step"])
+            post = {k: f"{last[k]:.3g}" for k in ("loss", "val_ppl", "tok_per_s") if k in last}
+            self.bar.set_postfix(post, refresh=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.enabled:
+            self._thread.join(timeout=5)
+            self._show()
+        self.bar.close()
+
+
+__all__ = ["distill", "teacher_logits", "DistillResult", "read_metrics"]

@@ -1,0 +1,212 @@
+"""The teacher as a service: token blocks in, the teacher's compact distribution per token out.
+
+A Ray Data pipeline `blocks -> drop already-trained blocks -> teacher actor pool` streams to the
+training workers (or to Parquet, offline). Ray Data's streaming executor keeps teacher and
+student busy at once with bounded buffers between them, and restarts a teacher actor that dies
+(its actors run with `max_restarts=-1`). Every block carries its global `block_index`: a resumed
+run skips what it has trained on, and the same index seeds the sampled codec, so online and
+offline streams are identical.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+BLOCK_COLUMNS = ("block_index", "input_ids", "attention_mask")
+STREAM_META = "stream.json"  # what a LOGITS directory holds besides its Parquet files
+
+
+@dataclass
+class Blocks:
+    """Token blocks with their global indices: `input_ids`/`attention_mask` are [n, seq_len]."""
+
+    index: np.ndarray
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    def take(self, rows: np.ndarray | slice) -> "Blocks":
+        return Blocks(self.index[rows], self.input_ids[rows], self.attention_mask[rows])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def pack_blocks(data: str, tokenizer, *, blocks: int, seq_len: int, seed: int, text_field: str,
+                first_index: int = 0) -> Blocks:
+    """`blocks` packed blocks of `data` (the same packing as calibration), indexed from `first_index`."""
+    from ..data import calibration_blocks
+
+    cal = calibration_blocks(data, tokenizer, samples=blocks, seq_len=seq_len, seed=seed, text_field=text_field)
+    n = cal.num_samples
+    return Blocks(np.arange(first_index, first_index + n, dtype=np.int64),
+                  cal.input_ids.numpy().astype(np.int32), cal.attention_mask.numpy().astype(np.int8))
+
+
+def blocks_dataset(b: Blocks, *, rows_per_block: int = 8):
+    """A Ray dataset of token blocks, one row per block, in Ray Data blocks of `rows_per_block` rows."""
+    import ray
+
+    items = [{"block_index": b.index[i], "input_ids": b.input_ids[i], "attention_mask": b.attention_mask[i]}
+             for i in range(len(b))]
+    return ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // rows_per_block)))
+
+
+class TeacherService:
+    """One teacher replica (a Ray Data actor): a batch of blocks gains the teacher's `t_*` columns.
+
+    The replica is loaded once per actor (bf16 on its GPUs, sharded over them when it holds
+    several; fp32 on CPU). Columns come back shaped [blocks, seq_len, ...] so a row stays a block.
+    """
+
+    def __init__(self, teacher: str, *, codec: str, top_k: int, draws: int, temperature: float, seed: int,
+                 threads: int | None = None):
+        from ..calibrate import load_causal_lm
+        from .codec import CODECS
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model, _, self.device = load_causal_lm(teacher)
+        self.codec = CODECS[codec]
+        self.opts = dict(k=draws if codec == "sampled" else top_k, temperature=temperature)
+        self.seed = seed
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=self.device)
+        mask = torch.as_tensor(batch["attention_mask"], dtype=torch.long, device=self.device)
+        B, S = ids.shape
+        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        per_block = []
+        for i in range(B):  # per block: the sampled codec draws from a generator seeded by its index
+            gen = torch.Generator(device=logits.device).manual_seed(self.seed * 1_000_003 + int(batch["block_index"][i]))
+            per_block.append(self.codec.encode(logits[i], generator=gen, **self.opts))
+        out = dict(batch)
+        for name in per_block[0]:
+            out[name] = np.stack([cols[name] for cols in per_block])
+        return out
+
+
+def teacher_stream(ds, *, teacher: str, cfg):
+    """`ds` of blocks -> the teacher actor pool -> the same blocks with the teacher's `t_*` columns."""
+    import ray
+
+    gpus = cfg.gpus_per_teacher
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    return ds.map_batches(
+        TeacherService,
+        fn_constructor_kwargs=dict(teacher=teacher, codec=cfg.codec, top_k=cfg.top_k, draws=cfg.draws,
+                                   temperature=cfg.temperature, seed=cfg.seed,
+                                   threads=max(1, round(cfg.cpus_per_teacher))),
+        batch_size=cfg.teacher_batch, batch_format="numpy", num_cpus=cfg.cpus_per_teacher, num_gpus=gpus,
+        compute=ray.data.ActorPoolStrategy(size=cfg.teacher_workers),
+    )
+
+
+def select_blocks(ds, *, lo: int = 0, hi: int | None = None, world: int = 1, rank: int = 0,
+                  trained_file: str | None = None):
+    """Blocks with `lo <= index < hi` whose position from `lo` is `rank` modulo `world`, minus
+    those that `trained_file` lists as trained (placed before the teacher, they cost nothing)."""
+    return ds.map_batches(_select, fn_kwargs=dict(lo=lo, hi=hi, world=world, rank=rank, trained_file=trained_file),
+                          batch_format="numpy", num_cpus=0.1)
+
+
+def read_trained(trained_file: str) -> np.ndarray:
+    """Block indices recorded as trained (empty when the file does not exist yet)."""
+    from ..checkpoint import url_to_fs
+
+    fs, path = url_to_fs(trained_file)
+    if not fs.exists(path):
+        return np.zeros(0, dtype=np.int64)
+    with fs.open(path, "rb") as f:
+        return np.load(f)
+
+
+def _select(batch: dict[str, np.ndarray], *, lo: int, hi: int | None, world: int, rank: int,
+            trained_file: str | None) -> dict[str, np.ndarray]:
+    idx = batch["block_index"]
+    keep = (idx >= lo) & ((idx - lo) % world == rank)
+    if hi is not None:
+        keep &= idx < hi
+    if trained_file:
+        keep &= ~np.isin(idx, read_trained(trained_file))
+    return {k: v[keep] for k, v in batch.items()}
+
+
+# -- offline streams (LOGITS) -------------------------------------------------------------------
+
+
+def stream_meta(cfg, *, teacher: str, vocab_size: int, blocks: int, tokens: int) -> dict[str, Any]:
+    """What a stream was made with: a student can only train on a stream of its vocabulary, etc."""
+    return {"teacher": teacher, "vocab_size": vocab_size, "codec": cfg.codec, "top_k": cfg.top_k,
+            "draws": cfg.draws, "temperature": cfg.temperature, "seq_len": cfg.seq_len, "seed": cfg.seed,
+            "data": cfg.data, "blocks": blocks, "tokens": tokens}
+
+
+def read_stream_meta(logits: str) -> dict[str, Any]:
+    from ..checkpoint import url_to_fs
+
+    fs, path = url_to_fs(logits)
+    meta_path = f"{path}/{STREAM_META}"
+    if not fs.exists(meta_path):
+        raise UserError(f"{logits} is not a teacher stream (no {STREAM_META}; write one with "
+                        f"`moe2dense teacher-logits`)")
+    with fs.open(meta_path, "r") as f:
+        return json.load(f)
+
+
+def write_stream(ds, logits: str, meta: dict[str, Any], *, overwrite: bool, sources: tuple[str, ...]) -> None:
+    """Write the stream as Parquet next to LOGITS, then move it into place (never half-written)."""
+    import uuid
+
+    from ..checkpoint import check_output, is_local, url_to_fs
+
+    check_output(logits, what="logits", overwrite=overwrite, sources=sources)
+    fs, path = url_to_fs(logits)
+    tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        from .codec import PARQUET_OPTIONS
+
+        ds.write_parquet(tmp, filesystem=None if is_local(fs) else _arrow_fs(fs), **PARQUET_OPTIONS)
+        with fs.open(f"{tmp}/{STREAM_META}", "w") as f:
+            json.dump(meta, f, indent=1)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        fs.mv(tmp, path, recursive=True)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp, recursive=True)
+
+
+def read_stream(logits: str, *, blocks: int | None = None):
+    """The Parquet stream of LOGITS as a Ray dataset (its first `blocks` blocks by index, if given)."""
+    import ray
+
+    from ..checkpoint import is_local, url_to_fs
+
+    fs, path = url_to_fs(logits)
+    ds = ray.data.read_parquet(path, filesystem=None if is_local(fs) else _arrow_fs(fs),
+                               file_extensions=["parquet"])
+    return ds if blocks is None else select_blocks(ds, hi=blocks)
+
+
+def _arrow_fs(fs):
+    """pyarrow's view of an fsspec filesystem, for Ray Data's Parquet reader and writer."""
+    import pyarrow.fs as pafs
+
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+__all__ = ["Blocks", "pack_blocks", "blocks_dataset", "TeacherService", "teacher_stream", "select_blocks", "read_trained",
+           "stream_meta", "read_stream_meta", "write_stream", "read_stream", "BLOCK_COLUMNS"]

@@ -1,0 +1,219 @@
+"""Distillation on Ray: the teacher service, Ray Train + DeepSpeed, checkpoints, faults, offline streams.
+
+Every run here is real: a local Ray cluster, teacher actors in a Ray Data pipeline, a TorchTrainer
+worker running DeepSpeed on CPU, the bundled teacher and a student built from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from test_errors import _one_error
+from transformers import AutoModelForCausalLM
+
+from moe2dense_ray import assets
+from moe2dense_ray.cli import main
+from moe2dense_ray.distill.config import DistillConfig, TeacherLogitsConfig
+from moe2dense_ray.distill.run import distill, read_metrics, teacher_logits
+
+DATA = assets.calibration_path()
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    """The bundled teacher converted to a dense K=4 student (before distillation)."""
+    from moe2dense_ray.convert import convert
+
+    out = tmp_path_factory.mktemp("student") / "dense"
+    convert(assets.teacher_path(), DATA, str(out), experts=4, scoring="cp", samples=8, seq_len=128, workers=0,
+            progress=False)
+    return str(out)
+
+
+def _cfg(student, out, **kw) -> DistillConfig:
+    base = dict(teacher=assets.teacher_path(), student=student, data=DATA, out=str(out), seq_len=64,
+                batch_size=4, tokens=4 * 64 * 12, val_blocks=4, report_every=2, checkpoint_every=4,
+                teacher_batch=4, lr=2e-3)
+    return DistillConfig(**{**base, **kw})
+
+
+def test_config_yaml_flags_and_errors(tmp_path, student, capsys):
+    cfg = _cfg(student, tmp_path / "run", loss="jsd", zero_stage=2)
+    path = tmp_path / "run.yaml"
+    path.write_text(cfg.to_yaml())
+    assert DistillConfig.from_yaml(str(path)) == cfg
+    from moe2dense_ray.cli import build_parser
+
+    args = build_parser().parse_args(["distill", "--config", str(path), "--lr", "0.5", "--zero-stage", "3"])
+    merged = DistillConfig.from_args(args)
+    assert (merged.lr, merged.zero_stage, merged.loss, merged.tokens) == (0.5, 3, "jsd", cfg.tokens)
+    path.write_text(cfg.to_yaml() + "learning_rate: 3\n")  # a typo must not silently do nothing
+    _one_error(capsys, main(["distill", "--config", str(path)]), "learning_rate")
+    _one_error(capsys, main(["distill", "--student", student, "--out", str(tmp_path / "r")]), "--teacher")
+
+
+@pytest.mark.parametrize("case", ["not-dense", "vocabulary", "tokens", "run-exists", "bad-loss", "sampled-jsd"])
+def test_bad_input_is_one_line_before_any_work(tmp_path, student, tokenizer, capsys, case):
+    from moe2dense_ray.testing import make_tiny_moe
+
+    out = tmp_path / "run"
+    argv = ["distill", "--teacher", assets.teacher_path(), "--student", student, "--data", DATA,
+            "--tokens", "4096", "--out", str(out)]
+    fragment = {"not-dense": "not dense", "vocabulary": "vocabulary", "tokens": "tokens", "run-exists": "already exists",
+                "bad-loss": "unknown loss", "sampled-jsd": "sampled"}[case]
+    if case == "not-dense":
+        argv[4] = assets.teacher_path()
+    elif case == "vocabulary":
+        other = tmp_path / "other"
+        make_tiny_moe("qwen3_moe", str(other), tokenizer=tokenizer, num_experts=1, num_experts_per_tok=1,
+                      mlp_only_layers=[])
+        argv[4] = str(other)
+    elif case == "tokens":
+        argv[argv.index("--tokens") + 1] = "0"
+    elif case == "run-exists":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    elif case == "bad-loss":
+        argv += ["--loss", "kl-ish"]
+    else:
+        argv += ["--codec", "sampled", "--loss", "jsd"]
+    _one_error(capsys, main(argv), fragment)
+    if case == "run-exists":
+        assert (out / "notes.txt").read_text() == "mine"
+    else:
+        assert not out.exists()
+
+
+def test_distill_lowers_perplexity_and_exports_a_dense_student(ray_cluster, student, tmp_path):
+    run = tmp_path / "run"
+    r = distill(_cfg(student, run), progress=False)
+    rows = read_metrics(str(run))
+    assert [m["step"] for m in rows] == [0, 2, 4, 6, 8, 10, 12]
+    assert r.steps == 12 and r.tokens == 12 * 4 * 64
+    first, last = rows[0], rows[-1]
+    assert last["val_ppl"] < 0.7 * first["val_ppl"], (first, last)  # 12 small steps already help a lot
+    assert last["val_kl"] < first["val_kl"]
+    assert all(np.isfinite(m["loss"]) and m["tok_per_s"] > 0 and 0 <= m["teacher_wait"] <= 1 for m in rows[1:])
+    dense = AutoModelForCausalLM.from_pretrained(run / "student")
+    before = AutoModelForCausalLM.from_pretrained(student)
+    assert type(dense) is type(before) and dense.config.intermediate_size == before.config.intermediate_size
+    assert (run / "student" / "moe2dense_plan.json").exists() and (run / "student" / "tokenizer.json").exists()
+    assert any(not torch.equal(a, b) for a, b in zip(dense.state_dict().values(), before.state_dict().values()))
+    assert os.listdir(run / "tensorboard")
+    assert json.loads((run / "results.json").read_text())["steps"] == 12
+
+
+def _actors(class_fragment: str) -> list:
+    from ray.util.state import list_actors
+
+    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+            if class_fragment in (a.class_name or "")]
+
+
+def _kill_during(run, plan: list[tuple[int, str]]) -> threading.Thread:
+    """Watches RUN's metrics; once step >= s, SIGKILLs the process of one live actor whose class
+    name contains the fragment (a training worker, a teacher replica)."""
+    def watch():
+        pending = list(plan)
+        deadline = time.time() + 300
+        while pending and time.time() < deadline:
+            step = max([m["step"] for m in read_metrics(str(run))], default=-1)
+            if step >= pending[0][0]:
+                victims = _actors(pending[0][1])
+                if victims:
+                    os.kill(victims[0].pid, signal.SIGKILL)
+                    pending.pop(0)
+            time.sleep(0.2)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+def _check_exact_steps(run, steps: int, checkpoint_every: int) -> None:
+    """Every step up to `steps` was logged; the last attempt started at a checkpoint and went on from it."""
+    rows = read_metrics(str(run))
+    resumed = [m for m in rows if m.get("resumed_from", 0) > 0]
+    assert resumed, "no attempt resumed from a checkpoint"
+    start = resumed[0]["resumed_from"]
+    assert start % checkpoint_every == 0
+    last_attempt = [m["step"] for m in rows if m.get("resumed_from") == resumed[-1]["resumed_from"]]
+    assert last_attempt == list(range(resumed[-1]["resumed_from"] + 2, steps + 1, 2))
+    assert {m["step"] for m in rows} >= set(range(0, steps + 1, 2))
+    state = _final_state(run)
+    assert state["step"] == steps
+    trained = state["trained"]
+    assert len(trained) == len(set(trained)) == steps * 4  # every block once: none lost, none repeated
+
+
+def _final_state(run) -> dict:
+    ckpts = sorted(p for p in os.listdir(run / "train") if p.startswith("checkpoint-"))
+    return json.loads((run / "train" / ckpts[-1] / "state.json").read_text())
+
+
+def test_worker_and_teacher_killed_mid_run_recover(ray_cluster, student, tmp_path):
+    run = tmp_path / "run"
+    cfg = _cfg(student, run, tokens=4 * 64 * 24, max_failures=2)
+    watcher = _kill_during(run, [(2, "TeacherService"), (10, "RayTrainWorker")])
+    r = distill(cfg, progress=False)
+    watcher.join(timeout=5)
+    assert r.steps == 24
+    _check_exact_steps(run, 24, cfg.checkpoint_every)
+    assert AutoModelForCausalLM.from_pretrained(run / "student") is not None
+
+
+def test_stopped_run_resumes_from_its_checkpoint(ray_cluster, student, tmp_path, capsys):
+    run = tmp_path / "run"
+    cfg = _cfg(student, run, tokens=4 * 64 * 16, max_failures=0)
+    watcher = _kill_during(run, [(6, "RayTrainWorker")])
+    with pytest.raises(Exception):
+        distill(cfg, progress=False)
+    watcher.join(timeout=5)
+    assert not (run / "student").exists()
+    capsys.readouterr()
+    assert main(["-q", "distill", "--resume", str(run)]) == 0
+    assert "16 steps" in capsys.readouterr().out
+    _check_exact_steps(run, 16, cfg.checkpoint_every)
+
+
+def test_offline_stream_gives_the_online_loss(ray_cluster, student, tmp_path):
+    """The teacher-logits stream holds exactly what the teacher service computes online."""
+    from moe2dense_ray.distill.losses import LOSSES
+    from moe2dense_ray.distill.run import _blocks_for, _columns
+    from moe2dense_ray.distill.stream import Blocks, blocks_dataset, read_stream, teacher_stream
+    from moe2dense_ray.distill.train import decode_target
+
+    model = AutoModelForCausalLM.from_pretrained(student).eval()
+    for codec in ("topk", "sampled"):
+        logits = tmp_path / f"logits-{codec}"
+        tcfg = TeacherLogitsConfig(teacher=assets.teacher_path(), data=DATA, tokens=4 * 64 * 3, seq_len=64,
+                                   val_blocks=2, codec=codec, out=str(logits), teacher_batch=4)
+        meta = teacher_logits(tcfg, progress=False)
+        assert meta["blocks"] == 14 and (logits / "stream.json").exists()
+        offline = _columns(read_stream(str(logits)))
+        val, train = _blocks_for(tcfg, assets.teacher_path())
+        both = Blocks(np.concatenate([val.index, train.index]), np.concatenate([val.input_ids, train.input_ids]),
+                      np.concatenate([val.attention_mask, train.attention_mask]))
+        online = _columns(teacher_stream(blocks_dataset(both), teacher=assets.teacher_path(), cfg=tcfg))
+        assert sorted(online) == sorted(offline)
+        losses = []
+        for cols in (online, offline):
+            target = decode_target(codec, cols)
+            with torch.no_grad():
+                out = model(input_ids=torch.as_tensor(cols["input_ids"]).long()).logits
+            losses.append(LOSSES.get("forward_kl")(out.reshape(-1, out.shape[-1]), target, 1.0).mean().item())
+        assert losses[0] == losses[1]
+        for k in online:
+            np.testing.assert_array_equal(online[k], offline[k])
+    # and a student trains from the stream alone
+    run = tmp_path / "run"
+    r = distill(DistillConfig(logits=str(tmp_path / "logits-topk"), student=student, out=str(run), batch_size=4,
+                              report_every=1, checkpoint_every=3), progress=False)
+    assert r.steps == 3 and (run / "student" / "config.json").exists()
