@@ -8,6 +8,8 @@
   validation split, for calibration/scoring in the demo.
 * ``heldout_path()``: a sample of the same size and form from the test split, on which the demo
   and the benchmarks measure perplexity (never the text a plan was scored on).
+* ``train_path()``: a gzipped ~4.4 MB (about 1.1M tokens) sample of the train split in the same
+  form, the text the demo and the benchmarks distill students on.
 
 Each checkpoint folder holds bf16 safetensors, the byte-level BPE tokenizer, a ``README.md``
 model card and ``training_report.json``. Regenerate them with ``scripts/train_teacher.py``.
@@ -23,7 +25,7 @@ TEACHER_NAME = "teacher-qwen3moe"
 DENSE_PEER_NAME = "dense-qwen3"
 
 __all__ = ["ASSETS_DIR", "teacher_path", "dense_peer_path", "calibration_path",
-           "heldout_path", "load_calibration", "training_report"]
+           "heldout_path", "train_path", "load_calibration", "training_report"]
 
 
 def _existing(path: Path) -> str:
@@ -51,6 +53,11 @@ def calibration_path() -> str:
 def heldout_path() -> str:
     """JSONL sample of the test split, for measuring perplexity of teachers and students."""
     return _existing(ASSETS_DIR / "heldout.jsonl")
+
+
+def train_path() -> str:
+    """Gzipped JSONL sample of the train split (the teacher's own training text), for distillation."""
+    return _existing(ASSETS_DIR / "train.jsonl.gz")
 
 
 def load_calibration(source: str | None = None, limit: int | None = None) -> list[str]:

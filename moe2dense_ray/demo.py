@@ -1,8 +1,9 @@
 """`moe2dense demo`: the whole pipeline on the bundled teacher, on an embedded local Ray.
 
 Calibrates once (expert-output statistics, on Ray actors), plans several scorings from the same
-statistics, builds each student, and reports held-out perplexity of teacher and students in a
-table, a JSON file and a PNG plot.
+statistics, builds each student, reports held-out perplexity of teacher and students, then
+distills the best student from the teacher (teacher actors streaming to a Ray Train worker) and
+reports it again next to the teacher and the dense peer, in tables, a JSON file and a PNG plot.
 """
 
 from __future__ import annotations
@@ -14,17 +15,21 @@ import time
 from .progress import Progress
 
 DEMO_SCORINGS = ("random", "sf", "cp", "acp", "do-acp")
+DEMO_DISTILL_TOKENS = 800_000  # about 3 minutes on 2 CPU cores
 
 
-def _teacher_and_text(work: str) -> tuple[str, str, str]:
-    """The bundled trained teacher and its text; a tiny random teacher if none is installed."""
+def _teacher_and_text(work: str) -> tuple[str, str, str, str, str | None]:
+    """The bundled trained teacher, its calibration, held-out and training text and its dense
+    peer; a tiny random teacher (trained on nothing, no peer) if the assets are not installed."""
     try:
         from . import assets
 
-        return assets.teacher_path(), assets.calibration_path(), assets.heldout_path()
+        return (assets.teacher_path(), assets.calibration_path(), assets.heldout_path(), assets.train_path(),
+                assets.dense_peer_path())
     except FileNotFoundError:
         pass
-    return _fallback_teacher(work)
+    teacher, text, held = _fallback_teacher(work)
+    return teacher, text, held, text, None
 
 
 def _fallback_teacher(work: str) -> tuple[str, str, str]:
@@ -55,7 +60,8 @@ def _fallback_teacher(work: str) -> tuple[str, str, str]:
 
 
 def run_demo(out: str = "runs/demo", *, workers: int = 2, progress: bool = True,
-             scorings: tuple[str, ...] = DEMO_SCORINGS, samples: int = 32, seq_len: int = 256) -> dict:
+             scorings: tuple[str, ...] = DEMO_SCORINGS, samples: int = 32, seq_len: int = 256,
+             distill_tokens: int = DEMO_DISTILL_TOKENS, heldout_blocks: int = 16) -> dict:
     from .build import build
     from .calibrate import _tokenizer, calibrate
     from .data import calibration_blocks
@@ -63,7 +69,7 @@ def run_demo(out: str = "runs/demo", *, workers: int = 2, progress: bool = True,
     from .plan import make_plan
 
     os.makedirs(out, exist_ok=True)
-    teacher, calib_text, held_text = _teacher_and_text(out)
+    teacher, calib_text, held_text, train_text, peer = _teacher_and_text(out)
     print(f"teacher: {teacher}")
     t0 = time.time()
     stats = calibrate(teacher, calib_text, samples=samples, seq_len=seq_len, workers=workers, full=True,
@@ -73,7 +79,7 @@ def run_demo(out: str = "runs/demo", *, workers: int = 2, progress: bool = True,
     print(f"calibrated {stats.tokens} tokens on {workers} Ray workers in {time.time() - t0:.1f}s; "
           f"keeping K={K} of E={E} experts per layer")
     tok = _tokenizer(teacher)
-    held = calibration_blocks(held_text, tok, samples=16, seq_len=seq_len, seed=1)
+    held = calibration_blocks(held_text, tok, samples=heldout_blocks, seq_len=seq_len, shuffle_buffer=1)
     rows = [{"model": "teacher (MoE)", "params_M": None, "ppl": perplexity(load_model(teacher), held.input_ids, held.attention_mask)}]
     bar = Progress(len(scorings), "students", unit="plans", enabled=progress)
     for name in scorings:
@@ -85,19 +91,60 @@ def run_demo(out: str = "runs/demo", *, workers: int = 2, progress: bool = True,
         rows[0]["params_M"] = rep.teacher_params / 1e6
         bar.update(1)
     bar.close()
-    table = ["| model | params (M) | held-out perplexity |", "|---|---:|---:|"]
-    for r in rows:
-        table.append(f"| {r['model']} | {r['params_M']:.2f} | {r['ppl']:.2f} |")
-    text = "\n".join(table)
+    text = _table(rows)
     print("\nBefore distillation (the paper's grid metric):\n" + text)
     result = {"teacher": teacher, "experts": K, "num_experts": E, "tokens": stats.tokens, "rows": rows}
+    if distill_tokens:
+        best = min(rows[1:], key=lambda r: r["ppl"])
+        result["distilled"] = after = _distill_best(out, teacher, best, train_text, held_text, peer, rows[0],
+                                                    tokens=distill_tokens, seq_len=seq_len,
+                                                    heldout_blocks=heldout_blocks, progress=progress)
+        text += "\n\nAfter distillation:\n" + _table(after)
+        print(f"\nAfter distilling {best['model']} on {distill_tokens:,} tokens:\n" + _table(after))
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text + "\n")
-    _plot(rows, os.path.join(out, "perplexity.png"))
+    _plot(rows + result.get("distilled", [])[2:], os.path.join(out, "perplexity.png"))
     print(f"\nwrote {out}/results.md, results.json and perplexity.png in {time.time() - t0:.1f}s")
     return result
+
+
+def _distill_best(out: str, teacher: str, best: dict, train_text: str, held_text: str, peer: str | None,
+                  teacher_row: dict, *, tokens: int, seq_len: int, heldout_blocks: int, progress: bool) -> list[dict]:
+    """Distill the best student on the training text; rows: teacher, dense peer, before, after."""
+    from .distill.config import DistillConfig
+    from .distill.run import distill
+    from .evaluate import load_model, perplexity
+
+    name = best["model"].rsplit(" ", 1)[-1]
+    cfg = DistillConfig(teacher=teacher, student=os.path.join(out, f"student-{name}"), data=train_text,
+                        val_data=held_text, val_blocks=heldout_blocks, tokens=tokens, seq_len=seq_len,
+                        batch_size=16, report_every=10, checkpoint_every=100, out=os.path.join(out, "distill"),
+                        overwrite=os.path.exists(os.path.join(out, "distill", "distill.yaml")))
+    r = distill(cfg, progress=progress)
+    rows = [teacher_row]
+    if peer:
+        from .calibrate import _tokenizer
+        from .data import calibration_blocks
+
+        held = calibration_blocks(held_text, _tokenizer(teacher), samples=heldout_blocks, seq_len=seq_len,
+                                  shuffle_buffer=1)
+        model = load_model(peer)
+        rows.append({"model": "dense peer (trained from scratch)", "params_M": model.num_parameters() / 1e6,
+                     "ppl": perplexity(model, held.input_ids, held.attention_mask)})
+    rows.append({**best, "model": f"{best['model']}, before distillation"})
+    rows.append({"model": f"{best['model']}, distilled ({r.tokens / 1e6:.2f}M tokens, {r.seconds:.0f}s)",
+                 "params_M": best["params_M"], "ppl": r.final["val_ppl"], "val_kl": r.final["val_kl"],
+                 "tok_per_s": r.final["tok_per_s"]})
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    from .report import markdown_table
+
+    return markdown_table({"model": r["model"], "params (M)": r["params_M"], "held-out perplexity": r["ppl"]}
+                          for r in rows)
 
 
 def _plot(rows: list[dict], path: str) -> None:
@@ -120,7 +167,7 @@ def _plot(rows: list[dict], path: str) -> None:
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel("held-out perplexity, log scale (lower is better)")
-    ax.set_title("MoE teacher vs dense students before distillation")
+    ax.set_title("MoE teacher vs dense students")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

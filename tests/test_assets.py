@@ -129,12 +129,18 @@ def test_train_teacher_quick(tmp_path):
         assert {r["source"] for r in rows} == {"shakespeare", "bible"}
 
 
-def test_heldout_sample_is_disjoint_from_calibration():
-    """The demo scores plans on calibration.jsonl and judges them on heldout.jsonl: no shared document."""
+def test_samples_share_no_document():
+    """Plans are scored on calibration.jsonl, students distilled on train.jsonl.gz and everything is
+    judged on heldout.jsonl: no two samples share a document."""
+    import gzip
+
     def docs(path):
-        with open(path, encoding="utf-8") as f:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
         assert {r["source"] for r in rows} == {"shakespeare", "bible"}
         return {(r["source"], r["doc"]) for r in rows}
 
-    assert not docs(assets.calibration_path()) & docs(assets.heldout_path())
+    calibration, heldout, train = (docs(p) for p in (assets.calibration_path(), assets.heldout_path(),
+                                                       assets.train_path()))
+    assert not calibration & heldout and not train & heldout and not train & calibration
+    assert len(train) > 10 * len(heldout)

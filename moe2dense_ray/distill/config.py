@@ -27,11 +27,13 @@ class TeacherStreamConfig(StageConfig):
     codec: Literal["topk", "sampled"] = Field("topk", description="teacher distribution per token: the top-k "
                                               "log-probabilities, or tokens sampled from it with counts")
     top_k: PositiveInt = Field(64, description="entries per token for --codec topk", json_schema_extra={"metavar": "K"})
-    draws: PositiveInt = Field(16, description="tokens drawn per position for --codec sampled",
+    draws: PositiveInt = Field(12, description="tokens drawn per position for --codec sampled",
                                json_schema_extra={"metavar": "M"})
     temperature: PositiveFloat = Field(1.0, description="softmax temperature of teacher and student (paper: 1)",
                                        json_schema_extra={"metavar": "T"})
-    teacher_workers: PositiveInt = Field(1, description="teacher replicas (Ray actors)", json_schema_extra={"metavar": "N"})
+    teacher_workers: PositiveInt = Field(1, description="teacher replicas (Ray actors); in `distill`, a multiple of "
+                                         "--workers, each training worker reading from its own share",
+                                         json_schema_extra={"metavar": "N"})
     teacher_batch: PositiveInt = Field(8, description="blocks per teacher forward pass", json_schema_extra={"metavar": "B"})
     gpus_per_teacher: Optional[float] = Field(None, ge=0, description="GPUs per teacher replica (default: 1 when "
                                               "the cluster has GPUs); more than 1 shards the teacher over them",
@@ -82,8 +84,8 @@ class DistillConfig(TeacherStreamConfig):
     workers: PositiveInt = Field(1, description="training workers (data parallel)", json_schema_extra={"metavar": "N"})
     cpus_per_worker: PositiveFloat = Field(1.0, description="CPUs per training worker", json_schema_extra={"metavar": "C"})
     # validation, checkpoints, faults
-    val_data: Optional[str] = Field(None, description="held-out text (default: the first --val-blocks blocks "
-                                    "of DATA)", json_schema_extra={"metavar": "DATA"})
+    val_data: Optional[str] = Field(None, description="held-out text, whose first --val-blocks blocks (in file "
+                                    "order) validate (default: the first blocks of DATA's stream)", json_schema_extra={"metavar": "DATA"})
     report_every: PositiveInt = Field(25, description="optimizer steps between reports (validation, metrics)",
                                       json_schema_extra={"metavar": "STEPS"})
     checkpoint_every: PositiveInt = Field(50, description="optimizer steps between checkpoints",

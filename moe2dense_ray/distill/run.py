@@ -88,13 +88,13 @@ def _prepare_run(cfg: DistillConfig, sources: tuple[str, ...]) -> None:
         f.write(cfg.to_yaml())
 
 
-def _check_resources(cfg: TeacherStreamConfig, *, train_cpus: float, teacher: bool) -> None:
+def _check_resources(cfg: TeacherStreamConfig, *, train_cpus: float, teacher: bool, pipelines: int = 1) -> None:
     """An embedded Ray cannot grow: asking for more CPUs than it has would wait forever."""
     import ray
 
     if os.environ.get("RAY_ADDRESS"):
         return  # a cluster's autoscaler may add nodes
-    need = train_cpus + (cfg.teacher_workers * cfg.cpus_per_teacher if teacher else 0) + 0.1
+    need = train_cpus + (cfg.teacher_workers * cfg.cpus_per_teacher if teacher else 0) + 0.1 * pipelines
     have = ray.cluster_resources().get("CPU", 0)
     if need > have:
         raise UserError(f"this needs {need:g} CPUs (training workers, teacher replicas and the data pipeline) "
@@ -123,7 +123,8 @@ def _blocks_for(cfg: TeacherStreamConfig, teacher: str, *, val_data: str | None 
         raise UserError(f"--tokens {cfg.tokens} is less than one block of --seq-len {cfg.seq_len}")
     V = cfg.val_blocks
     if val_data:
-        val = pack_blocks(val_data, tok, blocks=V, seq_len=cfg.seq_len, seed=cfg.seed, text_field=cfg.text_field)
+        val = pack_blocks(val_data, tok, blocks=V, seq_len=cfg.seq_len, seed=cfg.seed, text_field=cfg.text_field,
+                          shuffle=False)
         train = pack_blocks(cfg.data, tok, blocks=n, seq_len=cfg.seq_len, seed=cfg.seed,
                             text_field=cfg.text_field, first_index=len(val))
     else:
@@ -192,9 +193,13 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
     if cfg.codec == "sampled" and cfg.loss != "forward_kl":
         raise UserError(f"--loss {cfg.loss} needs the teacher's top-k distribution; sampled streams "
                         f"estimate forward KL only")
+    if not cfg.logits and cfg.teacher_workers % cfg.workers:
+        raise UserError(f"each training worker reads from its own teacher replicas: --teacher-workers "
+                        f"({cfg.teacher_workers}) must be a multiple of --workers ({cfg.workers})")
     _prepare_run(cfg, sources)
     ensure_ray()
-    _check_resources(cfg, train_cpus=cfg.workers * cfg.cpus_per_worker, teacher=not cfg.logits)
+    _check_resources(cfg, train_cpus=cfg.workers * cfg.cpus_per_worker, teacher=not cfg.logits,
+                     pipelines=cfg.workers)
 
     t0 = time.time()
     V = cfg.val_blocks
@@ -210,13 +215,14 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
         val_blocks, train = _blocks_for(cfg, cfg.teacher, val_data=cfg.val_data)
         steps = len(train) // per_step
         train = train.take(slice(0, steps * per_step))
-        val = _columns(teacher_stream(blocks_dataset(val_blocks), teacher=cfg.teacher, cfg=cfg))
+        val = _columns(teacher_stream(blocks_dataset(val_blocks), teacher=cfg.teacher, cfg=cfg, replicas=1))
         trained_file = f"{cfg.out}/{TRAINED_FILE}"
         datasets = {}
         for r in range(cfg.workers):
             mine = train.take(slice(r, None, cfg.workers))
             ds = select_blocks(blocks_dataset(mine), lo=int(mine.index[0]), trained_file=trained_file)
-            datasets[f"train_{r}"] = teacher_stream(ds, teacher=cfg.teacher, cfg=cfg)
+            datasets[f"train_{r}"] = teacher_stream(ds, teacher=cfg.teacher, cfg=cfg,
+                                                    replicas=cfg.teacher_workers // cfg.workers)
 
     trainer = _trainer(cfg, steps=steps, val=val, datasets=datasets)
     watcher = _MetricsWatcher(cfg.out, steps, enabled=progress)

@@ -43,11 +43,13 @@ class Blocks:
 
 
 def pack_blocks(data: str, tokenizer, *, blocks: int, seq_len: int, seed: int, text_field: str,
-                first_index: int = 0) -> Blocks:
-    """`blocks` packed blocks of `data` (the same packing as calibration), indexed from `first_index`."""
+                first_index: int = 0, shuffle: bool = True) -> Blocks:
+    """`blocks` packed blocks of `data` (the same packing as calibration), indexed from `first_index`;
+    without `shuffle`, the first blocks of the text in file order (a held-out set anyone can rebuild)."""
     from ..data import calibration_blocks
 
-    cal = calibration_blocks(data, tokenizer, samples=blocks, seq_len=seq_len, seed=seed, text_field=text_field)
+    cal = calibration_blocks(data, tokenizer, samples=blocks, seq_len=seq_len, seed=seed, text_field=text_field,
+                             **({} if shuffle else {"shuffle_buffer": 1}))
     n = cal.num_samples
     return Blocks(np.arange(first_index, first_index + n, dtype=np.int64),
                   cal.input_ids.numpy().astype(np.int32), cal.attention_mask.numpy().astype(np.int8))
@@ -97,8 +99,9 @@ class TeacherService:
         return out
 
 
-def teacher_stream(ds, *, teacher: str, cfg):
-    """`ds` of blocks -> the teacher actor pool -> the same blocks with the teacher's `t_*` columns."""
+def teacher_stream(ds, *, teacher: str, cfg, replicas: int | None = None):
+    """`ds` of blocks -> a pool of `replicas` teacher actors (default `cfg.teacher_workers`) -> the
+    same blocks with the teacher's `t_*` columns."""
     import ray
 
     gpus = cfg.gpus_per_teacher
@@ -110,7 +113,7 @@ def teacher_stream(ds, *, teacher: str, cfg):
                                    temperature=cfg.temperature, seed=cfg.seed,
                                    threads=max(1, round(cfg.cpus_per_teacher))),
         batch_size=cfg.teacher_batch, batch_format="numpy", num_cpus=cfg.cpus_per_teacher, num_gpus=gpus,
-        compute=ray.data.ActorPoolStrategy(size=cfg.teacher_workers),
+        compute=ray.data.ActorPoolStrategy(size=replicas or cfg.teacher_workers),
     )
 
 
