@@ -129,8 +129,8 @@ class ExpertReader:
     def expert(self, layer: int, e: int) -> Expert:
         H, I, E = self.s.hidden_size, self.s.expert_size, self.s.num_experts
         p = self._prefix(layer)
-        if self.f.expert_layout == "gpt_oss":
-            return self._gpt_oss_expert(p, e)
+        if self.f.expert_layout == "interleaved_biased":
+            return self._interleaved_expert(p, e)
         g, u, d = self.f.expert_keys
         kg = f"{p}.experts.{e}.{g}.weight"
         if kg in self.r:
@@ -149,7 +149,7 @@ class ExpertReader:
             raise UserError(f"layer {layer} has no expert {e}")
         raise UserError(f"{self.r.url}: tensor {kg} is missing from the checkpoint")
 
-    def _gpt_oss_expert(self, p: str, e: int) -> Expert:
+    def _interleaved_expert(self, p: str, e: int) -> Expert:
         H, I, E = self.s.hidden_size, self.s.expert_size, self.s.num_experts
         gu_key, dn_key = f"{p}.experts.gate_up_proj", f"{p}.experts.down_proj"
         if f"{gu_key}_blocks" in self.r:
@@ -205,7 +205,7 @@ def _write_ffn(writer: CheckpointWriter, family: Family, layer: int, ffn: Expert
         writer.add(f"{p}.down_proj.weight", ffn.down.to(dtype))
         return
     H = ffn.gate.shape[1]
-    if family.expert_layout == "gpt_oss":
+    if family.expert_layout == "interleaved_biased":
         W = ffn.width
         gu = torch.empty(H, 2 * W)
         gu[:, 0::2], gu[:, 1::2] = ffn.gate.T, ffn.up.T
@@ -374,13 +374,9 @@ def _source_dtype(reader: CheckpointReader, layer_keys: list[str], prefix: str) 
     return torch.bfloat16
 
 
-# Attention projections whose bias the dense twin always has (Qwen2 has q/k/v biases even when
-# the Qwen2-MoE teacher was configured without them): written as zeros, which changes nothing.
-_ALWAYS_BIASED = {"qwen2_moe": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
-
-
 def _fill_missing_biases(reader, writer, family: Family, layer: int, out_dtype) -> None:
-    for proj in _ALWAYS_BIASED.get(family.model_type, ()):
+    """Zero biases for the projections the dense twin always has (`Family.dense_biases`)."""
+    for proj in family.dense_biases:
         key = f"model.layers.{layer}.{proj}"
         if f"{key}.bias" not in reader and f"{key}.weight" in reader:
             rows = reader.shape(f"{key}.weight")[0]

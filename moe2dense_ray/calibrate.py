@@ -108,7 +108,7 @@ def _layers(model) -> Any:
 
 def _expert_outputs(family: Family, experts, x: torch.Tensor) -> torch.Tensor:
     """Outputs of every expert on tokens x [n, H] -> [E, n, H], before the gate is applied."""
-    if family.expert_layout == "gpt_oss":
+    if family.expert_layout == "interleaved_biased":
         h = torch.matmul(x[None], experts.gate_up_proj) + experts.gate_up_proj_bias[:, None, :]
         a = experts._apply_gate(h)
         return torch.matmul(a, experts.down_proj) + experts.down_proj_bias[:, None, :]
@@ -325,22 +325,20 @@ def calibrate(
         results, describe = [cal.result()], cal.describe()
     else:
         import ray
+        from ray.util import ActorPool
 
         ensure_ray()
         use_gpu = gpus_per_worker if gpus_per_worker is not None else (1 if _cluster_has_gpus() else 0)
         threads = max(1, int(ray.available_resources().get("CPU", 1)) // workers)
         Actor = ray.remote(Calibrator).options(num_cpus=1, num_gpus=use_gpu)
         actors = [Actor.remote(src, full=full, dtype=dtype, threads=threads) for _ in range(workers)]
-        # near-equal parts of at most batch_size rows, handed out round-robin; `shard` copies its
+        # parts of at most batch_size rows go to whichever actor is free next; `shard` copies its
         # rows, so each task ships its own tokens and not the storage of the whole set
         n_parts = -(-calib.num_samples // batch_size)
-        pending = []
-        for j in range(n_parts):
-            part = calib.shard(j, n_parts)
-            pending.append(actors[j % workers].run.remote(part.input_ids, part.attention_mask, batch_size))
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            bar.update(ray.get(done[0]))
+        parts = [calib.shard(j, n_parts) for j in range(n_parts)]
+        pool = ActorPool(actors)
+        for counted in pool.map_unordered(lambda a, p: a.run.remote(p.input_ids, p.attention_mask, batch_size), parts):
+            bar.update(counted)
         results = ray.get([a.result.remote() for a in actors])
         describe = ray.get(actors[0].describe.remote())
         for a in actors:

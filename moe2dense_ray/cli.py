@@ -128,6 +128,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grouping", default="none", help="expert grouping (default none)")
     g.add_argument("--scaling", default="uniform", help="magnitude scaling (default uniform)")
     g.add_argument("--seed", type=int, default=0, help="seed for random scoring/grouping and data order")
+    from .plan import MethodOptions
+
+    MethodOptions.add_arguments(p.add_argument_group("method settings (recorded in the plan)"), config_flag=False)
 
 
 def _add_build_args(p: argparse.ArgumentParser) -> None:
@@ -228,7 +231,8 @@ def _run(args: argparse.Namespace) -> int:
                     full_stats=args.full_stats, stats_out=args.stats, seed=args.seed, dtype=args.dtype,
                     max_shard_bytes=int(args.shard_size * (1 << 30)), overwrite=args.overwrite,
                     allow_pickle=args.allow_pickle, batch_size=args.batch_size, progress=progress,
-                    gpus_per_worker=args.gpus_per_worker, text_field=args.text_field)
+                    gpus_per_worker=args.gpus_per_worker, text_field=args.text_field,
+                    options=_method_options(args))
         rep = r.report
         print(f"wrote {rep.out}: {rep.dense_model_type} with FFN width {rep.intermediate_size}, "
               f"{rep.student_params / 1e6:.2f}M parameters (teacher {rep.teacher_params / 1e6:.2f}M), "
@@ -265,7 +269,8 @@ def _run(args: argparse.Namespace) -> int:
                                 f"hidden {ours[2]})")
             weights = read_expert_weights(src)
         plan = make_plan(stats, experts=args.experts, groups=args.groups, scoring=args.scoring,
-                         grouping=args.grouping, scaling=args.scaling, seed=args.seed, expert_weights=weights)
+                         grouping=args.grouping, scaling=args.scaling, seed=args.seed, expert_weights=weights,
+                         options=_method_options(args))
         written = save_plan(plan, args.out, overwrite=args.overwrite)
         print(f"wrote {written}: K={plan.experts}, k={plan.groups}, {plan.scoring}/{plan.grouping}/{plan.scaling}, "
               f"{len(plan.layers)} layers")
@@ -306,6 +311,12 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_options(args: argparse.Namespace):
+    from .plan import MethodOptions
+
+    return MethodOptions.from_args(args)
+
+
 def _distill_config(args: argparse.Namespace):
     """`--resume RUN` starts from the settings RUN was started with; other flags override them."""
     from .distill.config import DistillConfig
@@ -314,8 +325,19 @@ def _distill_config(args: argparse.Namespace):
     run = getattr(args, "resume", None)
     if run is None:
         return DistillConfig.from_args(args)
-    given = {k: v for k, v in vars(args).items() if k in DistillConfig.model_fields and k not in ("out", "resume")}
+    given = {k: v for k, v in vars(args).items() if k in DistillConfig.model_fields and k != "resume"}
+    fixed = sorted(set(given) - set(RESUMABLE_OVERRIDES))
+    if fixed or getattr(args, "config", None):
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in fixed) or "--config"
+        raise UserError(f"--resume continues RUN with the settings it started with; {flags} would change which "
+                        f"blocks each step trains on (only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_OVERRIDES)} "
+                        f"may change)")
     return DistillConfig.from_yaml(f"{run.rstrip('/')}/{CONFIG_FILE}", **given, out=run, resume=True)
+
+
+# what `distill --resume RUN` may change: how the run executes, not what it trains on
+RESUMABLE_OVERRIDES = ("max_failures", "report_every", "checkpoint_every", "keep_checkpoints", "threads",
+                       "cpus_per_worker", "cpus_per_teacher", "gpus_per_teacher", "teacher_batch")
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -62,10 +62,12 @@ class StageConfig(BaseModel):
 
     # -- argparse -------------------------------------------------------------------------------
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser, *, exclude: tuple[str, ...] = ()) -> None:
-        """One flag per field. Defaults are SUPPRESSed so that only the flags given override a --config."""
-        parser.add_argument("--config", metavar="YAML", default=argparse.SUPPRESS,
-                            help="load settings from a YAML file (flags given here override it)")
+    def add_arguments(cls, parser, *, exclude: tuple[str, ...] = (), config_flag: bool = True) -> None:
+        """One flag per field (on a parser or an argument group). Defaults are SUPPRESSed so that
+        only the flags given override a --config."""
+        if config_flag:
+            parser.add_argument("--config", metavar="YAML", default=argparse.SUPPRESS,
+                                help="load settings from a YAML file (flags given here override it)")
         for name, field in cls.model_fields.items():
             if name in exclude:
                 continue
@@ -103,6 +105,8 @@ class StageConfig(BaseModel):
 def _arg_kind(annotation: Any) -> tuple[Any, list[Any] | None]:
     """argparse type and choices for a field annotation (Optional[...] and Literal[...] included)."""
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:  # PositiveInt and friends
+        return _arg_kind(typing.get_args(annotation)[0])
     if origin in (Union, types.UnionType):
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
         return _arg_kind(inner[0])

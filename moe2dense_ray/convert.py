@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .build import BuildReport, build, inspect_source, read_expert_weights
 from .calibrate import calibrate
-from .plan import Plan, check_counts, check_methods, make_plan
+from .plan import MethodOptions, Plan, check_counts, check_methods, make_plan
 from .stats import Stats
 
 
@@ -41,6 +41,7 @@ def convert(
     progress: bool = True,
     gpus_per_worker: float | None = None,
     text_field: str = "text",
+    options: MethodOptions | None = None,
 ) -> ConvertResult:
     """Convert an MoE checkpoint into a dense one in a single call.
 
@@ -60,7 +61,7 @@ def convert(
                       gpus_per_worker=gpus_per_worker, text_field=text_field, allow_pickle=allow_pickle)
     weights = read_expert_weights(src, allow_pickle=allow_pickle) if grouping == "weight" else None
     plan = make_plan(stats, experts=experts, scoring=scoring, grouping=grouping, scaling=scaling,
-                     groups=groups, seed=seed, expert_weights=weights)
+                     groups=groups, seed=seed, expert_weights=weights, options=options)
     report = build(src, plan, out, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
                    allow_pickle=allow_pickle, progress=progress)
     return ConvertResult(plan, stats, report)

@@ -96,7 +96,7 @@ def run_demo(out: str = "runs/demo", *, workers: int = 2, progress: bool = True,
     result = {"teacher": teacher, "experts": K, "num_experts": E, "tokens": stats.tokens, "rows": rows}
     if distill_tokens:
         best = min(rows[1:], key=lambda r: r["ppl"])
-        result["distilled"] = after = _distill_best(out, teacher, best, train_text, held_text, peer, rows[0],
+        result["distilled"] = after = _distill_best(out, teacher, best, train_text, held_text, held, peer, rows[0],
                                                     tokens=distill_tokens, seq_len=seq_len,
                                                     heldout_blocks=heldout_blocks, progress=progress)
         text += "\n\nAfter distillation:\n" + _table(after)
@@ -105,14 +105,18 @@ def run_demo(out: str = "runs/demo", *, workers: int = 2, progress: bool = True,
         json.dump(result, f, indent=1)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text + "\n")
-    _plot(rows + result.get("distilled", [])[2:], os.path.join(out, "perplexity.png"))
+    _plot(rows + [r for r in result.get("distilled", [])[1:] if "before distillation" not in r["model"]],
+          os.path.join(out, "perplexity.png"))
     print(f"\nwrote {out}/results.md, results.json and perplexity.png in {time.time() - t0:.1f}s")
     return result
 
 
-def _distill_best(out: str, teacher: str, best: dict, train_text: str, held_text: str, peer: str | None,
+def _distill_best(out: str, teacher: str, best: dict, train_text: str, held_text: str, held, peer: str | None,
                   teacher_row: dict, *, tokens: int, seq_len: int, heldout_blocks: int, progress: bool) -> list[dict]:
-    """Distill the best student on the training text; rows: teacher, dense peer, before, after."""
+    """Distill the best student on the training text; rows: teacher, dense peer, before, after.
+
+    Distillation validates on the same held-out blocks (`val_data`, file order); the table scores
+    the exported student like every other row, with the one perplexity function."""
     from .distill.config import DistillConfig
     from .distill.run import distill
     from .evaluate import load_model, perplexity
@@ -125,18 +129,14 @@ def _distill_best(out: str, teacher: str, best: dict, train_text: str, held_text
     r = distill(cfg, progress=progress)
     rows = [teacher_row]
     if peer:
-        from .calibrate import _tokenizer
-        from .data import calibration_blocks
-
-        held = calibration_blocks(held_text, _tokenizer(teacher), samples=heldout_blocks, seq_len=seq_len,
-                                  shuffle_buffer=1)
         model = load_model(peer)
         rows.append({"model": "dense peer (trained from scratch)", "params_M": model.num_parameters() / 1e6,
                      "ppl": perplexity(model, held.input_ids, held.attention_mask)})
     rows.append({**best, "model": f"{best['model']}, before distillation"})
     rows.append({"model": f"{best['model']}, distilled ({r.tokens / 1e6:.2f}M tokens, {r.seconds:.0f}s)",
-                 "params_M": best["params_M"], "ppl": r.final["val_ppl"], "val_kl": r.final["val_kl"],
-                 "tok_per_s": r.final["tok_per_s"]})
+                 "params_M": best["params_M"],
+                 "ppl": perplexity(load_model(r.student), held.input_ids, held.attention_mask),
+                 "val_kl": r.final["val_kl"], "tok_per_s": r.final["tok_per_s"]})
     return rows
 
 

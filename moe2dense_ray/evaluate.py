@@ -16,7 +16,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32):
         return AutoModelForCausalLM.from_pretrained(local, dtype=dtype).eval()
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: under ZeRO-3 the model trains on after this
 def heldout_metrics(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, batch_size: int = 8,
                     targets=None, loss: str = "forward_kl", temperature: float = 1.0) -> dict[str, float]:
     """Perplexity over the non-padding next-token predictions of the given blocks, and, given the

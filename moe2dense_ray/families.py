@@ -20,9 +20,10 @@ from .errors import UserError
 #   "per_expert": one (gate, up, down) triple of 2-D tensors per expert (names in `expert_keys`),
 #                 or, as a fallback, transformers' fused `experts.gate_up_proj` [E, 2I, H] and
 #                 `experts.down_proj` [E, H, I].
-#   "gpt_oss":    fused `gate_up_proj` [E, H, 2I] with gate/up interleaved on the last axis,
-#                 `down_proj` [E, I, H], biases for both; or MXFP4 `*_blocks` + `*_scales`.
-ExpertLayout = Literal["per_expert", "gpt_oss"]
+#   "interleaved_biased": fused `gate_up_proj` [E, H, 2I] with gate/up interleaved on the last
+#                 axis, `down_proj` [E, I, H], biases for both, a clamped SwiGLU (GPT-OSS); or
+#                 MXFP4 `*_blocks` + `*_scales`.
+ExpertLayout = Literal["per_expert", "interleaved_biased"]
 
 # What the student's FFN looks like on disk.
 #   "mlp":        a standard dense SwiGLU `mlp.{gate,up,down}_proj` (Qwen3, Qwen2, Mistral, DeepSeek).
@@ -57,6 +58,9 @@ class Family:
     router_extra_keys: tuple[str, ...] = ()
     # config keys that only make sense for an MoE and are removed from a dense twin's config
     moe_config_keys: tuple[str, ...] = ()
+    # attention projections whose bias the dense twin always has, though the MoE may not (written
+    # as zeros, which changes nothing), relative to `model.layers.{i}.`
+    dense_biases: tuple[str, ...] = ()
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -83,6 +87,7 @@ FAMILIES: dict[str, Family] = {
             experts_attr="num_experts", expert_size_attr="moe_intermediate_size",
             shared_prefix="shared_expert", shared_gate="shared_expert_gate",
             sparse_rule="qwen", moe_config_keys=_QWEN_MOE_KEYS,
+            dense_biases=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),  # Qwen2 has q/k/v biases
             notes="The shared expert's sigmoid gate has no dense equivalent: the student scales the "
             "shared expert by the gate's mean over the calibration tokens.",
         ),
@@ -123,7 +128,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             model_type="gpt_oss", dense_model_type="gpt_oss", dense_architecture="GptOssForCausalLM",
-            dense_layout="one_expert", expert_layout="gpt_oss",
+            dense_layout="one_expert", expert_layout="interleaved_biased",
             experts_attr="num_local_experts", expert_size_attr="intermediate_size",
             router_module="router", router_key="router",
             notes="No dense twin in transformers: the student is a GPT-OSS with one expert. "
@@ -210,8 +215,6 @@ def dense_config_dict(
         d[family.experts_attr] = 1
         d["num_experts_per_tok"] = 1
         d[family.expert_size_attr] = routed_size
-        if family.model_type == "gpt_oss":
-            d["num_local_experts"] = 1
         return d
     for k in family.moe_config_keys:
         d.pop(k, None)

@@ -12,11 +12,31 @@ from typing import Any
 
 import torch
 
+from typing import Literal
+
+from pydantic import Field
+
+from .config import StageConfig
 from .errors import UserError
+from .methods import grouping, scaling, scoring
 from .stats import Stats
 
 PLAN_FILE = "moe2dense_plan.json"
 PLAN_VERSION = 1
+
+
+class MethodOptions(StageConfig):
+    """Settings of individual methods; every plan records all of them, so a plan says exactly how
+    it was made. Each method reads only its own (`Registry.register(..., options=...)`)."""
+
+    ridge_scale: float = Field(scoring.DO_ACP_RIDGE_SCALE, gt=0,
+                               description="do-acp: ridge lambda = scale * mean(diag K) / k")
+    kmeans_restarts: int = Field(grouping.KMEANS_N_INIT, ge=1,
+                                 description="weight grouping: seeded k-means restarts (lowest inertia wins)")
+    output_distance: Literal["euclidean", "cosine"] = Field(
+        grouping.OUTPUT_DISTANCE, description="output grouping: distance between the experts' mean outputs")
+    score_reduction: Literal["sum", "mean"] = Field(
+        scaling.SCORE_GROUP_REDUCTION, description="score scaling: a group's score is the sum or the mean of its members'")
 
 
 @dataclass
@@ -41,6 +61,7 @@ class Plan:
     seed: int = 0
     source: str | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=lambda: MethodOptions().model_dump())
     layers: list[LayerPlan] = field(default_factory=list)
     version: int = PLAN_VERSION
 
@@ -150,8 +171,11 @@ def make_plan(
     groups: int | None = None,
     seed: int = 0,
     expert_weights=None,
+    options: MethodOptions | None = None,
 ) -> Plan:
     """Score, select, group and scale every MoE layer from calibration statistics.
+
+    `options` holds the methods' own settings (defaults: `MethodOptions()`); the plan records them.
 
     `expert_weights(layer, experts) -> Tensor[len(experts), D]` gives flattened weights of the
     selected experts for weight-space grouping; it is only called when that grouping is chosen.
@@ -161,19 +185,24 @@ def make_plan(
     E = stats.num_experts
     k = check_counts(E, experts, groups)
     check_methods(scoring, grouping, scaling, full_stats=stats.full)
+    options = options or MethodOptions()
     score_fn, group_fn, scale_fn = SCORINGS.get(scoring), GROUPINGS.get(grouping), SCALINGS.get(scaling)
+    score_kw, group_kw, scale_kw = (SCORINGS.options(scoring, options), GROUPINGS.options(grouping, options),
+                                    SCALINGS.options(scaling, options))
     plan = Plan(
         model_type=stats.model_type, num_experts=E, experts=experts, groups=k, scoring=scoring,
         grouping=grouping, scaling=scaling, seed=seed, source=stats.source,
         stats={"tokens": stats.tokens, "samples": stats.meta.get("samples"), "seq_len": stats.meta.get("seq_len")},
+        options=options.model_dump(),
     )
     for layer in stats.moe_layers:
         s = stats.layer(layer)
-        result = score_fn(s, k=k, seed=seed, layer=layer)
+        result = score_fn(s, k=k, seed=seed, layer=layer, **score_kw)
         selected = select(result, experts)
         weights_fn = (lambda sel, layer=layer: expert_weights(layer, sel)) if expert_weights else None
-        grouped = group_fn(selected, k, scores=result.scores, stats=s, expert_weights=weights_fn, seed=seed, layer=layer)
-        scales = scale_fn(grouped, result.scores, s)
+        grouped = group_fn(selected, k, scores=result.scores, stats=s, expert_weights=weights_fn, seed=seed,
+                           layer=layer, **group_kw)
+        scales = scale_fn(grouped, result.scores, s, **scale_kw)
         shared = float(s["shared_gate_sum"] / s["tokens"]) if "shared_gate_sum" in s else 1.0
         plan.layers.append(
             LayerPlan(

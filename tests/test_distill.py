@@ -57,6 +57,9 @@ def test_config_yaml_flags_and_errors(tmp_path, student, capsys):
     path.write_text(cfg.to_yaml() + "learning_rate: 3\n")  # a typo must not silently do nothing
     _one_error(capsys, main(["distill", "--config", str(path)]), "learning_rate")
     _one_error(capsys, main(["distill", "--student", student, "--out", str(tmp_path / "r")]), "--teacher")
+    # the job's example config is a valid config
+    job = DistillConfig.from_yaml(os.path.join(os.path.dirname(__file__), "..", "jobs", "distill.yaml"))
+    assert job.teacher.endswith("teacher-qwen3moe") and job.tokens == 800_000
 
 
 @pytest.mark.parametrize("case", ["not-dense", "vocabulary", "tokens", "run-exists", "bad-loss", "sampled-jsd"])
@@ -66,7 +69,8 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, student, tokenizer, cap
     out = tmp_path / "run"
     argv = ["distill", "--teacher", assets.teacher_path(), "--student", student, "--data", DATA,
             "--tokens", "4096", "--out", str(out)]
-    fragment = {"not-dense": "not dense", "vocabulary": "vocabulary", "tokens": "tokens", "run-exists": "already exists",
+    fragment = {"not-dense": "not dense", "vocabulary": "vocabulary", "tokens": "fewer than one optimizer step",
+                "run-exists": "already exists",
                 "bad-loss": "unknown loss", "sampled-jsd": "sampled"}[case]
     if case == "not-dense":
         argv[4] = assets.teacher_path()
@@ -75,8 +79,8 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, student, tokenizer, cap
         make_tiny_moe("qwen3_moe", str(other), tokenizer=tokenizer, num_experts=1, num_experts_per_tok=1,
                       mlp_only_layers=[])
         argv[4] = str(other)
-    elif case == "tokens":
-        argv[argv.index("--tokens") + 1] = "0"
+    elif case == "tokens":  # 1024 tokens: 4 blocks of 256, and a step takes 8
+        argv[argv.index("--tokens") + 1] = "1024"
     elif case == "run-exists":
         out.mkdir()
         (out / "notes.txt").write_text("mine")
@@ -105,6 +109,8 @@ def test_distill_lowers_perplexity_and_exports_a_dense_student(ray_cluster, stud
     before = AutoModelForCausalLM.from_pretrained(student)
     assert type(dense) is type(before) and dense.config.intermediate_size == before.config.intermediate_size
     assert (run / "student" / "moe2dense_plan.json").exists() and (run / "student" / "tokenizer.json").exists()
+    with open(os.path.join(student, "config.json")) as f:  # trained in fp32, written in the student's dtype
+        assert json.loads((run / "student" / "config.json").read_text())["dtype"] == json.load(f)["dtype"] == "bfloat16"
     assert any(not torch.equal(a, b) for a, b in zip(dense.state_dict().values(), before.state_dict().values()))
     assert os.listdir(run / "tensorboard")
     assert json.loads((run / "results.json").read_text())["steps"] == 12
@@ -158,7 +164,8 @@ def _check_exact_steps(run, steps: int, checkpoint_every: int) -> None:
     state = _final_state(run)
     assert state["step"] == steps
     trained = state["trained"]
-    assert len(trained) == len(set(trained)) == steps * 4  # every block once: none lost, none repeated
+    assert len(trained) == steps * 4  # a set of blocks: as many as planned means none lost, none repeated
+    assert state["tokens"] == steps * 4 * 64
 
 
 def _final_state(run) -> dict:
@@ -188,7 +195,8 @@ def test_stopped_run_resumes_from_its_checkpoint(ray_cluster, student, tmp_path,
     assert watcher.killed == [(6, "RayTrainWorker")]
     assert not (run / "student").exists()
     capsys.readouterr()
-    assert main(["-q", "distill", "--resume", str(run)]) == 0
+    _one_error(capsys, main(["-q", "distill", "--resume", str(run), "--batch-size", "8"]), "--batch-size")
+    assert main(["-q", "distill", "--resume", str(run), "--report-every", "2"]) == 0
     assert "16 steps" in capsys.readouterr().out
     _check_exact_steps(run, 16, cfg.checkpoint_every)
 

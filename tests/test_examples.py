@@ -15,7 +15,8 @@ from moe2dense_ray.plan import load_plan
 
 def test_demo_on_the_bundled_teacher(ray_cluster, tmp_path):
     out = tmp_path / "demo"
-    result = run_demo(str(out), workers=2, progress=False, scorings=("random", "cp"), samples=8, seq_len=128)
+    result = run_demo(str(out), workers=2, progress=False, scorings=("random", "cp"), samples=8, seq_len=128,
+                      distill_tokens=16 * 128 * 4)
     assert result["teacher"] == assets.teacher_path()
     assert (result["num_experts"], result["experts"], result["tokens"]) == (16, 4, 8 * 128)
     teacher, *students = result["rows"]
@@ -24,11 +25,16 @@ def test_demo_on_the_bundled_teacher(ray_cluster, tmp_path):
     assert 30 < teacher["ppl"] < 90
     for r in students:  # K = E/4 before distillation: smaller and (much) worse than the teacher
         assert r["params_M"] < teacher["params_M"] / 2 and r["ppl"] > teacher["ppl"]
+    # the best student, distilled for 4 steps of 16 blocks, next to the teacher and the dense peer
+    best = min(students, key=lambda r: r["ppl"])
+    t, peer, before, after = result["distilled"]
+    assert t == teacher and before["ppl"] == best["ppl"] and best["model"] in after["model"]
+    assert after["ppl"] < 0.8 * before["ppl"] and peer["params_M"] > 3.5 and peer["ppl"] < 1.2 * teacher["ppl"]
     assert json.loads((out / "results.json").read_text())["rows"] == result["rows"]
-    assert (out / "results.md").read_text().count("\n") == 2 + len(result["rows"])
+    assert (out / "results.md").read_text().count("\n") == 2 + len(result["rows"]) + 4 + 4
     assert (out / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the README's first command must work a second time, over its own earlier results
-    again = run_demo(str(out), workers=0, progress=False, scorings=("cp",), samples=8, seq_len=128)
+    again = run_demo(str(out), workers=0, progress=False, scorings=("cp",), samples=8, seq_len=128, distill_tokens=0)
     assert again["rows"][1] == result["rows"][2]  # same statistics, same plan, same student
 
 
@@ -40,7 +46,7 @@ def _help_examples() -> list[list[str]]:
         line = line.strip()
         if line.startswith("T="):
             shell_vars["$T"] = line[2:]
-        elif line.startswith("moe2dense ") and "$T" in line or line.startswith("moe2dense plan"):
+        elif line.startswith("moe2dense ") and "://" not in line and line != "moe2dense demo":
             for name, value in shell_vars.items():
                 line = line.replace(name, value)
             commands.append(shlex.split(line)[1:])
@@ -49,13 +55,18 @@ def _help_examples() -> list[list[str]]:
 
 def test_help_examples_run_on_the_bundled_teacher(ray_cluster, tmp_path, monkeypatch):
     commands = _help_examples()
-    assert [c[0] for c in commands] == ["convert", "calibrate", "plan", "build"]
+    assert [c[0] for c in commands] == ["convert", "calibrate", "plan", "build", "distill", "teacher-logits",
+                                        "distill"]
     monkeypatch.chdir(tmp_path)  # the examples write under runs/
     for argv in commands:
         argv = [a.replace("moe2dense_ray/assets", str(assets.ASSETS_DIR)) for a in argv]
         assert cli.main(["--quiet", *argv]) == 0, argv
-    for student, scoring in (("dense-cp", "cp"), ("dense-reap", "reap")):
+    for student, scoring in (("dense-cp", "cp"), ("dense-reap", "reap"), ("distill-reap/student", "reap"),
+                             ("distill-cp/student", "cp")):
         plan = load_plan(str(tmp_path / "runs" / student))
         assert (plan.scoring, plan.experts, len(plan.layers)) == (scoring, 4, 4)
         assert (tmp_path / "runs" / student / "model.safetensors.index.json").exists() or \
             (tmp_path / "runs" / student / "model.safetensors").exists()
+    for run in ("distill-reap", "distill-cp"):  # relative paths reach Ray's workers, which have their own cwd
+        rows = [json.loads(line) for line in (tmp_path / "runs" / run / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["val_ppl"] < rows[0]["val_ppl"]

@@ -83,3 +83,26 @@ def test_plan_refuses_output_methods_on_router_stats(tmp_path, tokenizer, corpus
                  "--out", str(tmp_path / "p.json")])
     err = capsys.readouterr().err
     assert code == 2 and "--full-stats" in err and not (tmp_path / "p.json").exists()
+
+
+def test_method_settings_reach_the_methods_and_the_plan(staged):
+    """Flags such as --ridge-scale are plan settings: passed to the method that reads them, recorded."""
+    from moe2dense_ray.methods import GROUPINGS, SCORINGS, select
+    from moe2dense_ray.stats import Stats
+
+    root, _, _ = staged
+    path = root / "p-settings.json"
+    assert main(["-q", "plan", str(root / "stats"), "--experts", "6", "--groups", "3", "--scoring", "do-acp",
+                 "--grouping", "output", "--ridge-scale", "1e-6", "--output-distance", "cosine",
+                 "--out", str(path)]) == 0
+    plan = load_plan(str(path))
+    assert plan.options == {"ridge_scale": 1e-6, "kmeans_restarts": 8, "output_distance": "cosine",
+                            "score_reduction": "sum"}
+    stats = Stats.load(str(root / "stats"))
+    for lp in plan.layers:
+        s = stats.layer(lp.layer)
+        result = SCORINGS.get("do-acp")(s, k=3, layer=lp.layer, ridge_scale=1e-6)
+        assert lp.selected == select(result, 6)
+        want = GROUPINGS.get("output")(select(result, 6), 3, scores=result.scores, stats=s, layer=lp.layer,
+                                       distance="cosine")
+        assert lp.groups == want

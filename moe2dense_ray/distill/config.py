@@ -26,7 +26,7 @@ class TeacherStreamConfig(StageConfig):
     seed: int = Field(0, description="seed for the order of documents and for sampled targets")
     codec: Literal["topk", "sampled"] = Field("topk", description="teacher distribution per token: the top-k "
                                               "log-probabilities, or tokens sampled from it with counts")
-    top_k: PositiveInt = Field(64, description="entries per token for --codec topk", json_schema_extra={"metavar": "K"})
+    top_k: PositiveInt = Field(128, description="entries per token for --codec topk", json_schema_extra={"metavar": "K"})
     draws: PositiveInt = Field(12, description="tokens drawn per position for --codec sampled",
                                json_schema_extra={"metavar": "M"})
     temperature: PositiveFloat = Field(1.0, description="softmax temperature of teacher and student (paper: 1)",
@@ -83,6 +83,9 @@ class DistillConfig(TeacherStreamConfig):
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage")
     workers: PositiveInt = Field(1, description="training workers (data parallel)", json_schema_extra={"metavar": "N"})
     cpus_per_worker: PositiveFloat = Field(1.0, description="CPUs per training worker", json_schema_extra={"metavar": "C"})
+    threads: Optional[PositiveInt] = Field(None, description="torch threads per training worker (default: the "
+                                           "node's cores / --workers: the teacher leaves them idle much of the time)",
+                                           json_schema_extra={"metavar": "N"})
     # validation, checkpoints, faults
     val_data: Optional[str] = Field(None, description="held-out text, whose first --val-blocks blocks (in file "
                                     "order) validate (default: the first blocks of DATA's stream)", json_schema_extra={"metavar": "DATA"})

@@ -20,15 +20,16 @@ def export_student(student_src: str, weights: dict[str, torch.Tensor], out: str,
     from ..evaluate import load_model
 
     model = load_model(student_src)
-    dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else torch.float32
+    reader = CheckpointReader(student_src)
+    saved = reader.config_dict().get("dtype") or reader.config_dict().get("torch_dtype") or "float32"
+    dtype = getattr(torch, saved) if isinstance(getattr(torch, str(saved), None), torch.dtype) else torch.float32
     result = model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
     tied = model.get_input_embeddings().weight
     missing = [k for k in result.missing_keys if model.get_parameter(k) is not tied]
     if missing or result.unexpected_keys:
         raise RuntimeError(f"trained weights do not match the student: missing {missing}, "
                            f"unexpected {result.unexpected_keys}")
-    model.to(dtype)
-    reader = CheckpointReader(student_src)
+    model.to(dtype)  # the student's own dtype (load_model computes in fp32)
     with tempfile.TemporaryDirectory() as tmp, CheckpointWriter(out, overwrite=True, sources=(student_src,)) as w:
         model.save_pretrained(tmp)
         for name in sorted(os.listdir(tmp)):

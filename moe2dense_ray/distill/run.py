@@ -46,6 +46,17 @@ class DistillResult:
 # -- checks -------------------------------------------------------------------------------------
 
 
+def _absolute_paths(cfg):
+    """Local paths made absolute: Ray's actors and training workers do not share the driver's cwd."""
+    fields = ("teacher", "student", "data", "val_data", "logits", "out")
+    update = {}
+    for name in fields:
+        value = getattr(cfg, name, None)
+        if value and not value.startswith("hf:") and is_local(url_to_fs(value)[0]) and "://" not in value:
+            update[name] = os.path.abspath(value)
+    return cfg.model_copy(update=update)
+
+
 def _read_config(src: str, what: str) -> dict[str, Any]:
     fs, path = url_to_fs(src)
     if not fs.exists(f"{path}/config.json"):
@@ -72,15 +83,21 @@ def _check_vocabularies(teacher: str, student: str, teacher_vocab: int, student_
         raise UserError(f"the tokenizers of {teacher} and {student} differ; the student must use the teacher's")
 
 
-def _prepare_run(cfg: DistillConfig, sources: tuple[str, ...]) -> None:
+def _check_run(cfg: DistillConfig, sources: tuple[str, ...]) -> None:
     """RUN is new, or resumed (it must hold a run), or replaced with --overwrite (only if it holds one)."""
     fs, path = url_to_fs(cfg.out)
-    holds_run = fs.exists(f"{path}/{CONFIG_FILE}")
     if cfg.resume:
-        if not holds_run:
+        if not fs.exists(f"{path}/{CONFIG_FILE}"):
             raise UserError(f"--resume: {cfg.out} holds no distillation run (no {CONFIG_FILE})")
         return
     check_output(cfg.out, what="run", overwrite=cfg.overwrite, sources=sources)
+
+
+def _start_run(cfg: DistillConfig) -> None:
+    """Clear a run replaced with --overwrite and record the settings; a resumed run keeps its own."""
+    if cfg.resume:
+        return
+    fs, path = url_to_fs(cfg.out)
     if fs.exists(path) and cfg.overwrite:
         fs.rm(path, recursive=True)
     fs.makedirs(path, exist_ok=True)
@@ -88,18 +105,30 @@ def _prepare_run(cfg: DistillConfig, sources: tuple[str, ...]) -> None:
         f.write(cfg.to_yaml())
 
 
-def _check_resources(cfg: TeacherStreamConfig, *, train_cpus: float, teacher: bool, pipelines: int = 1) -> None:
-    """An embedded Ray cannot grow: asking for more CPUs than it has would wait forever."""
+def _check_resources(cfg: TeacherStreamConfig, *, workers: int = 0, cpus_per_worker: float = 0.0,
+                     teacher: bool = True, pipelines: int = 1) -> None:
+    """Ask only for what the cluster can give: an embedded Ray cannot grow, and a request it can
+    never meet would wait forever. On a cluster (RAY_ADDRESS) an autoscaler may add nodes, so a
+    shortfall there is a warning."""
+    import warnings
+
     import ray
 
+    res = ray.cluster_resources()
+    gpu_cluster = res.get("GPU", 0) > 0
+    teacher_gpus = cfg.gpus_per_teacher if cfg.gpus_per_teacher is not None else (1 if gpu_cluster else 0)
+    need = {"CPU": workers * cpus_per_worker + (cfg.teacher_workers * cfg.cpus_per_teacher if teacher else 0)
+            + 0.1 * pipelines,
+            "GPU": (workers if gpu_cluster else 0) + (cfg.teacher_workers * teacher_gpus if teacher else 0)}
+    short = [f"{need[k]:g} {k}s but the cluster has {res.get(k, 0):g}" for k in need if need[k] > res.get(k, 0)]
+    if not short:
+        return
+    msg = (f"this run needs {' and '.join(short)} (training workers, teacher replicas, data pipeline): lower "
+           f"--workers, --teacher-workers, --cpus-per-worker, --cpus-per-teacher or --gpus-per-teacher")
     if os.environ.get("RAY_ADDRESS"):
-        return  # a cluster's autoscaler may add nodes
-    need = train_cpus + (cfg.teacher_workers * cfg.cpus_per_teacher if teacher else 0) + 0.1 * pipelines
-    have = ray.cluster_resources().get("CPU", 0)
-    if need > have:
-        raise UserError(f"this needs {need:g} CPUs (training workers, teacher replicas and the data pipeline) "
-                        f"but the local Ray has {have:g}: lower --workers, --teacher-workers, "
-                        f"--cpus-per-worker or --cpus-per-teacher")
+        warnings.warn(msg + "; waiting for the autoscaler", stacklevel=3)
+    else:
+        raise UserError(msg)
 
 
 def _columns(ds) -> dict[str, np.ndarray]:
@@ -144,16 +173,17 @@ def teacher_logits(cfg: TeacherLogitsConfig, *, progress: bool = True) -> dict[s
     """Run the teacher over DATA once and write its stream to LOGITS (Parquet + stream.json)."""
     from ..calibrate import ensure_ray
 
+    cfg = _absolute_paths(cfg)
     teacher_cfg = _read_config(cfg.teacher, "teacher")
     check_output(cfg.out, what="logits", overwrite=cfg.overwrite, sources=(cfg.teacher, cfg.data))
     val, train = _blocks_for(cfg, cfg.teacher)
     ensure_ray()
-    _check_resources(cfg, train_cpus=0, teacher=True)
+    _check_resources(cfg)
     t0 = time.time()
     both = Blocks(np.concatenate([val.index, train.index]), np.concatenate([val.input_ids, train.input_ids]),
                   np.concatenate([val.attention_mask, train.attention_mask]))
     meta = stream_meta(cfg, teacher=cfg.teacher, vocab_size=int(teacher_cfg["vocab_size"]), blocks=len(both),
-                       tokens=train.tokens)
+                       tokens=train.tokens, tokenizer=tokenizer_digest(cfg.teacher))
     meta["val_blocks"] = len(val)
     write_stream(teacher_stream(blocks_dataset(both), teacher=cfg.teacher, cfg=cfg), cfg.out, meta,
                  overwrite=cfg.overwrite, sources=(cfg.teacher,))
@@ -168,13 +198,16 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
     """Distill `cfg.teacher` (or the stream `cfg.logits`) into `cfg.student`; the result is RUN/student."""
     from ..calibrate import ensure_ray
 
+    cfg = _absolute_paths(cfg)
     student_cfg = _check_student(cfg.student)
     sources = tuple(s for s in (cfg.student, cfg.teacher, cfg.data, cfg.logits, cfg.val_data) if s)
     if cfg.logits:
         meta = read_stream_meta(cfg.logits)
-        if int(meta["vocab_size"]) != int(student_cfg["vocab_size"]):
-            raise UserError(f"the stream {cfg.logits} has the teacher's {meta['vocab_size']} logits per token, "
-                            f"the student {student_cfg['vocab_size']}: they must speak the same vocabulary")
+        if (int(meta["vocab_size"]) != int(student_cfg["vocab_size"])
+                or meta.get("tokenizer") != tokenizer_digest(cfg.student)):
+            raise UserError(f"the stream {cfg.logits} was made with another vocabulary than the student's "
+                            f"({meta['vocab_size']} vs {student_cfg['vocab_size']} logits, or other tokens): "
+                            f"distillation compares distributions token by token")
         # the stream was made with these; the run records them as they are
         cfg = cfg.model_copy(update={k: meta[k] for k in ("codec", "top_k", "draws", "temperature", "seq_len")}
                              | {"val_blocks": int(meta["val_blocks"])})
@@ -196,9 +229,9 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
     if not cfg.logits and cfg.teacher_workers % cfg.workers:
         raise UserError(f"each training worker reads from its own teacher replicas: --teacher-workers "
                         f"({cfg.teacher_workers}) must be a multiple of --workers ({cfg.workers})")
-    _prepare_run(cfg, sources)
+    _check_run(cfg, sources)
     ensure_ray()
-    _check_resources(cfg, train_cpus=cfg.workers * cfg.cpus_per_worker, teacher=not cfg.logits,
+    _check_resources(cfg, workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, teacher=not cfg.logits,
                      pipelines=cfg.workers)
 
     t0 = time.time()
@@ -224,15 +257,19 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
             datasets[f"train_{r}"] = teacher_stream(ds, teacher=cfg.teacher, cfg=cfg,
                                                     replicas=cfg.teacher_workers // cfg.workers)
 
+    _start_run(cfg)  # only now: a check that failed above leaves no RUN behind
     trainer = _trainer(cfg, steps=steps, val=val, datasets=datasets)
     watcher = _MetricsWatcher(cfg.out, steps, enabled=progress)
     watcher.start()
     try:
-        result = trainer.fit()
+        trainer.fit()
+    except Exception as e:  # noqa: BLE001 - Ray Train wraps the workers' errors in its own
+        if "FloatingPointError" in str(e):
+            raise UserError(f"the loss became non-finite ({str(e).split('FloatingPointError: ')[-1].splitlines()[0]}); "
+                            f"lower --lr or raise --warmup, then --resume {cfg.out}") from None
+        raise
     finally:
         watcher.stop()
-    if result.error:
-        raise result.error
     metrics = read_metrics(cfg.out)
     fs, path = url_to_fs(cfg.out)
     if not fs.exists(f"{path}/student/config.json"):
@@ -243,6 +280,16 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
     with fs.open(f"{path}/{RESULTS_FILE}", "w") as f:
         json.dump({"steps": out.steps, "tokens": out.tokens, "seconds": out.seconds, "final": out.final}, f, indent=1)
     return out
+
+
+def tokenizer_digest(src: str) -> str:
+    """A fingerprint of a checkpoint's vocabulary: token strings and their ids."""
+    import hashlib
+
+    from ..calibrate import _tokenizer
+
+    vocab = sorted(_tokenizer(src).get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
 def _losses() -> list[str]:

@@ -19,7 +19,6 @@ import torch
 
 from ..errors import UserError
 
-BLOCK_COLUMNS = ("block_index", "input_ids", "attention_mask")
 STREAM_META = "stream.json"  # what a LOGITS directory holds besides its Parquet files
 
 
@@ -125,15 +124,23 @@ def select_blocks(ds, *, lo: int = 0, hi: int | None = None, world: int = 1, ran
                           batch_format="numpy", num_cpus=0.1)
 
 
+_TRAINED_CACHE: dict[str, tuple[Any, np.ndarray]] = {}
+
+
 def read_trained(trained_file: str) -> np.ndarray:
-    """Block indices recorded as trained (empty when the file does not exist yet)."""
+    """Block indices recorded as trained (empty when the file does not exist yet); read again only
+    when the file changed, since every batch of the pipeline asks."""
     from ..checkpoint import url_to_fs
 
     fs, path = url_to_fs(trained_file)
     if not fs.exists(path):
         return np.zeros(0, dtype=np.int64)
-    with fs.open(path, "rb") as f:
-        return np.load(f)
+    stamp = fs.modified(path)
+    cached = _TRAINED_CACHE.get(trained_file)
+    if cached is None or cached[0] != stamp:
+        with fs.open(path, "rb") as f:
+            cached = _TRAINED_CACHE[trained_file] = (stamp, np.load(f))
+    return cached[1]
 
 
 def _select(batch: dict[str, np.ndarray], *, lo: int, hi: int | None, world: int, rank: int,
@@ -150,9 +157,9 @@ def _select(batch: dict[str, np.ndarray], *, lo: int, hi: int | None, world: int
 # -- offline streams (LOGITS) -------------------------------------------------------------------
 
 
-def stream_meta(cfg, *, teacher: str, vocab_size: int, blocks: int, tokens: int) -> dict[str, Any]:
+def stream_meta(cfg, *, teacher: str, vocab_size: int, blocks: int, tokens: int, tokenizer: str) -> dict[str, Any]:
     """What a stream was made with: a student can only train on a stream of its vocabulary, etc."""
-    return {"teacher": teacher, "vocab_size": vocab_size, "codec": cfg.codec, "top_k": cfg.top_k,
+    return {"teacher": teacher, "vocab_size": vocab_size, "tokenizer": tokenizer, "codec": cfg.codec, "top_k": cfg.top_k,
             "draws": cfg.draws, "temperature": cfg.temperature, "seq_len": cfg.seq_len, "seed": cfg.seed,
             "data": cfg.data, "blocks": blocks, "tokens": tokens}
 
@@ -192,16 +199,16 @@ def write_stream(ds, logits: str, meta: dict[str, Any], *, overwrite: bool, sour
             fs.rm(tmp, recursive=True)
 
 
-def read_stream(logits: str, *, blocks: int | None = None):
-    """The Parquet stream of LOGITS as a Ray dataset (its first `blocks` blocks by index, if given)."""
+def read_stream(logits: str):
+    """The Parquet stream of LOGITS as a Ray dataset (read with little CPU: it is I/O, and the
+    training workers may hold nearly all of a small cluster's CPUs)."""
     import ray
 
     from ..checkpoint import is_local, url_to_fs
 
     fs, path = url_to_fs(logits)
-    ds = ray.data.read_parquet(path, filesystem=None if is_local(fs) else _arrow_fs(fs),
-                               file_extensions=["parquet"])
-    return ds if blocks is None else select_blocks(ds, hi=blocks)
+    return ray.data.read_parquet(path, filesystem=None if is_local(fs) else _arrow_fs(fs),
+                                 file_extensions=["parquet"], ray_remote_args={"num_cpus": 0.1})
 
 
 def _arrow_fs(fs):
@@ -212,4 +219,4 @@ def _arrow_fs(fs):
 
 
 __all__ = ["Blocks", "pack_blocks", "blocks_dataset", "TeacherService", "teacher_stream", "select_blocks", "read_trained",
-           "stream_meta", "read_stream_meta", "write_stream", "read_stream", "BLOCK_COLUMNS"]
+           "stream_meta", "read_stream_meta", "write_stream", "read_stream"]

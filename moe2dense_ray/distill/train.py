@@ -169,7 +169,8 @@ def train_func(config: dict[str, Any]) -> None:
     steps, run = config["steps"], config["run"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    # Ray pins a worker to its CPUs' worth of threads; on CPU the teacher is idle much of the time
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // cfg.workers))
     torch.manual_seed(cfg.seed)
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{ctx.get_local_rank()}" if cuda else "cpu")
@@ -198,14 +199,16 @@ def train_func(config: dict[str, Any]) -> None:
         if not val:
             return {}
         engine.eval()
+        # forward KL whatever the training loss: the one divergence every run reports alike
         m = heldout_metrics(engine, torch.as_tensor(val["input_ids"]), torch.as_tensor(val["attention_mask"]),
-                            targets=val_targets, loss=cfg.loss, temperature=cfg.temperature)
+                            targets=val_targets, loss="forward_kl", temperature=cfg.temperature)
         engine.train()
-        return {"val_ppl": m["ppl"], "val_kl": m.get("kl", float("nan"))}
+        return {"val_ppl": m["ppl"], "val_kl": m["kl"]}
 
     shard = ray.train.get_dataset_shard(f"train_{rank}")
     batches = fresh_batches(shard, trained, cfg.batch_size)
-    new_blocks: list[int] = []
+    new_blocks: list[int] = []  # this rank's blocks of the current step
+    recent: list[int] = []  # every rank's blocks since the last checkpoint
     window = _new_window()
     logger = _Logger(run, rank == 0)
     if step == 0 and val:
@@ -234,8 +237,8 @@ def train_func(config: dict[str, Any]) -> None:
         gathered: list[list[int]] = [None] * world  # type: ignore[list-item]
         dist.all_gather_object(gathered, new_blocks)
         new_blocks = []
-        trained = np.union1d(trained, np.asarray([i for g in gathered for i in g], dtype=np.int64))
-        step_tokens = torch.tensor([window["tokens"]], dtype=torch.long)
+        recent.extend(i for g in gathered for i in g)
+        step_tokens = torch.tensor([window["tokens"]], dtype=torch.long, device=device)  # NCCL wants it there
         dist.all_reduce(step_tokens)
         tokens += int(step_tokens)  # over all workers
         window["tokens_global"] += int(step_tokens)
@@ -255,6 +258,7 @@ def train_func(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
             continue
         previous = state["trained"]
+        trained, recent = np.union1d(trained, np.asarray(recent, dtype=np.int64)), []
         state = {"step": step, "tokens": tokens, "trained": trained.tolist()}
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag=DS_TAG, save_latest=False)

@@ -265,15 +265,15 @@ def kernel_kmeans(gram: Tensor, k: int, g: torch.Generator, *, n_init: int = KME
     return best_labels
 
 
-@GROUPINGS.register("weight", needs="none")
+@GROUPINGS.register("weight", needs="none", options={"kmeans_restarts": "restarts"})
 def group_weight(
     selected: list[int], k: int, *, scores: Tensor, stats: Stats | None = None,
-    expert_weights: WeightsFn | None = None, seed: int = 0, layer: int = 0,
+    expert_weights: WeightsFn | None = None, seed: int = 0, layer: int = 0, restarts: int = KMEANS_N_INIT,
 ) -> list[list[int]]:
     """WC: k-means on flattened expert weights (k-means++ seeding, seeded restarts).
 
     Our choice (METHOD.md only names "weight clustering"): Euclidean k-means on the raw
-    flattened gate/up/down weights, KMEANS_N_INIT seeded restarts, lowest inertia wins. k-means
+    flattened gate/up/down weights, `restarts` seeded restarts, lowest inertia wins. k-means
     rather than agglomerative because merging averages weights, and k-means minimises exactly the
     squared distance of each expert to its group's mean weights. Computed from the K x K Gram
     of the weights in float64 (`kernel_kmeans`).
@@ -290,7 +290,7 @@ def group_weight(
     if _indistinguishable(D2, float(diag.max()) if len(sel) else 0.0):
         _warn_indistinguishable("weight", "weights", layer)
         return finalize_groups([sel], k, selected=sel, scores=scores, method="weight", layer=layer)
-    labels = kernel_kmeans(G, k, generator(seed, layer, "grouping-weight"))
+    labels = kernel_kmeans(G, k, generator(seed, layer, "grouping-weight"), n_init=restarts)
     groups: list[list[int]] = [[] for _ in range(k)]
     for e, c in zip(sel, labels):
         groups[c].append(e)
@@ -324,7 +324,7 @@ def average_linkage(dist: Tensor, k: int) -> list[list[int]]:
     return [members[i] for i in sorted(members)]
 
 
-@GROUPINGS.register("output", needs="full")
+@GROUPINGS.register("output", needs="full", options={"output_distance": "distance"})
 def group_output(
     selected: list[int], k: int, *, scores: Tensor, stats: Stats | None = None,
     expert_weights: WeightsFn | None = None, seed: int = 0, layer: int = 0, distance: str | None = None,

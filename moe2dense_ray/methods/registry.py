@@ -7,7 +7,7 @@ work, and calibration can skip collecting them when no chosen method needs them.
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from ..errors import UserError
 
@@ -24,9 +24,14 @@ class Registry(Generic[F]):
         self.kind = kind
         self._fns: dict[str, F] = {}
         self._needs: dict[str, str] = {}
+        self._options: dict[str, dict[str, str]] = {}
 
-    def register(self, name: str, *, needs: str = "none") -> Callable[[F], F]:
-        """Decorator: `@REG.register("cp", needs="router")`. Registering a name twice is a bug."""
+    def register(self, name: str, *, needs: str = "none", options: dict[str, str] | None = None) -> Callable[[F], F]:
+        """Decorator: `@REG.register("cp", needs="router")`. Registering a name twice is a bug.
+
+        `options` maps the plan's method settings (`plan.MethodOptions` fields) that this method
+        reads to the keyword argument that receives each.
+        """
         if needs not in NEEDS:
             raise ValueError(f"needs must be one of {NEEDS}, got {needs!r}")
 
@@ -35,6 +40,7 @@ class Registry(Generic[F]):
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             self._fns[name] = fn
             self._needs[name] = needs
+            self._options[name] = dict(options or {})
             return fn
 
         return deco
@@ -52,6 +58,11 @@ class Registry(Generic[F]):
         """"none" | "router" | "full" for `name` (unknown names are a UserError)."""
         self._check(name)
         return self._needs[name]
+
+    def options(self, name: str, settings: Any) -> dict[str, Any]:
+        """The keyword arguments `name` takes from `settings` (an object with the option fields)."""
+        self._check(name)
+        return {kw: getattr(settings, field) for field, kw in self._options[name].items()}
 
     def names(self) -> list[str]:
         """Registered names, in registration order (the order the CLI lists them)."""

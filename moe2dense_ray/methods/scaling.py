@@ -59,7 +59,7 @@ def scale_uniform(groups: Sequence[Sequence[int]], scores: Tensor, stats: Stats)
     return [m / k] * k
 
 
-@SCALINGS.register("score", needs="router")
+@SCALINGS.register("score", needs="router", options={"score_reduction": "reduce"})
 def scale_score(groups: Sequence[Sequence[int]], scores: Tensor, stats: Stats, *,
                 reduce: str | None = None) -> list[float]:
     """a_j proportional to the group's score, summing to the mean gate mass m.

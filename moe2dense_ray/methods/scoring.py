@@ -229,13 +229,14 @@ def greedy_logdet(kernel: Tensor, ridge: float, steps: int | None = None) -> tup
     return order, gains
 
 
-@SCORINGS.register("do-acp", needs="full")
-def score_do_acp(stats: Stats, *, k: int, seed: int = 0, layer: int = 0, ridge: float | None = None) -> ScoreResult:
+@SCORINGS.register("do-acp", needs="full", options={"ridge_scale": "ridge_scale"})
+def score_do_acp(stats: Stats, *, k: int, seed: int = 0, layer: int = 0, ridge: float | None = None,
+                 ridge_scale: float = DO_ACP_RIDGE_SCALE) -> ScoreResult:
     """Diversity-aware ACP: greedy D-optimal order on the ACP-weighted output Gram (paper's best).
 
     Kernel K = diag(sqrt(ACP)) G diag(sqrt(ACP)), G_ij = mean_x <f_i(x), f_j(x)>; greedily add
     the expert maximising log det(K_S + lambda I). lambda defaults to
-    DO_ACP_RIDGE_SCALE * mean(diag K) / k, the re-implementation METHOD.md quotes: with k experts
+    ridge_scale * mean(diag K) / k (scale 1), the re-implementation METHOD.md quotes: with k experts
     kept the ridge is comparable to one expert's share of the total "energy", so it regularises
     without drowning the kernel. Pass `ridge=` for an absolute lambda. The greedy runs over ALL
     E experts so the order is a full ranking (any K can be read from it). The objective
@@ -246,7 +247,7 @@ def score_do_acp(stats: Stats, *, k: int, seed: int = 0, layer: int = 0, ridge: 
     K = dopt_kernel(stats)
     acp = acp_scores(stats, "do-acp")
     if ridge is None:
-        lam = DO_ACP_RIDGE_SCALE * float(torch.diagonal(K).mean()) / max(int(k), 1)
+        lam = ridge_scale * float(torch.diagonal(K).mean()) / max(int(k), 1)
     else:
         lam = float(ridge)
     if not (lam > 0 and math.isfinite(lam)):
