@@ -128,7 +128,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grouping", default="none", help="expert grouping (default none)")
     g.add_argument("--scaling", default="uniform", help="magnitude scaling (default uniform)")
     g.add_argument("--seed", type=int, default=0, help="seed for random scoring/grouping and data order")
-    from .plan import MethodOptions
+    from .config import MethodOptions
 
     MethodOptions.add_arguments(p.add_argument_group("method settings (recorded in the plan)"), config_flag=False)
 
@@ -312,7 +312,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _method_options(args: argparse.Namespace):
-    from .plan import MethodOptions
+    from .config import MethodOptions
 
     return MethodOptions.from_args(args)
 

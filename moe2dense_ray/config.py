@@ -123,4 +123,17 @@ def positional(description: str, **kw: Any) -> Any:
     return Field(..., description=description, json_schema_extra={"positional": True, **kw})
 
 
-__all__ = ["StageConfig", "positional"]
+class MethodOptions(StageConfig):
+    """Settings of individual methods; every plan records all of them, so a plan says exactly how
+    it was made. Each method reads only its own (`Registry.register(..., options=...)`), and the
+    methods' defaults are these (here, not in the methods, so the CLI can list them without torch)."""
+
+    ridge_scale: float = Field(1.0, gt=0, description="do-acp: ridge lambda = scale * mean(diag K) / k")
+    kmeans_restarts: int = Field(8, ge=1, description="weight grouping: seeded k-means restarts (lowest inertia wins)")
+    output_distance: Literal["euclidean", "cosine"] = Field(
+        "euclidean", description="output grouping: distance between the experts' mean outputs")
+    score_reduction: Literal["sum", "mean"] = Field(
+        "sum", description="score scaling: a group's score is the sum or the mean of its members'")
+
+
+__all__ = ["StageConfig", "MethodOptions", "positional"]

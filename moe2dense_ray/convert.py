@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from .build import BuildReport, build, inspect_source, read_expert_weights
 from .calibrate import calibrate
-from .plan import MethodOptions, Plan, check_counts, check_methods, make_plan
+from .config import MethodOptions
+from .plan import Plan, check_counts, check_methods, make_plan
 from .stats import Stats
 
 

@@ -12,31 +12,12 @@ from typing import Any
 
 import torch
 
-from typing import Literal
-
-from pydantic import Field
-
-from .config import StageConfig
+from .config import MethodOptions
 from .errors import UserError
-from .methods import grouping, scaling, scoring
 from .stats import Stats
 
 PLAN_FILE = "moe2dense_plan.json"
 PLAN_VERSION = 1
-
-
-class MethodOptions(StageConfig):
-    """Settings of individual methods; every plan records all of them, so a plan says exactly how
-    it was made. Each method reads only its own (`Registry.register(..., options=...)`)."""
-
-    ridge_scale: float = Field(scoring.DO_ACP_RIDGE_SCALE, gt=0,
-                               description="do-acp: ridge lambda = scale * mean(diag K) / k")
-    kmeans_restarts: int = Field(grouping.KMEANS_N_INIT, ge=1,
-                                 description="weight grouping: seeded k-means restarts (lowest inertia wins)")
-    output_distance: Literal["euclidean", "cosine"] = Field(
-        grouping.OUTPUT_DISTANCE, description="output grouping: distance between the experts' mean outputs")
-    score_reduction: Literal["sum", "mean"] = Field(
-        scaling.SCORE_GROUP_REDUCTION, description="score scaling: a group's score is the sum or the mean of its members'")
 
 
 @dataclass

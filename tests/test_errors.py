@@ -237,3 +237,14 @@ def test_statistics_and_plans_from_another_model(tmp_path, teacher, corpus, toke
     _one_error(capsys, main(["-q", "plan", str(stats), "--experts", "2", "--out", str(tmp_path / "q.json")]),
                "stats.safetensors is corrupt")
     assert not (tmp_path / "o").exists() and not (tmp_path / "q.json").exists()
+
+
+def test_listings_need_no_model_libraries():
+    """`moe2dense methods` / `families` answer without importing torch (the CLI's parser included)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from moe2dense_ray.cli import main; main(['families']); main(['methods']); "
+            "sys.stderr.write(str('torch' in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr.strip().endswith("False"), r.stderr[-500:]

@@ -27,6 +27,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ..config import MethodOptions
 from ..errors import UserError
 from .registry import Registry
 from .scoring import generator, need, safe_div, token_count
@@ -37,14 +38,14 @@ GroupingFn = Callable[..., list[list[int]]]
 
 GROUPINGS: Registry[GroupingFn] = Registry("grouping")
 
-OUTPUT_DISTANCE: str = "euclidean"
+OUTPUT_DISTANCE: str = MethodOptions.model_fields["output_distance"].default
 """Distance between mean expert outputs for `output` (HC-SMoE) grouping: "euclidean" or "cosine".
 
 Euclidean by default: the groups are merged by averaging weights, and two experts whose mean
 outputs point the same way but differ in size are NOT interchangeable, which cosine would ignore.
 """
 
-KMEANS_N_INIT: int = 8
+KMEANS_N_INIT: int = MethodOptions.model_fields["kmeans_restarts"].default
 """k-means restarts for `weight` grouping; the lowest-inertia run wins (earliest on ties)."""
 KMEANS_MAX_ITER: int = 100
 

@@ -21,6 +21,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ..config import MethodOptions
 from ..errors import UserError
 from .registry import Registry
 from .scoring import need, token_count
@@ -30,7 +31,7 @@ ScalingFn = Callable[..., list[float]]
 
 SCALINGS: Registry[ScalingFn] = Registry("scaling")
 
-SCORE_GROUP_REDUCTION: str = "sum"
+SCORE_GROUP_REDUCTION: str = MethodOptions.model_fields["score_reduction"].default
 """How `score` scaling turns a merged group's member scores into one group score: "sum" or "mean".
 
 "sum" by default: a merged group stands in for all its members, so it should carry the routing

@@ -25,6 +25,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
+from ..config import MethodOptions
 from ..errors import UserError
 from .registry import Registry
 
@@ -33,7 +34,7 @@ ScoringFn = Callable[..., "ScoreResult"]
 
 SCORINGS: Registry[ScoringFn] = Registry("scoring")
 
-DO_ACP_RIDGE_SCALE: float = 1.0
+DO_ACP_RIDGE_SCALE: float = MethodOptions.model_fields["ridge_scale"].default
 """DO-ACP ridge: lambda = DO_ACP_RIDGE_SCALE * mean(diag K) / k (METHOD.md quotes scale 1)."""
 
 
