@@ -239,12 +239,12 @@ def test_statistics_and_plans_from_another_model(tmp_path, teacher, corpus, toke
     assert not (tmp_path / "o").exists() and not (tmp_path / "q.json").exists()
 
 
-def test_listings_need_no_model_libraries():
-    """`moe2dense methods` / `families` answer without importing torch (the CLI's parser included)."""
+def test_family_listing_needs_no_model_libraries():
+    """`moe2dense families` answers without importing torch (the CLI's parser included)."""
     import subprocess
     import sys
 
-    code = ("import sys; from moe2dense_ray.cli import main; main(['families']); main(['methods']); "
+    code = ("import sys; from moe2dense_ray.cli import main; main(['families']); "
             "sys.stderr.write(str('torch' in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stderr.strip().endswith("False"), r.stderr[-500:]
