@@ -179,6 +179,9 @@ def teacher_logits(cfg: TeacherLogitsConfig, *, progress: bool = True) -> dict[s
     val, train = _blocks_for(cfg, cfg.teacher)
     ensure_ray()
     _check_resources(cfg)
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = progress  # blocks through the teacher
     t0 = time.time()
     both = Blocks(np.concatenate([val.index, train.index]), np.concatenate([val.input_ids, train.input_ids]),
                   np.concatenate([val.attention_mask, train.attention_mask]))

@@ -208,7 +208,7 @@ def read_stream(logits: str):
 
     fs, path = url_to_fs(logits)
     return ray.data.read_parquet(path, filesystem=None if is_local(fs) else _arrow_fs(fs),
-                                 file_extensions=["parquet"], ray_remote_args={"num_cpus": 0.1})
+                                 file_extensions=["parquet"], num_cpus=0.1)
 
 
 def _arrow_fs(fs):
