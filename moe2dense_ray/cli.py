@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import warnings
@@ -72,17 +71,6 @@ def _count(minimum: int):
     return parse
 
 
-def _positive(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
-
-
 def _add_quiet(p: argparse.ArgumentParser) -> None:
     # also accepted after the subcommand; SUPPRESS keeps `moe2dense -q calibrate ...` working
     p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
@@ -101,50 +89,6 @@ def _methods_help() -> str:
     return "\n".join(out)
 
 
-def _add_source_and_data_args(p: argparse.ArgumentParser) -> None:
-    """The teacher and the calibration set: what `convert` and `calibrate` both start from."""
-    p.add_argument("src", metavar="SRC", help="MoE checkpoint directory (local or URL)")
-    g = p.add_argument_group("calibration")
-    g.add_argument("--data", required=True, metavar="DATA",
-                   help="calibration text: .txt, .jsonl (field `text`), .parquet, a directory of those, "
-                        "or hf:NAME[:CONFIG] for a Hugging Face dataset")
-    g.add_argument("--samples", type=_count(1), default=64, metavar="N", help="number of token blocks (default 64; paper: 512)")
-    g.add_argument("--seq-len", type=_count(2), default=512, metavar="L", help="tokens per block (default 512; paper: 2048)")
-    g.add_argument("--workers", type=_count(0), default=1, metavar="N",
-                   help="Ray actors, one teacher replica each (0 = in this process, no Ray; default 1)")
-    g.add_argument("--batch-size", type=_count(1), default=4, metavar="B", help="blocks per forward pass (default 4)")
-    g.add_argument("--text-field", default="text", help="field/column holding the text (default text)")
-    g.add_argument("--gpus-per-worker", type=_positive, default=None, metavar="G",
-                   help="GPUs per Ray actor (default: 1 when the cluster has GPUs); a teacher larger than "
-                        "one GPU is sharded over the actor's GPUs")
-
-
-def _add_method_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("methods (see `moe2dense methods`)")
-    g.add_argument("--experts", "-K", type=int, required=True, metavar="K", help="experts kept per MoE layer")
-    g.add_argument("--groups", "-k", type=int, default=None, metavar="k",
-                   help="groups per layer, k <= K (default K: pure pruning, the paper's best)")
-    g.add_argument("--scoring", default="cp", help="expert scoring (default cp)")
-    g.add_argument("--grouping", default="none", help="expert grouping (default none)")
-    g.add_argument("--scaling", default="uniform", help="magnitude scaling (default uniform)")
-    g.add_argument("--seed", type=int, default=0, help="seed for random scoring/grouping and data order")
-    from .config import MethodOptions
-
-    MethodOptions.add_arguments(p.add_argument_group("method settings (recorded in the plan)"), config_flag=False)
-
-
-def _add_build_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("output")
-    g.add_argument("--out", "-o", required=True, metavar="DST", help="output directory (local or URL)")
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="cast the student (default: keep the teacher's dtypes; bf16 for MXFP4)")
-    g.add_argument("--shard-size", type=_positive, default=1.0, metavar="GB", help="max shard size in GB (default 1)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace DST if it holds a checkpoint (never a directory of other files, never SRC)")
-    g.add_argument("--allow-pickle", action="store_true",
-                   help="accept pickle (.bin) checkpoints; they can run code when loaded")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="moe2dense", description=_DESCRIPTION, epilog=_EXAMPLES,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,44 +96,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
+    from .config import BuildConfig, CalibrateConfig, ConvertConfig, PlanConfig
+
     c = sub.add_parser("convert", help="calibrate, plan and build in one go",
                        description="Convert an MoE checkpoint SRC into a dense checkpoint DST.\n\n"
-                       "DST holds a standard Hugging Face model plus moe2dense_plan.json recording what was kept.",
+                       "DST holds a standard Hugging Face model plus moe2dense_plan.json recording what was kept. "
+                       "Settings can come from --config YAML; flags override it.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_source_and_data_args(c)
-    _add_method_args(c)
-    _add_build_args(c)
-    c.add_argument("--stats", metavar="STATS", help="also keep the calibration statistics here, for later `plan` runs")
-    c.add_argument("--full-stats", action="store_true", default=None,
-                   help="collect expert-output statistics even if the chosen methods do not need them")
-
+    ConvertConfig.add_arguments(c)
     k = sub.add_parser("calibrate", help="run the teacher on text and save additive statistics",
                        description="Run SRC on calibration text and save per-layer statistics (sums) to STATS.\n"
                        "Statistics from any number of workers add up to the same result.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_source_and_data_args(k)
-    k.add_argument("--full-stats", action="store_true",
-                   help="also run every expert on every token (needed by acp, do-acp, reap, ean, output grouping)")
-    k.add_argument("--out", "-o", required=True, metavar="STATS", help="statistics directory (local or URL)")
-    k.add_argument("--overwrite", action="store_true", help="replace STATS if it holds statistics")
-    k.add_argument("--seed", type=int, default=0, help="seed for the choice and order of calibration blocks")
-    k.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) checkpoints")
-
+    CalibrateConfig.add_arguments(k)
     pl = sub.add_parser("plan", help="score, select, group and scale experts from STATS",
                         description="Compute a conversion plan from calibration statistics (no model needed, "
                         "except --src for weight grouping).")
-    pl.add_argument("stats", metavar="STATS", help="statistics written by `moe2dense calibrate` (local or URL)")
-    _add_method_args(pl)
-    pl.add_argument("--src", help="the teacher checkpoint (needed by --grouping weight; default: the one calibrated)")
-    pl.add_argument("--out", "-o", required=True, metavar="PLAN",
-                    help="plan file (JSON), or a directory to write moe2dense_plan.json into")
-    pl.add_argument("--overwrite", action="store_true", help="replace PLAN if it exists")
-
+    PlanConfig.add_arguments(pl)
     b = sub.add_parser("build", help="apply a plan to a checkpoint, streaming it into a dense model",
                        description="Stream SRC tensor by tensor into the dense checkpoint described by PLAN.")
-    b.add_argument("src", metavar="SRC", help="the MoE checkpoint the plan was made for (local or URL)")
-    b.add_argument("plan", metavar="PLAN", help="plan file, or a directory holding moe2dense_plan.json")
-    _add_build_args(b)
+    BuildConfig.add_arguments(b)
 
     d = sub.add_parser("demo", help="convert the bundled teacher end to end on local Ray and report perplexities",
                        description="Runs the whole pipeline on the small teacher shipped with the package: "
@@ -223,38 +149,42 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     progress = not args.quiet
     if args.command == "convert":
+        from .config import ConvertConfig
         from .convert import convert
 
-        r = convert(args.src, args.data, args.out, experts=args.experts, groups=args.groups,
-                    scoring=args.scoring, grouping=args.grouping, scaling=args.scaling,
-                    samples=args.samples, seq_len=args.seq_len, workers=args.workers,
-                    full_stats=args.full_stats, stats_out=args.stats, seed=args.seed, dtype=args.dtype,
-                    max_shard_bytes=int(args.shard_size * (1 << 30)), overwrite=args.overwrite,
-                    allow_pickle=args.allow_pickle, batch_size=args.batch_size, progress=progress,
-                    gpus_per_worker=args.gpus_per_worker, text_field=args.text_field,
-                    options=_method_options(args))
+        cfg = ConvertConfig.from_args(args)
+        r = convert(cfg.src, cfg.data, cfg.out, experts=cfg.experts, groups=cfg.groups, scoring=cfg.scoring,
+                    grouping=cfg.grouping, scaling=cfg.scaling, samples=cfg.samples, seq_len=cfg.seq_len,
+                    workers=cfg.workers, full_stats=cfg.full_stats, stats_out=cfg.stats, seed=cfg.seed,
+                    dtype=cfg.dtype, max_shard_bytes=int(cfg.shard_size * (1 << 30)), overwrite=cfg.overwrite,
+                    allow_pickle=cfg.allow_pickle, batch_size=cfg.batch_size, progress=progress,
+                    gpus_per_worker=cfg.gpus_per_worker, text_field=cfg.text_field, options=cfg.method_options())
         rep = r.report
         print(f"wrote {rep.out}: {rep.dense_model_type} with FFN width {rep.intermediate_size}, "
               f"{rep.student_params / 1e6:.2f}M parameters (teacher {rep.teacher_params / 1e6:.2f}M), "
               f"calibrated on {r.stats.tokens} tokens")
     elif args.command == "calibrate":
         from .calibrate import calibrate
+        from .config import CalibrateConfig
 
-        s = calibrate(args.src, args.data, samples=args.samples, seq_len=args.seq_len, workers=args.workers,
-                      full=args.full_stats, out=args.out, overwrite=args.overwrite, batch_size=args.batch_size, seed=args.seed,
-                      progress=progress, text_field=args.text_field, gpus_per_worker=args.gpus_per_worker,
-                      allow_pickle=args.allow_pickle)
-        print(f"wrote {args.out}: {len(s.moe_layers)} MoE layers, {s.tokens} tokens, "
+        cfg = CalibrateConfig.from_args(args)
+        s = calibrate(cfg.src, cfg.data, samples=cfg.samples, seq_len=cfg.seq_len, workers=cfg.workers,
+                      full=cfg.full_stats, out=cfg.out, overwrite=cfg.overwrite, batch_size=cfg.batch_size,
+                      seed=cfg.seed, progress=progress, text_field=cfg.text_field,
+                      gpus_per_worker=cfg.gpus_per_worker, allow_pickle=cfg.allow_pickle)
+        print(f"wrote {cfg.out}: {len(s.moe_layers)} MoE layers, {s.tokens} tokens, "
               f"{'full' if s.full else 'router'} statistics, {s.meta['seconds']:.1f}s")
     elif args.command == "plan":
         from .build import read_expert_weights
+        from .config import PlanConfig
         from .plan import make_plan, save_plan
         from .stats import Stats
 
-        stats = Stats.load(args.stats)
+        cfg = PlanConfig.from_args(args)
+        stats = Stats.load(cfg.stats)
         weights = None
-        if args.grouping == "weight":
-            src = args.src or stats.source
+        if cfg.grouping == "weight":
+            src = cfg.src or stats.source
             if not src:
                 raise UserError("--grouping weight needs --src (the teacher checkpoint)")
             from .build import inspect_source
@@ -268,19 +198,21 @@ def _run(args: argparse.Namespace) -> int:
                                 f"model these statistics were calibrated on ({ours[0]}, {ours[1]} experts, "
                                 f"hidden {ours[2]})")
             weights = read_expert_weights(src)
-        plan = make_plan(stats, experts=args.experts, groups=args.groups, scoring=args.scoring,
-                         grouping=args.grouping, scaling=args.scaling, seed=args.seed, expert_weights=weights,
-                         options=_method_options(args))
-        written = save_plan(plan, args.out, overwrite=args.overwrite)
+        plan = make_plan(stats, experts=cfg.experts, groups=cfg.groups, scoring=cfg.scoring,
+                         grouping=cfg.grouping, scaling=cfg.scaling, seed=cfg.seed, expert_weights=weights,
+                         options=cfg.method_options())
+        written = save_plan(plan, cfg.out, overwrite=cfg.overwrite)
         print(f"wrote {written}: K={plan.experts}, k={plan.groups}, {plan.scoring}/{plan.grouping}/{plan.scaling}, "
               f"{len(plan.layers)} layers")
     elif args.command == "build":
         from .build import build
+        from .config import BuildConfig
         from .plan import load_plan
 
-        rep = build(args.src, load_plan(args.plan), args.out, dtype=args.dtype,
-                    max_shard_bytes=int(args.shard_size * (1 << 30)), overwrite=args.overwrite,
-                    allow_pickle=args.allow_pickle, progress=progress)
+        cfg = BuildConfig.from_args(args)
+        rep = build(cfg.src, load_plan(cfg.plan), cfg.out, dtype=cfg.dtype,
+                    max_shard_bytes=int(cfg.shard_size * (1 << 30)), overwrite=cfg.overwrite,
+                    allow_pickle=cfg.allow_pickle, progress=progress)
         print(f"wrote {rep.out}: {rep.dense_model_type}, FFN width {rep.intermediate_size}, "
               f"{rep.student_params / 1e6:.2f}M parameters in {rep.seconds:.1f}s")
     elif args.command == "demo":
@@ -309,12 +241,6 @@ def _run(args: argparse.Namespace) -> int:
 
         print(supported_families_table())
     return 0
-
-
-def _method_options(args: argparse.Namespace):
-    from .config import MethodOptions
-
-    return MethodOptions.from_args(args)
 
 
 def _distill_config(args: argparse.Namespace):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import types
 import typing
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -74,20 +74,19 @@ class StageConfig(BaseModel):
             extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
             kind, choices = _arg_kind(field.annotation)
             help_text = field.description or ""
-            if not field.is_required() and field.default is not None:
+            if not field.is_required() and field.default not in (None, False):
                 help_text += f" (default {field.default})"
             kw: dict[str, Any] = dict(help=help_text, default=argparse.SUPPRESS)
             if kind is bool:  # a switch; one that is on by default gets a --no- form
                 kw["action"] = argparse.BooleanOptionalAction if field.default else "store_true"
             else:
-                kw["type"] = kind
+                kw["type"] = _checked(kind, field)
                 if choices:
                     kw["choices"] = choices
                 if "metavar" in extra or not choices:
                     kw["metavar"] = extra.get("metavar", name.upper())
-            if extra.get("positional"):
-                kw.pop("default")
-                parser.add_argument(name, nargs="?" if not field.is_required() else None, **kw)
+            if extra.get("positional"):  # optional for argparse: a --config file may hold it
+                parser.add_argument(name, nargs="?", **kw)
             else:
                 flags = [f"--{name.replace('_', '-')}"] + list(extra.get("aliases", ()))
                 parser.add_argument(*flags, dest=name, **kw)
@@ -100,6 +99,24 @@ class StageConfig(BaseModel):
         if path:
             return cls.from_yaml(path, **given)
         return cls.create(**given)
+
+
+def _checked(kind: type, field) -> Any:
+    """argparse type that also applies the field's constraints, so `--workers -1` fails as a usage
+    error naming the flag, before anything runs."""
+    from pydantic import TypeAdapter
+
+    adapter = TypeAdapter(typing.Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation)
+
+    def parse(text: str):
+        try:
+            return adapter.validate_python(kind(text))
+        except (ValueError, ValidationError) as e:
+            msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else f"{text!r} is not a {kind.__name__}"
+            raise argparse.ArgumentTypeError(f"{text}: {msg[0].lower() + msg[1:]}") from None
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def _arg_kind(annotation: Any) -> tuple[Any, list[Any] | None]:
@@ -136,4 +153,88 @@ class MethodOptions(StageConfig):
         "sum", description="score scaling: a group's score is the sum or the mean of its members'")
 
 
-__all__ = ["StageConfig", "MethodOptions", "positional"]
+class CalibrationSettings(StageConfig):
+    """The teacher and the calibration text: what `calibrate` and `convert` both start from."""
+
+    src: str = positional("MoE checkpoint directory (local or URL)", metavar="SRC")
+    data: str = Field(..., description="calibration text: .txt, .jsonl (field `text`), .parquet, a directory of "
+                      "those, or hf:NAME[:CONFIG] for a Hugging Face dataset", json_schema_extra={"metavar": "DATA"})
+    samples: int = Field(64, ge=1, description="number of token blocks (paper: 512)", json_schema_extra={"metavar": "N"})
+    seq_len: int = Field(512, ge=2, description="tokens per block (paper: 2048)", json_schema_extra={"metavar": "L"})
+    workers: int = Field(1, ge=0, description="Ray actors, one teacher replica each (0 = in this process, no Ray)",
+                         json_schema_extra={"metavar": "N"})
+    batch_size: int = Field(4, ge=1, description="blocks per forward pass", json_schema_extra={"metavar": "B"})
+    text_field: str = Field("text", description="field/column holding the text")
+    gpus_per_worker: Optional[float] = Field(None, gt=0, description="GPUs per Ray actor (default: 1 when the cluster "
+                                             "has GPUs); a teacher larger than one GPU is sharded over the actor's GPUs",
+                                             json_schema_extra={"metavar": "G"})
+    allow_pickle: bool = Field(False, description="accept pickle (.bin) checkpoints; they can run code when loaded")
+
+
+class CalibrateConfig(CalibrationSettings):
+    """`moe2dense calibrate`."""
+
+    full_stats: bool = Field(False, description="also run every expert on every token (needed by acp, do-acp, reap, "
+                             "ean, output grouping)")
+    seed: int = Field(0, description="seed for the choice and order of calibration blocks")
+    out: str = Field(..., description="statistics directory (local or URL)",
+                     json_schema_extra={"metavar": "STATS", "aliases": ["-o"]})
+    overwrite: bool = Field(False, description="replace STATS if it holds statistics")
+
+
+class PlanSettings(MethodOptions):
+    """How many experts to keep and how to score, group and scale them (plus the methods' settings)."""
+
+    # K and k are checked against the model's expert count, which says more than a bound here
+    experts: int = Field(..., description="experts kept per MoE layer", json_schema_extra={"metavar": "K", "aliases": ["-K"]})
+    groups: Optional[int] = Field(None, description="groups per layer, k <= K (default K: pure pruning, the "
+                                  "paper's best)", json_schema_extra={"metavar": "k", "aliases": ["-k"]})
+    scoring: str = Field("cp", description="expert scoring (see `moe2dense methods`)")
+    grouping: str = Field("none", description="expert grouping")
+    scaling: str = Field("uniform", description="magnitude scaling")
+    seed: int = Field(0, description="seed for random scoring/grouping and data order")
+
+    def method_options(self) -> MethodOptions:
+        return MethodOptions(**{k: getattr(self, k) for k in MethodOptions.model_fields})
+
+
+class PlanConfig(PlanSettings):
+    """`moe2dense plan`."""
+
+    stats: str = positional("statistics written by `moe2dense calibrate` (local or URL)", metavar="STATS")
+    src: Optional[str] = Field(None, description="the teacher checkpoint (needed by --grouping weight; default: the "
+                               "one calibrated)", json_schema_extra={"metavar": "SRC"})
+    out: str = Field(..., description="plan file (JSON), or a directory to write moe2dense_plan.json into",
+                     json_schema_extra={"metavar": "PLAN", "aliases": ["-o"]})
+    overwrite: bool = Field(False, description="replace PLAN if it exists")
+
+
+class BuildOutput(StageConfig):
+    """Where and how `build` writes the dense checkpoint."""
+
+    out: str = Field(..., description="output directory (local or URL)", json_schema_extra={"metavar": "DST", "aliases": ["-o"]})
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(
+        None, description="cast the student (default: keep the teacher's dtypes; bf16 for MXFP4)")
+    shard_size: float = Field(1.0, gt=0, description="max shard size in GB", json_schema_extra={"metavar": "GB"})
+    overwrite: bool = Field(False, description="replace DST if it holds a checkpoint (never a directory of other "
+                            "files, never SRC)")
+    allow_pickle: bool = Field(False, description="accept pickle (.bin) checkpoints; they can run code when loaded")
+
+
+class BuildConfig(BuildOutput):
+    """`moe2dense build`."""
+
+    src: str = positional("the MoE checkpoint the plan was made for (local or URL)", metavar="SRC")
+    plan: str = positional("plan file, or a directory holding moe2dense_plan.json", metavar="PLAN")
+
+
+class ConvertConfig(BuildOutput, PlanSettings, CalibrationSettings):  # bases in reverse: flags in pipeline order
+    """`moe2dense convert`: calibrate -> plan -> build."""
+
+    stats: Optional[str] = Field(None, description="also keep the calibration statistics here, for later `plan` runs",
+                                 json_schema_extra={"metavar": "STATS"})
+    full_stats: Optional[bool] = Field(None, description="collect expert-output statistics even if the chosen "
+                                       "methods do not need them")
+
+
+__all__ = ["StageConfig", "MethodOptions", "CalibrateConfig", "PlanConfig", "BuildConfig", "ConvertConfig", "positional"]

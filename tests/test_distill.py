@@ -151,7 +151,7 @@ def _kill_during(run, plan: list[tuple[int, str]]) -> threading.Thread:
     return t
 
 
-def _check_exact_steps(run, steps: int, checkpoint_every: int) -> None:
+def _check_exact_steps(run, steps: int, checkpoint_every: int, blocks: int, seq_len: int) -> None:
     """Every step up to `steps` was logged; the last attempt started at a checkpoint and went on from it."""
     rows = read_metrics(str(run))
     resumed = [m for m in rows if m.get("resumed_from", 0) > 0]
@@ -164,8 +164,8 @@ def _check_exact_steps(run, steps: int, checkpoint_every: int) -> None:
     state = _final_state(run)
     assert state["step"] == steps
     trained = state["trained"]
-    assert len(trained) == steps * 4  # a set of blocks: as many as planned means none lost, none repeated
-    assert state["tokens"] == steps * 4 * 64
+    assert len(trained) == steps * blocks  # a set of blocks: as many as planned means none lost, none repeated
+    assert state["tokens"] == steps * blocks * seq_len
 
 
 def _final_state(run) -> dict:
@@ -175,19 +175,20 @@ def _final_state(run) -> dict:
 
 def test_worker_and_teacher_killed_mid_run_recover(ray_cluster, student, tmp_path):
     run = tmp_path / "run"
-    cfg = _cfg(student, run, tokens=4 * 64 * 24, max_failures=2)
-    watcher = _kill_during(run, [(2, "TeacherService"), (10, "RayTrainWorker")])
+    # steps big enough (8 x 128 tokens) that the watcher acts mid-run, and the teacher is still streaming
+    cfg = _cfg(student, run, seq_len=128, batch_size=8, tokens=8 * 128 * 24, max_failures=2)
+    watcher = _kill_during(run, [(1, "TeacherService"), (10, "RayTrainWorker")])
     r = distill(cfg, progress=False)
     watcher.join(timeout=5)
-    assert watcher.killed == [(2, "TeacherService"), (10, "RayTrainWorker")]
+    assert watcher.killed == [(1, "TeacherService"), (10, "RayTrainWorker")]
     assert r.steps == 24
-    _check_exact_steps(run, 24, cfg.checkpoint_every)
+    _check_exact_steps(run, 24, cfg.checkpoint_every, blocks=8, seq_len=128)
     assert AutoModelForCausalLM.from_pretrained(run / "student") is not None
 
 
 def test_stopped_run_resumes_from_its_checkpoint(ray_cluster, student, tmp_path, capsys):
     run = tmp_path / "run"
-    cfg = _cfg(student, run, tokens=4 * 64 * 16, max_failures=0)
+    cfg = _cfg(student, run, seq_len=128, batch_size=8, tokens=8 * 128 * 16, max_failures=0)
     watcher = _kill_during(run, [(6, "RayTrainWorker")])
     with pytest.raises(Exception):
         distill(cfg, progress=False)
@@ -198,7 +199,7 @@ def test_stopped_run_resumes_from_its_checkpoint(ray_cluster, student, tmp_path,
     _one_error(capsys, main(["-q", "distill", "--resume", str(run), "--batch-size", "8"]), "--batch-size")
     assert main(["-q", "distill", "--resume", str(run), "--report-every", "2"]) == 0
     assert "16 steps" in capsys.readouterr().out
-    _check_exact_steps(run, 16, cfg.checkpoint_every)
+    _check_exact_steps(run, 16, cfg.checkpoint_every, blocks=8, seq_len=128)
 
 
 def test_offline_stream_gives_the_online_loss(ray_cluster, student, tmp_path):

@@ -106,3 +106,27 @@ def test_method_settings_reach_the_methods_and_the_plan(staged):
         want = GROUPINGS.get("output")(select(result, 6), 3, scores=result.scores, stats=s, layer=lp.layer,
                                        distance="cosine")
         assert lp.groups == want
+
+
+def test_every_stage_takes_a_config_file(staged, corpus, tmp_path):
+    """calibrate, plan, build and convert read the same settings from --config YAML as from flags."""
+    import yaml
+
+    from moe2dense_ray.config import ConvertConfig, PlanConfig
+
+    root, src, _ = staged
+    cfg = PlanConfig(stats=str(root / "stats"), experts=4, scoring="reap", out=str(tmp_path / "from-yaml.json"))
+    (tmp_path / "plan.yaml").write_text(cfg.to_yaml())
+    assert main(["-q", "plan", "--config", str(tmp_path / "plan.yaml")]) == 0
+    assert main(["-q", "plan", str(root / "stats"), "--experts", "4", "--scoring", "reap",
+                 "--out", str(tmp_path / "from-flags.json")]) == 0
+    assert load_plan(str(tmp_path / "from-yaml.json")).layers == load_plan(str(tmp_path / "from-flags.json")).layers
+    conv = ConvertConfig(src=str(src), data=corpus, samples=6, seq_len=24, workers=0, experts=4, scoring="cp",
+                         out=str(tmp_path / "dense"))
+    (tmp_path / "convert.yaml").write_text(yaml.safe_dump({**conv.model_dump(mode="json"), "experts": 8}))
+    # a flag overrides the file; the file supplies the positional SRC too
+    assert main(["-q", "convert", "--config", str(tmp_path / "convert.yaml"), "--experts", "4"]) == 0
+    assert load_plan(str(tmp_path / "dense")).experts == 4
+    assert main(["-q", "build", str(src), str(tmp_path / "from-yaml.json"), "--out", str(tmp_path / "b"),
+                 "--shard-size", "0.00001"]) == 0
+    assert (tmp_path / "b" / "model.safetensors.index.json").exists()  # --shard-size reached the writer

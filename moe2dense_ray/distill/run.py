@@ -329,7 +329,9 @@ def read_metrics(run: str) -> list[dict[str, Any]]:
     fs, path = url_to_fs(f"{run}/{METRICS_FILE}")
     if not fs.exists(path):
         return []
-    return [json.loads(line) for line in fs.cat_file(path).decode().splitlines() if line.strip()]
+    text = fs.cat_file(path).decode()
+    complete = text[: text.rfind("\n") + 1]  # rank 0 may be writing the last line right now
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
 class _MetricsWatcher:
