@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .checkpoint import TOKENIZER_FILES, CheckpointReader, CheckpointWriter, copy_aux_files
+from .checkpoint import TOKENIZER_FILES, CheckpointReader, CheckpointWriter, TensorSpec, copy_aux_files
 from .errors import UserError
 from .families import Family, MoEShape, dense_config_dict, dense_width, get_family, moe_shape
 from .plan import PLAN_FILE, Plan
@@ -197,35 +197,112 @@ class ExpertReader:
         return torch.stack(rows)
 
 
-def _write_ffn(writer: CheckpointWriter, family: Family, layer: int, ffn: Expert, dtype: torch.dtype) -> None:
+def ffn_tensors(family: Family, layer: int, ffn: Expert, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The student's FFN tensors for one layer, named and laid out as the dense family stores them.
+
+    Called on meta tensors too, which gives the output's names, shapes and dtypes before
+    anything is read (the writer's layout and the completeness check come from the same code).
+    """
     p = f"model.layers.{layer}.mlp"
     if family.dense_layout == "mlp":
-        writer.add(f"{p}.gate_proj.weight", ffn.gate.to(dtype))
-        writer.add(f"{p}.up_proj.weight", ffn.up.to(dtype))
-        writer.add(f"{p}.down_proj.weight", ffn.down.to(dtype))
-        return
+        return {f"{p}.gate_proj.weight": ffn.gate.to(dtype), f"{p}.up_proj.weight": ffn.up.to(dtype),
+                f"{p}.down_proj.weight": ffn.down.to(dtype)}
     H = ffn.gate.shape[1]
     if family.expert_layout == "interleaved_biased":
         W = ffn.width
-        gu = torch.empty(H, 2 * W)
+        gu = ffn.gate.new_empty(H, 2 * W)
         gu[:, 0::2], gu[:, 1::2] = ffn.gate.T, ffn.up.T
-        gub = torch.empty(2 * W)
-        zeros = torch.zeros(W)
+        gub = ffn.gate.new_empty(2 * W)
+        zeros = ffn.gate.new_zeros(W)
         gub[0::2] = ffn.gate_bias if ffn.gate_bias is not None else zeros
         gub[1::2] = ffn.up_bias if ffn.up_bias is not None else zeros
-        dnb = ffn.down_bias if isinstance(ffn.down_bias, torch.Tensor) else torch.zeros(H)
-        writer.add(f"{p}.experts.gate_up_proj", gu[None].to(dtype))
-        writer.add(f"{p}.experts.gate_up_proj_bias", gub[None].to(dtype))
-        writer.add(f"{p}.experts.down_proj", ffn.down.T[None].contiguous().to(dtype))
-        writer.add(f"{p}.experts.down_proj_bias", dnb[None].to(dtype))
-        writer.add(f"{p}.{family.router_key}.weight", torch.zeros(1, H, dtype=dtype))
-        writer.add(f"{p}.{family.router_key}.bias", torch.zeros(1, dtype=dtype))
-        return
+        dnb = ffn.down_bias if isinstance(ffn.down_bias, torch.Tensor) else ffn.gate.new_zeros(H)
+        return {f"{p}.experts.gate_up_proj": gu[None].to(dtype),
+                f"{p}.experts.gate_up_proj_bias": gub[None].to(dtype),
+                f"{p}.experts.down_proj": ffn.down.T[None].contiguous().to(dtype),
+                f"{p}.experts.down_proj_bias": dnb[None].to(dtype),
+                f"{p}.{family.router_key}.weight": ffn.gate.new_zeros(1, H, dtype=dtype),
+                f"{p}.{family.router_key}.bias": ffn.gate.new_zeros(1, dtype=dtype)}
     g, u, d = family.expert_keys
-    writer.add(f"{p}.experts.0.{g}.weight", ffn.gate.to(dtype))
-    writer.add(f"{p}.experts.0.{u}.weight", ffn.up.to(dtype))
-    writer.add(f"{p}.experts.0.{d}.weight", ffn.down.to(dtype))
-    writer.add(f"{p}.{family.router_key}.weight", torch.zeros(1, H, dtype=dtype))
+    return {f"{p}.experts.0.{g}.weight": ffn.gate.to(dtype), f"{p}.experts.0.{u}.weight": ffn.up.to(dtype),
+            f"{p}.experts.0.{d}.weight": ffn.down.to(dtype),
+            f"{p}.{family.router_key}.weight": ffn.gate.new_zeros(1, H, dtype=dtype)}
+
+
+def _meta_ffn(family: Family, width: int, hidden: int) -> Expert:
+    def m(*shape: int) -> torch.Tensor:
+        return torch.empty(*shape, device="meta")
+
+    biases = (m(width), m(width), m(hidden)) if family.expert_layout == "interleaved_biased" else ()
+    return Expert(m(width, hidden), m(width, hidden), m(hidden, width), *biases)
+
+
+@dataclass
+class _Step:
+    """Tensors the builder will write together, declared before `produce` computes them."""
+
+    specs: list[TensorSpec]
+    produce: Callable[[], list[torch.Tensor]]
+    layer: int | None = None  # set on a layer's last step, for progress
+
+
+def check_complete(dense_cfg: dict, specs: list[TensorSpec], family: Family) -> None:
+    """The output holds exactly the tensors the dense model has, with its shapes.
+
+    transformers would random-initialise a missing tensor (a student without embeddings) and
+    ignore an unexpected one, so both are errors here, before any tensor is read. The model is
+    instantiated on the meta device: no memory, whatever its size.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**dense_cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    required: dict[str, tuple[int, ...]] = {}
+    tied: dict[str, tuple[int, ...]] = {}  # a second name of a tied weight: saved or not, both load
+    seen: set[int] = set()
+    for k, v in model.state_dict(keep_vars=True).items():
+        (tied if id(v) in seen else required)[k] = tuple(v.shape)
+        seen.add(id(v))
+    expected = {**tied, **required}
+    have = _as_loaded(specs, family)
+    missing = sorted(set(required) - set(have))
+    unexpected = sorted(set(have) - set(expected))
+    wrong = sorted(k for k in set(have) & set(expected) if have[k] != expected[k])
+    if missing:
+        raise UserError(f"the source checkpoint lacks {len(missing)} tensor(s) the dense model needs, "
+                        f"e.g. {', '.join(missing[:3])}: it is incomplete or not the model its config describes")
+    if unexpected:
+        raise UserError(f"the dense model has no place for {len(unexpected)} tensor(s) of the source, "
+                        f"e.g. {', '.join(unexpected[:3])}")
+    if wrong:
+        k = wrong[0]
+        raise UserError(f"tensor {k} would have shape {have[k]}, the dense model needs {expected[k]}")
+
+
+_PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight$")
+
+
+def _as_loaded(specs: list[TensorSpec], family: Family) -> dict[str, tuple[int, ...]]:
+    """Names and shapes as transformers holds them in memory, where the per-expert tensors of an
+    MoE-layout student (`experts.0.{gate,up,down}`) are fused into `gate_up_proj`/`down_proj`."""
+    g, u, d = family.expert_keys
+    out: dict[str, tuple[int, ...]] = {}
+    fused: dict[str, dict[str, list[tuple[int, ...]]]] = {}
+    for spec in specs:
+        m = _PER_EXPERT.match(spec.name)
+        if m is None or m.group(3) not in (g, u, d):
+            out[spec.name] = spec.shape
+        else:
+            fused.setdefault(m.group(1), {}).setdefault(m.group(3), []).append(spec.shape)
+    for prefix, projs in fused.items():
+        if not projs.get(g) or not projs.get(d):
+            out.update({f"{prefix}.{p}": shapes[0] for p, shapes in projs.items()})  # reported as missing
+            continue
+        (inner, hidden), n = projs[g][0], len(projs[g])
+        out[f"{prefix}.gate_up_proj"] = (n, 2 * inner, hidden)
+        out[f"{prefix}.down_proj"] = (n, hidden, inner)
+    return out
 
 
 @dataclass
@@ -268,8 +345,12 @@ def build(
     allow_pickle: bool = False,
     progress: bool = True,
     on_layer: Callable[[int], None] | None = None,
+    inputs: tuple[str | None, ...] = (),
 ) -> BuildReport:
-    """Stream `src` into a dense checkpoint at `out` following `plan` (see module docstring)."""
+    """Stream `src` into a dense checkpoint at `out` following `plan` (see module docstring).
+
+    `inputs` are the run's other inputs (the plan's file, the statistics), which `out` may not
+    replace or contain, as it may not `src`."""
     t0 = time.time()
     reader, cfg_dict, family, cfg, shape = inspect_source(src, allow_pickle=allow_pickle)
     if plan.model_type != family.model_type:
@@ -304,53 +385,69 @@ def build(
     if dropped:
         warnings.warn(f"dropping {len(dropped)} tensors of layers beyond num_hidden_layers (e.g. {dropped[0]})")
 
-    def copy(writer: CheckpointWriter, key: str) -> None:
-        t = reader.get(key)
-        if out_dtype is not None and t.is_floating_point():
-            t = t.to(out_dtype)
-        elif t.dtype != reader.dtype(key):  # dequantized FP8 is written in bf16 by default
-            t = t.to(reader.dtype(key))
-        writer.add(key, t)
+    def copy(key: str) -> _Step:
+        src_dtype = reader.dtype(key)  # dequantized FP8 is written in bf16 by default
+        dt = out_dtype if out_dtype is not None and src_dtype.is_floating_point else src_dtype
+        return _Step([TensorSpec(key, tuple(reader.shape(key)), dt)], lambda: [reader.get(key).to(dt)])
+
+    def zeros(key: str, rows: int, dt: torch.dtype) -> _Step:
+        return _Step([TensorSpec(key, (rows,), dt)], lambda: [torch.zeros(rows, dtype=dt)])
+
+    def ffn(i: int, ffn_dtype: torch.dtype) -> _Step:
+        meta = ffn_tensors(family, i, _meta_ffn(family, width, shape.hidden_size), ffn_dtype)
+        return _Step([TensorSpec(k, tuple(t.shape), t.dtype) for k, t in meta.items()],
+                     lambda: list(ffn_tensors(family, i, layer_ffn(i), ffn_dtype).values()), layer=i)
+
+    def layer_ffn(i: int) -> Expert:
+        if i not in moe_set:
+            return concat_ffn([(experts.mlp(f"model.layers.{i}.mlp", width=shape.dense_size), 1.0)], width)
+        lp = plan.layer(i)
+        parts: list[tuple[Expert, float]] = []
+        for group, scale in zip(lp.groups, lp.scales):
+            members = [experts.expert(i, e) for e in group]
+            w = merge_weights(group, torch.tensor(lp.scores, dtype=torch.float64))
+            parts.append((weighted_average(members, [float(x) for x in w]), float(scale)))
+        if family.shared_prefix:
+            shared = experts.mlp(f"model.layers.{i}.{experts.moe_prefix(i)}.{family.shared_prefix}",
+                                 width=shape.shared_size)
+            parts.append((shared, float(lp.shared_scale)))
+        return concat_ffn(parts, width)
 
     teacher_params = sum(math.prod(reader.shape(k)) for k in reader.keys())
     moe_set = set(shape.moe_layers)
-    with CheckpointWriter(out, max_shard_bytes=max_shard_bytes, overwrite=overwrite, sources=(src,)) as writer:
-        for key in other:
-            copy(writer, key)
+    steps = [copy(key) for key in other]
+    for i in range(shape.num_layers):
+        keys = by_layer.get(i, [])
+        ffn_prefix = f"{experts.moe_prefix(i)}." if i in moe_set else "mlp."
+        steps += [copy(key) for key in keys if not _LAYER_KEY.match(key).group(2).startswith(ffn_prefix)]
+        for proj in family.dense_biases:  # zero biases for projections the dense twin always has
+            key = f"model.layers.{i}.{proj}"
+            if f"{key}.bias" not in reader and f"{key}.weight" in reader:
+                steps.append(zeros(f"{key}.bias", reader.shape(f"{key}.weight")[0],
+                                   out_dtype or reader.dtype(f"{key}.weight")))
+        if i in moe_set:
+            ffn_dtype = _source_dtype(reader, keys, f"model.layers.{i}.{experts.moe_prefix(i)}.experts.")
+        else:
+            ffn_dtype = reader.dtype(_key_of(reader, f"model.layers.{i}.mlp.gate_proj.weight"))
+        steps.append(ffn(i, out_dtype or ffn_dtype))
+    dense_cfg = dense_config_dict(family, cfg_dict, shape, routed)
+    if out_dtype is not None:
+        dense_cfg["dtype"] = dtype
+    elif "quantization_config" in cfg_dict:  # MXFP4 / FP8 sources are dequantized to bf16
+        dense_cfg["dtype"] = "bfloat16"
+    layout = [spec for step in steps for spec in step.specs]
+    check_complete(dense_cfg, layout, family)
+    with CheckpointWriter(out, max_shard_bytes=max_shard_bytes, overwrite=overwrite, sources=(src, *inputs),
+                          layout=layout) as writer:
         bar = Progress(shape.num_layers, "build", unit="layers", enabled=progress)
-        for i in range(shape.num_layers):
-            keys = by_layer.get(i, [])
-            ffn_prefix = f"{experts.moe_prefix(i)}." if i in moe_set else "mlp."
-            for key in keys:
-                rest = _LAYER_KEY.match(key).group(2)
-                if not rest.startswith(ffn_prefix):
-                    copy(writer, key)
-            _fill_missing_biases(reader, writer, family, i, out_dtype)
-            if i in moe_set:
-                lp = plan.layer(i)
-                parts: list[tuple[Expert, float]] = []
-                for group, scale in zip(lp.groups, lp.scales):
-                    members = [experts.expert(i, e) for e in group]
-                    w = merge_weights(group, torch.tensor(lp.scores, dtype=torch.float64))
-                    parts.append((weighted_average(members, [float(x) for x in w]), float(scale)))
-                if family.shared_prefix:
-                    shared = experts.mlp(f"model.layers.{i}.{experts.moe_prefix(i)}.{family.shared_prefix}",
-                                         width=shape.shared_size)
-                    parts.append((shared, float(lp.shared_scale)))
-                ffn_dtype = _source_dtype(reader, keys, f"model.layers.{i}.{experts.moe_prefix(i)}.experts.")
-            else:
-                parts = [(experts.mlp(f"model.layers.{i}.mlp", width=shape.dense_size), 1.0)]
-                ffn_dtype = reader.dtype(f"model.layers.{i}.mlp.gate_proj.weight")
-            _write_ffn(writer, family, i, concat_ffn(parts, width), out_dtype or ffn_dtype)
-            bar.update(1)
-            if on_layer:
-                on_layer(i)
+        for step in steps:
+            for spec, t in zip(step.specs, step.produce()):
+                writer.add(spec.name, t)
+            if step.layer is not None:
+                bar.update(1)
+                if on_layer:
+                    on_layer(step.layer)
         bar.close()
-        dense_cfg = dense_config_dict(family, cfg_dict, shape, routed)
-        if out_dtype is not None:
-            dense_cfg["dtype"] = dtype
-        elif "quantization_config" in cfg_dict:  # MXFP4 / FP8 sources are dequantized to bf16
-            dense_cfg["dtype"] = "bfloat16"
         writer.write_json("config.json", dense_cfg)
         copy_aux_files(reader, writer)
         writer.write_text(PLAN_FILE, plan.to_json())
@@ -374,13 +471,10 @@ def _source_dtype(reader: CheckpointReader, layer_keys: list[str], prefix: str) 
     return torch.bfloat16
 
 
-def _fill_missing_biases(reader, writer, family: Family, layer: int, out_dtype) -> None:
-    """Zero biases for the projections the dense twin always has (`Family.dense_biases`)."""
-    for proj in family.dense_biases:
-        key = f"model.layers.{layer}.{proj}"
-        if f"{key}.bias" not in reader and f"{key}.weight" in reader:
-            rows = reader.shape(f"{key}.weight")[0]
-            writer.add(f"{key}.bias", torch.zeros(rows, dtype=out_dtype or reader.dtype(f"{key}.weight")))
+def _key_of(reader: CheckpointReader, key: str) -> str:
+    if key not in reader:
+        raise UserError(f"{reader.url}: tensor {key} is missing from the checkpoint")
+    return key
 
 
 def read_expert_weights(src: str, *, allow_pickle: bool = False) -> Callable[[int], torch.Tensor]:

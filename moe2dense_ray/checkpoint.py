@@ -2,9 +2,11 @@
 
 The reader parses each safetensors header once and then reads one tensor's byte range at a
 time, so a 60 GB teacher on object storage costs the memory of the tensors in use, never of a
-whole shard. The writer buffers tensors up to a shard size, writes shards into a sibling
-`.partial-*` directory and moves it into place only when everything, index and configs included,
-is written: an interrupted run never leaves a destination that looks complete.
+whole shard; it rejects what safetensors itself would (overlapping or out-of-order byte ranges)
+and what a loader would silently resolve (one tensor name in two shards, an index that lies).
+The writer streams: tensors are declared up front, each shard's header is written first and
+each tensor appended as it is produced, into a sibling `.partial-*` directory that is swapped in
+only when everything, index and configs included, is written (outputs.py has the guarantees).
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ import math
 import os
 import posixpath
 import struct
-import uuid
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import fsspec
 import torch
-from safetensors.torch import save as safetensors_save
 
 from .errors import UserError
+from .outputs import (OUTPUT_MARKERS, OutputLock, check_output, clean_leftovers, is_local,  # noqa: F401
+                      parse_json, partial_name, read_json, read_small, swap_in, url_to_fs)
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -42,67 +45,28 @@ AUX_FILES = (
 )
 
 
-def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    try:
-        fs, path = fsspec.core.url_to_fs(str(url))
-    except (ImportError, ValueError) as e:  # e.g. s3:// without s3fs: fsspec says what to install
-        raise UserError(f"cannot open {url}: {' '.join(str(e).split())}") from None
-    return fs, path.rstrip("/") or path
-
-
-# What marks a directory as a moe2dense output that --overwrite may replace.
-OUTPUT_MARKERS = {"checkpoint": ("config.json", "moe2dense_plan.json"), "statistics": ("meta.json",),
-                  "logits": ("stream.json",), "run": ("distill.yaml",)}
-
-
-def check_output(url: str, *, what: str, overwrite: bool, sources: tuple[str, ...] = ()) -> None:
-    """Refuse an output location before any work is done, rather than fail (or destroy) at the end.
-
-    - the output may never be one of the inputs (`--out` = SRC would replace the teacher);
-    - an existing non-empty location is replaced only with --overwrite, and only when it holds
-      an output of the same kind: --overwrite must not delete a directory of someone's files;
-    - a local destination's nearest existing parent must be writable.
-    """
-    fs, path = url_to_fs(url)
-    for src in sources:
-        sfs, spath = url_to_fs(src)
-        same = type(sfs) is type(fs) and (spath == path if not is_local(fs) else
-                                            os.path.realpath(spath) == os.path.realpath(path))
-        if same:
-            raise UserError(f"--out {url} is the source {src}: write the {what} somewhere else")
-    if fs.exists(path):
-        if not fs.isdir(path):
-            raise UserError(f"{url} exists and is a file, not a {what} directory")
-        if fs.ls(path, detail=False):
-            if not overwrite:
-                raise UserError(f"{url} already exists (use --overwrite to replace it)")
-            markers = OUTPUT_MARKERS[what]
-            if not any(fs.exists(f"{path}/{m}") for m in markers):
-                raise UserError(f"{url} is not a {what} directory (no {' or '.join(markers)}); "
-                                f"refusing to replace it even with --overwrite")
-    if is_local(fs):
-        parent = os.path.dirname(os.path.abspath(path))
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise UserError(f"cannot write {url}: {parent} is not writable")
-
-
 def parse_config(data: str | bytes, where: str) -> dict[str, Any]:
     """A config.json's contents, or a one-line UserError saying what is wrong with it."""
-    try:
-        cfg = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{where} is not valid JSON ({getattr(e, 'msg', None) or e.reason})") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{where} holds a JSON {type(cfg).__name__}, not an object")
-    return cfg
+    return parse_json(data, where)
 
 
-def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    """Whether `fs` is the local filesystem (where paths can go to os.* and transformers)."""
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
+def _check_entry(name: str, key: str, e: Any) -> None:
+    """One header entry is {dtype, shape, data_offsets} of the right types and byte length."""
+    def bad(what: str) -> UserError:
+        return UserError(f"{name} is corrupted: tensor {key} {what}")
+
+    if not isinstance(e, dict):
+        raise bad(f"has a header entry that is a JSON {type(e).__name__}, not an object")
+    if e.get("dtype") not in _DTYPES:
+        raise UserError(f"{name}: tensor {key} has unsupported dtype {e.get('dtype')!r}")
+    shape, offsets = e.get("shape"), e.get("data_offsets")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"has shape {shape!r}, not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end")
+    if offsets[1] - offsets[0] != math.prod(shape) * _ITEMSIZE[e["dtype"]]:
+        raise bad("has the wrong byte length")
 
 
 class _SafetensorsFile:
@@ -124,21 +88,28 @@ class _SafetensorsFile:
                 header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise UserError(f"{name} is corrupted: its safetensors header is not valid JSON") from None
+        if not isinstance(header, dict):
+            raise UserError(f"{name} is corrupted: its safetensors header is a JSON {type(header).__name__}, "
+                            f"not an object")
         self.data_start = 8 + n
         self.metadata = header.pop("__metadata__", {}) or {}
         self.entries: dict[str, dict[str, Any]] = header
-        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        for key, e in header.items():
+            _check_entry(name, key, e)
+        # safetensors' own rule: the tensors tile the data area in order, no overlap, no holes, so
+        # no byte belongs to two tensors (a crafted file could otherwise alias weights)
+        end = 0
+        for key, e in sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
+            begin, stop = e["data_offsets"]
+            if begin != end:
+                raise UserError(f"{name} is corrupted: tensor {key} starts at byte {begin}, expected {end} "
+                                f"(overlapping or out-of-order tensors)")
+            end = stop
         if self.data_start + end > size:
             raise UserError(
                 f"{name} is truncated: its header promises {self.data_start + end} bytes, "
                 f"the file has {size}"
             )
-        for key, e in header.items():
-            if e.get("dtype") not in _DTYPES:
-                raise UserError(f"{name}: tensor {key} has unsupported dtype {e.get('dtype')!r}")
-            begin, stop = e["data_offsets"]
-            if stop - begin != math.prod(e["shape"]) * _ITEMSIZE[e["dtype"]]:
-                raise UserError(f"{name} is corrupted: tensor {key} has the wrong byte length")
         self._fh = None
 
     def read(self, key: str, row: int | None = None) -> torch.Tensor:
@@ -188,8 +159,8 @@ class CheckpointReader:
         self.key_to_file: dict[str, str] = {}
         names = {posixpath.basename(p) for p in self.fs.ls(self.root, detail=False)}
         index = "model.safetensors.index.json"
-        if index in names:
-            weight_map = json.loads(self.read_text(index)).get("weight_map", {})
+        weight_map = self._weight_map(index) if index in names else None
+        if weight_map is not None:
             shard_names = sorted(set(weight_map.values()))
         else:
             shard_names = sorted(n for n in names if n.endswith(".safetensors"))
@@ -200,7 +171,12 @@ class CheckpointReader:
                 f = _SafetensorsFile(self.fs, self._path(shard))
                 self._files[shard] = f
                 for key in f.entries:
+                    if key in self.key_to_file:  # which copy would win is an accident of file order
+                        raise UserError(f"{self.url}: tensor {key} is in both {self.key_to_file[key]} and {shard}")
                     self.key_to_file[key] = shard
+            for key, shard in (weight_map or {}).items():
+                if self.key_to_file.get(key) != shard:
+                    raise UserError(f"{self.url}: the index puts tensor {key} in {shard}, which does not hold it")
             self._find_fp8_pairs(names)
             return
         bins = sorted(n for n in names if n.endswith(".bin") and "pytorch_model" in n)
@@ -219,6 +195,17 @@ class CheckpointReader:
 
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}"
+
+    def _weight_map(self, index: str) -> dict[str, str]:
+        where = f"{self.url}/{index}"
+        weight_map = read_json(self.fs, self._path(index), what=where).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in weight_map.items()):
+            raise UserError(f"{where} has no weight_map object of tensor names to shard files")
+        for shard in set(weight_map.values()):
+            if "/" in shard or "\\" in shard or shard.startswith(".") or not shard.endswith(".safetensors"):
+                raise UserError(f"{where} names {shard!r}, not a .safetensors file beside it")
+        return weight_map
 
     def _find_fp8_pairs(self, names: set[str]) -> None:
         """Block-quantized FP8 weights (DeepSeek-V3, Qwen3-FP8): `W` float8 + `W_scale_inv` fp32
@@ -258,7 +245,12 @@ class CheckpointReader:
         if name not in self._pickle:
             self._pickle.clear()  # hold one pickle shard at a time
             with self.fs.open(self._path(name), "rb") as f:
-                self._pickle[name] = torch.load(f, map_location="cpu", weights_only=True)
+                try:
+                    self._pickle[name] = torch.load(f, map_location="cpu", weights_only=True)
+                except Exception as e:  # noqa: BLE001 - torch raises many types for a bad pickle
+                    first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+                    raise UserError(f"{self.url}/{name} cannot be loaded safely (weights_only): "
+                                    f"{' '.join(first.split())[:300]}") from None
         return self._pickle[name]
 
     # -- metadata -------------------------------------------------------------------------
@@ -266,12 +258,15 @@ class CheckpointReader:
         return self.fs.exists(self._path(name))
 
     def read_text(self, name: str) -> str:
-        with self.fs.open(self._path(name), "r") as f:
-            return f.read()
+        data = self.read_bytes(name)
+        try:
+            return data.decode()
+        except UnicodeDecodeError:
+            raise UserError(f"{self.url}/{name} is not UTF-8 text") from None
 
     def read_bytes(self, name: str) -> bytes:
-        with self.fs.open(self._path(name), "rb") as f:
-            return f.read()
+        """A metadata file (config, tokenizer, ...): size-capped, never a device or FIFO."""
+        return read_small(self.fs, self._path(name), what=f"{self.url}/{name}")
 
     def config_dict(self) -> dict[str, Any]:
         if not self.exists("config.json"):
@@ -326,63 +321,135 @@ class CheckpointReader:
         self._pickle.clear()
 
 
-def _tensor_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a tensor will be before it exists: enough to write a safetensors header first."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _ITEMSIZE[_DTYPE_NAMES[self.dtype]]
+
+
+def shard_layout(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Tensors in order, cut into shards of at most `max_shard_bytes` (a bigger tensor alone)."""
+    shards: list[list[TensorSpec]] = []
+    size = 0
+    for spec in specs:
+        if not shards or (shards[-1] and size + spec.nbytes > max_shard_bytes):
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def _header(shard: list[TensorSpec]) -> bytes:
+    """A safetensors header for tensors stored back to back in this order, padded to 8 bytes."""
+    entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in shard:
+        entries[spec.name] = {"dtype": _DTYPE_NAMES[spec.dtype], "shape": list(spec.shape),
+                              "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
 
 
 class CheckpointWriter:
     """Writes a sharded safetensors checkpoint atomically to a local path or fsspec URL.
 
-    Use as a context manager: on a clean exit the partial directory is moved to `url`; on an
-    exception it is deleted and `url` is untouched.
+    The tensors to write are declared up front (`layout`: name, shape and dtype of each, in
+    order), so every shard's header is written first and each tensor's bytes are appended the
+    moment it is produced: peak memory is the tensors in flight, whatever the shard size. Each
+    tensor is checked against its declaration and for NaN/inf before a byte of it is written.
+
+    Use as a context manager: the output's lock is taken (outputs.OutputLock), the files go to a
+    sibling `.partial-*` directory, and on a clean exit that is swapped in whole
+    (outputs.swap_in); on any failure, KeyboardInterrupt included, it is deleted and `url` is
+    untouched. Files other than tensors (configs, tokenizer, statistics) go through write_*.
     """
 
     def __init__(self, url: str, *, max_shard_bytes: int = 1 << 30, overwrite: bool = False,
-                 sources: tuple[str, ...] = (), what: str = "checkpoint"):
+                 sources: tuple[str | None, ...] = (), what: str = "checkpoint",
+                 layout: list[TensorSpec] | None = None):
         self.url = str(url)
         self.fs, self.dest = url_to_fs(self.url)
+        if is_local(self.fs):
+            self.dest = os.path.realpath(self.dest)  # a symlinked --out: write where it points
+        self.what, self.sources = what, sources
         check_output(self.url, what=what, overwrite=overwrite, sources=sources)
         self.overwrite = overwrite
-        self.tmp = f"{self.dest}.partial-{uuid.uuid4().hex[:8]}"
-        self.max_shard_bytes = max_shard_bytes
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
-        self._shards: list[tuple[str, list[str]]] = []
-        self.total_bytes = 0
+        self.tmp = partial_name(self.dest)
+        self._lock = OutputLock(self.url)
+        self._shards = shard_layout(list(layout or []), max_shard_bytes)
+        self._names = self._shard_names(len(self._shards))
+        self._shard, self._pos = 0, 0
+        self._file = None
+        self.total_bytes = sum(spec.nbytes for shard in self._shards for spec in shard)
         self.total_numel = 0  # parameters written: the student's size without re-reading it
         self.keys_written: set[str] = set()
 
+    @staticmethod
+    def _shard_names(n: int) -> list[str]:
+        return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
     def __enter__(self) -> "CheckpointWriter":
-        self.fs.makedirs(self.tmp, exist_ok=True)
+        self._lock.__enter__()
+        try:
+            # again under the lock: another run may have finished this output since the first check
+            check_output(self.url, what=self.what, overwrite=self.overwrite, sources=self.sources)
+            clean_leftovers(self.fs, self.dest)
+            self.fs.makedirs(self.tmp, exist_ok=True)
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-            return
-        self._finish()
+        try:
+            if exc_type is None:
+                try:
+                    self._finish()
+                except BaseException:  # a full disk on the last shard, a signal during the move
+                    self.abort()
+                    raise
+            else:
+                self.abort()
+        finally:
+            self._lock.__exit__(None, None, None)
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        if key in self.keys_written or key in self._buffer:
-            raise RuntimeError(f"tensor {key} written twice")
+        """Append the next declared tensor's bytes to its shard."""
+        if self._shard >= len(self._shards):
+            raise RuntimeError(f"tensor {key} was not declared in the layout")
+        spec = self._shards[self._shard][self._pos]
         t = tensor.detach().to("cpu").contiguous()
-        if self._buffer and self._buffer_bytes + _tensor_bytes(t) > self.max_shard_bytes:
-            self._flush()
-        self._buffer[key] = t
-        self._buffer_bytes += _tensor_bytes(t)
+        if (key, tuple(t.shape), t.dtype) != (spec.name, spec.shape, spec.dtype):
+            raise RuntimeError(f"expected tensor {spec.name} {spec.shape} {spec.dtype}, "
+                               f"got {key} {tuple(t.shape)} {t.dtype}")
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise UserError(f"tensor {key} would hold NaN or infinite values (from the source checkpoint "
+                            f"or the plan); nothing was written")
+        if self._pos == 0:
+            self._file = self.fs.open(f"{self.tmp}/{self._names[self._shard]}", "wb")
+            self._file.write(_header(self._shards[self._shard]))
+        if t.numel():
+            self._file.write(t.reshape(-1).view(torch.uint8).numpy().data)
         self.total_numel += t.numel()
-
-    def _flush(self) -> None:
-        if not self._buffer:
-            return
-        name = f"shard-{len(self._shards):05d}.tmp"
-        data = safetensors_save(self._buffer, metadata={"format": "pt"})
-        with self.fs.open(f"{self.tmp}/{name}", "wb") as f:
-            f.write(data)
-        self._shards.append((name, list(self._buffer)))
-        self.keys_written.update(self._buffer)
-        self.total_bytes += self._buffer_bytes
-        self._buffer, self._buffer_bytes = {}, 0
+        self.keys_written.add(key)
+        self._pos += 1
+        if self._pos == len(self._shards[self._shard]):
+            self._file.close()
+            self._file = None
+            self._shard, self._pos = self._shard + 1, 0
 
     def write_text(self, name: str, text: str) -> None:
         with self.fs.open(f"{self.tmp}/{name}", "w") as f:
@@ -396,24 +463,22 @@ class CheckpointWriter:
         self.write_text(name, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
     def _finish(self) -> None:
-        self._flush()
-        n = len(self._shards)
-        weight_map: dict[str, str] = {}
-        for i, (tmp_name, keys) in enumerate(self._shards):
-            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            self.fs.mv(f"{self.tmp}/{tmp_name}", f"{self.tmp}/{final}")
-            weight_map.update({k: final for k in keys})
-        if n > 1:
+        if self._shard < len(self._shards):
+            missing = [s.name for s in self._shards[self._shard][self._pos:]]
+            raise RuntimeError(f"{len(missing)}+ declared tensors were never written, e.g. {missing[0]}")
+        if len(self._shards) > 1:
+            weight_map = {spec.name: name for name, shard in zip(self._names, self._shards) for spec in shard}
             self.write_json(
                 "model.safetensors.index.json",
                 {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))},
             )
-        if self.fs.exists(self.dest):
-            self.fs.rm(self.dest, recursive=True)
-        self.fs.mv(self.tmp, self.dest, recursive=True)
+        swap_in(self.fs, self.tmp, self.dest, overwrite=self.overwrite)
 
     def abort(self) -> None:
         try:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
             if self.fs.exists(self.tmp):
                 self.fs.rm(self.tmp, recursive=True)
         except Exception:  # noqa: BLE001 - cleanup must not hide the original error
@@ -421,10 +486,16 @@ class CheckpointWriter:
 
 
 def copy_aux_files(reader: CheckpointReader, writer: CheckpointWriter, names: Iterable[str] = AUX_FILES) -> list[str]:
-    """Copy tokenizer and generation files byte for byte; returns the names copied."""
+    """Copy tokenizer and generation files byte for byte; returns the names copied.
+
+    JSON files must parse: a broken tokenizer.json copied into the student would only fail
+    later, when someone loads it."""
     copied = []
     for name in names:
         if reader.exists(name):
-            writer.write_bytes(name, reader.read_bytes(name))
+            data = reader.read_bytes(name)
+            if name.endswith(".json"):
+                parse_json(data, f"{reader.url}/{name}")
+            writer.write_bytes(name, data)
             copied.append(name)
     return copied

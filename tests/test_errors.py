@@ -172,13 +172,13 @@ def _calibrate(src, corpus, out, *extra):
 def test_outputs_never_replace_inputs_or_other_files(tmp_path, teacher, corpus, capsys):
     src = _copy(teacher, tmp_path / "teacher")
     before = sorted(os.listdir(src))
-    _one_error(capsys, main(_calibrate(src, corpus, src, "--overwrite")), "is the source")
+    _one_error(capsys, main(_calibrate(src, corpus, src, "--overwrite")), "is the input")
     stats = tmp_path / "stats"
     assert main(_calibrate(src, corpus, stats)) == 0
     plan = tmp_path / "plan.json"
     assert main(["-q", "plan", str(stats), "--experts", "2", "--out", str(plan)]) == 0
-    _one_error(capsys, main(["-q", "build", str(src), str(plan), "--out", str(src), "--overwrite"]), "is the source")
-    _one_error(capsys, main(_convert(src, corpus, src, "--overwrite")), "is the source")
+    _one_error(capsys, main(["-q", "build", str(src), str(plan), "--out", str(src), "--overwrite"]), "is the input")
+    _one_error(capsys, main(_convert(src, corpus, src, "--overwrite")), "is the input")
     assert sorted(os.listdir(src)) == before
 
     mine = tmp_path / "mine"
