@@ -2,24 +2,65 @@
 
 Because every entry is a sum over tokens, partial statistics from any number of workers are
 combined by addition, and scores are computed from the sums afterwards.
+
+`Stats.load` refuses statistics it cannot trust, each with one UserError line: a meta.json
+without its keys or with values of the wrong type, sums missing for a MoE layer, of the wrong
+shape for the model's E experts and H hidden size, unknown, or holding NaN/inf. `Stats.save`
+refuses NaN/inf sums before writing anything.
 """
 
 from __future__ import annotations
 
-import json
+import os
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from .checkpoint import CheckpointWriter, url_to_fs
+from .checkpoint import CheckpointWriter
 from .errors import UserError
+from .outputs import read_json, url_to_fs
 
 STATS_FILE = "stats.safetensors"
 META_FILE = "meta.json"
 STATS_VERSION = 1
+
+# Every sum per MoE layer and its shape (E routed experts, H hidden size), as docs/stats.md lists
+# them and calibrate's hooks write them: the router's are always there, the expert-output ones
+# with `full`, shared_gate_sum only for families with a gated shared expert.
+ROUTER_SUMS: dict[str, tuple[str, ...]] = {
+    "tokens": (), "sel_count": ("E",), "prob_sum": ("E",), "prob_sel_sum": ("E",), "gate_sum": ("E",),
+    "gate_mass": (), "logit_sum": ("E",), "logit_gram": ("E", "E"),
+}
+FULL_SUMS: dict[str, tuple[str, ...]] = {
+    "sqnorm_all": ("E",), "sqnorm_routed": ("E",), "norm_routed": ("E",), "gate_norm_routed": ("E",),
+    "gram": ("E", "E"), "out_sum": ("E", "H"),
+}
+OPTIONAL_SUMS: dict[str, tuple[str, ...]] = {"shared_gate_sum": ()}
+SUM_SHAPES = {**ROUTER_SUMS, **FULL_SUMS, **OPTIONAL_SUMS}
+META_KEYS = ("version", "model_type", "num_experts", "moe_layers", "tokens")
+
+_KEY = re.compile(r"layers\.(\d+)\.(\w+)")
+
+
+class _Meta(BaseModel):
+    """The meta.json fields that the statistics are read with; others are kept as they are."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    version: int
+    model_type: str = Field(min_length=1)
+    num_experts: int = Field(ge=1)
+    moe_layers: list[int] = Field(min_length=1)
+    tokens: int = Field(ge=1)
+    hidden_size: Optional[int] = Field(default=None, ge=1)
+    full: bool = False
+    source: Optional[str] = None
+    samples: Optional[int] = Field(default=None, ge=0)
 
 
 def add_sums(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -28,6 +69,84 @@ def add_sums(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str
     for k, v in b.items():
         out[k] = out[k] + v if k in out else v.clone()
     return out
+
+
+def local_abspath(location: Any) -> Any:
+    """`location` as an absolute path when it is a local path; URLs (s3://, memory://, hf:NAME,
+    fsspec chains with ::) and non-strings are returned unchanged."""
+    if not isinstance(location, str) or not location or "://" in location or "::" in location \
+            or location.startswith("hf:"):
+        return location
+    return os.path.abspath(os.path.expanduser(location))
+
+
+def first_nonfinite(sums: dict[str, torch.Tensor]) -> tuple[str, int, int] | None:
+    """(key, number of NaN/inf entries, number of entries) of the first sum that holds NaN/inf."""
+    for key in sorted(sums):
+        t = sums[key]
+        if t.is_floating_point() or t.is_complex():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                return key, bad, t.numel()
+    return None
+
+
+def check_meta(meta: Any, where: str) -> dict[str, Any]:
+    """Check a parsed meta.json; returns it, or raises one UserError line naming the problem."""
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise UserError(f"{where} lacks {', '.join(missing)}: not statistics moe2dense wrote; "
+                        f"re-run `moe2dense calibrate`")
+    if meta["version"] != STATS_VERSION or isinstance(meta["version"], bool):
+        raise UserError(f"{where}: statistics version {meta['version']!r} is not {STATS_VERSION}; "
+                        f"re-run `moe2dense calibrate`")
+    try:
+        _Meta.model_validate(meta)
+    except ValidationError as e:
+        parts = []
+        for err in e.errors()[:3]:
+            loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+            got = repr(err.get("input"))
+            parts.append(f"{loc}: {err['msg']}, got {got if len(got) <= 40 else got[:37] + '...'}")
+        raise UserError(f"{where}: " + "; ".join(parts)) from None
+    layers = meta["moe_layers"]
+    if any(i < 0 for i in layers) or len(set(layers)) != len(layers):
+        raise UserError(f"{where}: moe_layers {layers} must be distinct non-negative layer indices")
+    return meta
+
+
+def check_sums(sums: dict[str, torch.Tensor], meta: dict[str, Any], where: str) -> None:
+    """Check the sums against their meta: every MoE layer has the router's sums (and the
+    expert-output ones when `full`), every tensor has its shape for E experts and H hidden size,
+    nothing is unknown or for a layer meta does not list, and nothing is NaN/inf."""
+    E, H = int(meta["num_experts"]), meta.get("hidden_size")
+    layers = set(meta["moe_layers"])
+    present: dict[int, set[str]] = {i: set() for i in layers}
+    for key, t in sorted(sums.items()):
+        m = _KEY.fullmatch(key)
+        if m is None or m.group(2) not in SUM_SHAPES:
+            raise UserError(f"{where} holds an unknown statistic {key!r}; re-run `moe2dense calibrate`")
+        layer, name = int(m.group(1)), m.group(2)
+        if layer not in layers:
+            raise UserError(f"{where} holds statistics for layer {layer}, which is not among the MoE "
+                            f"layers {sorted(layers)} of its meta.json")
+        dims, shape, sizes = SUM_SHAPES[name], list(t.shape), {"E": E, "H": H}
+        if len(shape) != len(dims) or any(sizes[d] is not None and n != sizes[d] for n, d in zip(shape, dims)):
+            spelled = "[" + ", ".join(str(sizes[d] if sizes[d] is not None else d) for d in dims) + "]"
+            raise UserError(f"{where}: {key} has shape {shape}, not {spelled} (for {E} experts"
+                            f"{f', hidden size {H}' if H is not None else ''}); re-run `moe2dense calibrate`")
+        present[layer].add(name)
+    required = [*ROUTER_SUMS, *(FULL_SUMS if meta.get("full") else ())]
+    for layer in sorted(layers):
+        if not present[layer]:
+            raise UserError(f"{where} has no statistics for MoE layer {layer}; re-run `moe2dense calibrate`")
+        lacking = [n for n in required if n not in present[layer]]
+        if lacking:
+            raise UserError(f"{where}: MoE layer {layer} lacks {', '.join(lacking)}; re-run `moe2dense calibrate`")
+    bad = first_nonfinite(sums)
+    if bad is not None:
+        key, n, total = bad
+        raise UserError(f"{where}: {key} holds NaN or infinite values ({n} of {total}); re-run `moe2dense calibrate`")
 
 
 @dataclass
@@ -74,28 +193,34 @@ class Stats:
 
     def save(self, url: str, *, overwrite: bool = False) -> None:
         """Write atomically: a STATS directory is complete or absent (the checkpoint writer's
-        partial-directory-then-move, with no tensor shards)."""
+        partial-directory-then-move, with no tensor shards).
+
+        Statistics holding NaN/inf are refused before anything is written. A local `source` or
+        `data` is recorded as an absolute path (here and in `self.meta`), so that a later
+        `plan --grouping weight` finds the teacher from any working directory."""
+        bad = first_nonfinite(self.sums)
+        if bad is not None:
+            key, n, total = bad
+            raise UserError(f"refusing to save statistics to {url}: {key} holds NaN or infinite values "
+                            f"({n} of {total}); the teacher's activations overflowed or its weights are broken")
+        self.meta = {**self.meta, **{k: local_abspath(self.meta[k]) for k in ("source", "data") if k in self.meta}}
         with CheckpointWriter(url, overwrite=overwrite, what="statistics") as w:
             w.write_bytes(STATS_FILE, safetensors_save({k: v.contiguous() for k, v in self.sums.items()}))
             w.write_json(META_FILE, self.meta)
 
     @classmethod
     def load(cls, url: str) -> "Stats":
+        """Read and check statistics (see the module docstring); one UserError line if unusable."""
         fs, path = url_to_fs(url)
         if not fs.exists(f"{path}/{META_FILE}") or not fs.exists(f"{path}/{STATS_FILE}"):
             raise UserError(f"{url} is not a statistics directory (run `moe2dense calibrate` first)")
-        with fs.open(f"{path}/{META_FILE}", "r") as f:
-            try:
-                meta = json.loads(f.read())
-            except json.JSONDecodeError as e:
-                raise UserError(f"{url}/{META_FILE} is not valid JSON ({e.msg}); re-run `moe2dense calibrate`") from None
-        if not isinstance(meta, dict) or meta.get("version") != STATS_VERSION:
-            version = meta.get("version") if isinstance(meta, dict) else None
-            raise UserError(f"{url}: statistics version {version} is not {STATS_VERSION}")
+        where = f"{url}/{META_FILE}"
+        meta = check_meta(read_json(fs, f"{path}/{META_FILE}", what=where), where)
         with fs.open(f"{path}/{STATS_FILE}", "rb") as f:
             try:
                 sums = safetensors_load(f.read())
             except Exception as e:  # safetensors raises its own error type for corrupt files
                 raise UserError(f"{url}/{STATS_FILE} is corrupt ({' '.join(str(e).split())}); "
                                 f"re-run `moe2dense calibrate`") from None
+        check_sums(sums, meta, f"{url}/{STATS_FILE}")
         return cls(sums, meta)
