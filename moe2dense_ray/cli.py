@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import warnings
 
@@ -177,11 +178,13 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "plan":
         from .build import read_expert_weights
         from .config import PlanConfig
-        from .plan import make_plan, save_plan
+        from .plan import check_plan_output, make_plan, save_plan
         from .stats import Stats
 
         cfg = PlanConfig.from_args(args)
         stats = Stats.load(cfg.stats)
+        inputs = (cfg.stats, stats.source, cfg.src)
+        check_plan_output(cfg.out, overwrite=cfg.overwrite, sources=inputs)
         weights = None
         if cfg.grouping == "weight":
             src = cfg.src or stats.source
@@ -201,7 +204,7 @@ def _run(args: argparse.Namespace) -> int:
         plan = make_plan(stats, experts=cfg.experts, groups=cfg.groups, scoring=cfg.scoring,
                          grouping=cfg.grouping, scaling=cfg.scaling, seed=cfg.seed, expert_weights=weights,
                          options=cfg.method_options())
-        written = save_plan(plan, cfg.out, overwrite=cfg.overwrite)
+        written = save_plan(plan, cfg.out, overwrite=cfg.overwrite, sources=inputs)
         print(f"wrote {written}: K={plan.experts}, k={plan.groups}, {plan.scoring}/{plan.grouping}/{plan.scaling}, "
               f"{len(plan.layers)} layers")
     elif args.command == "build":
@@ -212,7 +215,7 @@ def _run(args: argparse.Namespace) -> int:
         cfg = BuildConfig.from_args(args)
         rep = build(cfg.src, load_plan(cfg.plan), cfg.out, dtype=cfg.dtype,
                     max_shard_bytes=int(cfg.shard_size * (1 << 30)), overwrite=cfg.overwrite,
-                    allow_pickle=cfg.allow_pickle, progress=progress)
+                    allow_pickle=cfg.allow_pickle, progress=progress, inputs=(cfg.plan,))
         print(f"wrote {rep.out}: {rep.dense_model_type}, FFN width {rep.intermediate_size}, "
               f"{rep.student_params / 1e6:.2f}M parameters in {rep.seconds:.1f}s")
     elif args.command == "demo":
@@ -295,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in ("methods", "families"):  # listings need no models: skip ~2 s of imports
         _quiet_model_libraries()
     warnings.showwarning = _one_line_warning
+    previous = _on_sigterm(_interrupt)  # `kill`, a job scheduler: clean up as for Ctrl-C
+    ray_before = _ray_connected()
     try:
         return _run(args)
     except UserError as e:
@@ -306,6 +311,38 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted (no output was left half-written)\n")
         return 130
+    finally:
+        if not ray_before:  # leave a caller's own Ray session alone
+            _shutdown_ray()
+        if previous is not None:
+            _on_sigterm(previous)
+
+
+def _on_sigterm(handler):
+    """Install a SIGTERM handler where Python allows it (the main thread); returns the previous one."""
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # main() called from another thread: leave signals to that program
+        return None
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _ray_connected() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _shutdown_ray() -> None:
+    """Stop the embedded Ray (or leave the cluster) on every way out, so no Ray process outlives us."""
+    if _ray_connected():
+        _on_sigterm(signal.SIG_IGN)  # a second SIGTERM must not cut the shutdown short
+        try:
+            sys.modules["ray"].shutdown()
+        except Exception:  # noqa: BLE001 - shutting down must not replace the run's own error
+            pass
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from .build import BuildReport, build, inspect_source, read_expert_weights
 from .calibrate import calibrate
 from .config import MethodOptions
+from .outputs import OutputLock, check_output
 from .plan import Plan, check_counts, check_methods, make_plan
 from .stats import Stats
 
@@ -47,16 +49,28 @@ def convert(
     """Convert an MoE checkpoint into a dense one in a single call.
 
     Expert-output statistics are collected only when a chosen method needs them (`full_stats`
-    None), since they cost a run of every expert on every token.
+    None), since they cost a run of every expert on every token. Both outputs are checked against
+    every input (and each other) and locked before calibration starts.
     """
     reader, _, _, _, shape = inspect_source(src, allow_pickle=allow_pickle)
     reader.close()
     check_counts(shape.num_experts, experts, groups)
     needs_full = check_methods(scoring, grouping, scaling)
     full = needs_full if full_stats is None else full_stats
-    from .checkpoint import check_output
+    check_output(out, what="checkpoint", overwrite=overwrite, sources=(src, data, stats_out))
+    if stats_out:
+        check_output(stats_out, what="statistics", overwrite=overwrite, sources=(src, data, out))
+    with OutputLock(out), (OutputLock(stats_out) if stats_out else contextlib.nullcontext()):
+        return _convert(src, data, out, experts=experts, scoring=scoring, grouping=grouping, scaling=scaling,
+                        groups=groups, samples=samples, seq_len=seq_len, workers=workers, full=full,
+                        stats_out=stats_out, seed=seed, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                        overwrite=overwrite, allow_pickle=allow_pickle, batch_size=batch_size, progress=progress,
+                        gpus_per_worker=gpus_per_worker, text_field=text_field, options=options)
 
-    check_output(out, what="checkpoint", overwrite=overwrite, sources=(src,))
+
+def _convert(src, data, out, *, experts, scoring, grouping, scaling, groups, samples, seq_len, workers, full,
+             stats_out, seed, dtype, max_shard_bytes, overwrite, allow_pickle, batch_size, progress,
+             gpus_per_worker, text_field, options) -> ConvertResult:
     stats = calibrate(src, data, samples=samples, seq_len=seq_len, workers=workers, full=full,
                       out=stats_out, overwrite=overwrite, batch_size=batch_size, seed=seed, progress=progress,
                       gpus_per_worker=gpus_per_worker, text_field=text_field, allow_pickle=allow_pickle)
@@ -64,7 +78,7 @@ def convert(
     plan = make_plan(stats, experts=experts, scoring=scoring, grouping=grouping, scaling=scaling,
                      groups=groups, seed=seed, expert_weights=weights, options=options)
     report = build(src, plan, out, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
-                   allow_pickle=allow_pickle, progress=progress)
+                   allow_pickle=allow_pickle, progress=progress, inputs=(data, stats_out))
     return ConvertResult(plan, stats, report)
 
 

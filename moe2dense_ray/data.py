@@ -20,8 +20,10 @@ raises `UserError` with a one-line message that names the file and, where it hel
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import logging
 import os
 import random
 import re
@@ -93,10 +95,26 @@ def _hf_texts(source: str, *, text_field: str, split: str) -> Iterator[str]:
     except ImportError as e:  # pragma: no cover - datasets is a hard dependency
         raise UserError(f"reading {source} needs the `datasets` package: pip install datasets") from e
     try:
-        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        with _quiet_hub():
+            ds = datasets.load_dataset(name, config, split=split, streaming=True)
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
         raise UserError(f"cannot load Hugging Face dataset {source} (split {split!r}): {_one_line(e)}") from e
     return _hf_rows(ds, source, text_field)
+
+
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """The hub client logs every retry of an unreachable host (~10 lines over ~20 s offline);
+    the one line that matters is the error raised at the end."""
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "datasets", "fsspec")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _row_text(row: dict[str, Any], where: str, text_field: str) -> str | None:

@@ -177,26 +177,25 @@ def read_stream_meta(logits: str) -> dict[str, Any]:
 
 
 def write_stream(ds, logits: str, meta: dict[str, Any], *, overwrite: bool, sources: tuple[str, ...]) -> None:
-    """Write the stream as Parquet next to LOGITS, then move it into place (never half-written)."""
-    import uuid
-
-    from ..checkpoint import check_output, is_local, url_to_fs
+    """Write the stream as Parquet next to LOGITS, then swap it into place (never half-written;
+    outputs.py has the guarantees)."""
+    from ..outputs import OutputLock, check_output, clean_leftovers, is_local, partial_name, swap_in, url_to_fs
 
     check_output(logits, what="logits", overwrite=overwrite, sources=sources)
     fs, path = url_to_fs(logits)
-    tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        from .codec import PARQUET_OPTIONS
+    with OutputLock(logits):
+        clean_leftovers(fs, path)
+        tmp = partial_name(path)
+        try:
+            from .codec import PARQUET_OPTIONS
 
-        ds.write_parquet(tmp, filesystem=None if is_local(fs) else _arrow_fs(fs), **PARQUET_OPTIONS)
-        with fs.open(f"{tmp}/{STREAM_META}", "w") as f:
-            json.dump(meta, f, indent=1)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-        fs.mv(tmp, path, recursive=True)
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp, recursive=True)
+            ds.write_parquet(tmp, filesystem=None if is_local(fs) else _arrow_fs(fs), **PARQUET_OPTIONS)
+            with fs.open(f"{tmp}/{STREAM_META}", "w") as f:
+                json.dump(meta, f, indent=1)
+            swap_in(fs, tmp, path, overwrite=overwrite)
+        finally:
+            if fs.exists(tmp):
+                fs.rm(tmp, recursive=True)
 
 
 def read_stream(logits: str):
