@@ -25,14 +25,24 @@ from typing import Any, Iterator
 
 import torch
 
-from .checkpoint import TOKENIZER_FILES, check_output, is_local, parse_config, url_to_fs
+from .checkpoint import TOKENIZER_FILES, check_output, is_local, url_to_fs
+from .outputs import OutputLock
+from .cluster import ensure_ray, first_line, require_resources  # noqa: F401 - ensure_ray re-exported
 from .errors import UserError
-from .families import Family, get_family, moe_shape
+from .families import Family, MoEShape, get_family, moe_shape
+from .outputs import check_small_files, read_json
 from .progress import Progress
 from .stats import STATS_VERSION, Stats, add_sums
 
 # Elements of expert output materialised at once when running all experts (fp32: 4 bytes each).
 EXPERT_CHUNK_ELEMS = 1 << 25
+
+# The small files transformers reads from a checkpoint directory without any size limit: each
+# must be a regular file of bounded size (a config.json symlinked to /dev/zero would never end).
+METADATA_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
+                  "chat_template.jinja", "model.safetensors.index.json")
+_SHOWN = 3  # tensor names listed in an error line before "and N more"
 
 
 @contextlib.contextmanager
@@ -70,13 +80,17 @@ def load_causal_lm(src: str, *, device: str = "auto", dtype: str = "auto",
     imprecise. A model larger than one GPU is sharded over the process's GPUs (`device_map`).
     Quantized experts are dequantized where their weights must be read as tensors
     (`experts_as_weights`: calibration runs each expert from its weights).
+
+    Every problem is one `UserError` line: a tensor that is missing, unexpected or of the wrong
+    shape (transformers would quietly fill the model with random weights instead), or any other
+    failure of transformers to load the checkpoint.
     """
     from transformers import AutoModelForCausalLM
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     with localize(src) as path:
-        with open(os.path.join(path, "config.json"), "rb") as f:
-            cfg = parse_config(f.read(), f"{src}/config.json")
+        check_small_files(path, METADATA_FILES)
+        cfg = read_json(url_to_fs(path)[0], os.path.join(path, "config.json"), what=f"{src}/config.json")
         get_family(cfg.get("model_type"))  # an unsupported family fails here, in one line
         kwargs: dict[str, Any] = {}
         if dtype == "auto":
@@ -95,10 +109,102 @@ def load_causal_lm(src: str, *, device: str = "auto", dtype: str = "auto",
             kwargs["quantization_config"] = FineGrainedFP8Config(weight_block_size=block, dequantize=True)
         if device.startswith("cuda") and torch.cuda.device_count() > 1:
             kwargs["device_map"] = "auto"  # shard a teacher too big for one GPU over the actor's GPUs
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+        with _transformers_log() as log:
+            try:
+                # mismatched shapes are reported (below, by name), not raised as transformers' own
+                # "see the report above" error
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - transformers fails in many types; all mean "cannot load"
+                raise UserError(f"cannot load {src}: {_load_failure(e, log)}") from None
+        _check_loading_info(src, path, info)
+        model.eval()
     if "device_map" not in kwargs:
         model.to(device)
     return model, cfg, device
+
+
+@contextlib.contextmanager
+def _transformers_log() -> Iterator[list[str]]:
+    """transformers' own log while loading, kept instead of printed: its multi-line load report
+    becomes one error line here, and the CLI promises one line."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    root = hf_logging.get_logger()  # the library's root logger, which holds its stderr handler
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                lines.extend(record.getMessage().splitlines())
+            except Exception:  # noqa: BLE001 - a log record must never break loading
+                pass
+
+    saved = root.handlers[:]
+    root.handlers = [Keep(logging.WARNING)]
+    try:
+        yield lines
+    finally:
+        root.handlers = saved
+
+
+def _load_failure(e: Exception, log: list[str]) -> str:
+    """One line for a failed `from_pretrained`: the cause's first line, or, where transformers only
+    says "see the report above", the report's own error (e.g. experts of different shapes)."""
+    line = first_line(e)
+    if "report" in line:
+        causes = [ln.strip() for ln in log if ln.strip().startswith(("Error:", "RuntimeError:", "ValueError:"))
+                  or "expects each tensor" in ln]
+        if causes:
+            line = " ".join(causes[0].split())
+            line = line.split(": ", 1)[1] if line.startswith(("RuntimeError:", "ValueError:")) else line
+    return line if isinstance(e, (OSError, ValueError, RuntimeError)) else f"{type(e).__name__}: {line}"
+
+
+def _names(keys, *, shown: int = _SHOWN) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
+
+
+def _check_loading_info(src: str, path: str, info: dict[str, Any]) -> None:
+    """Refuse a model that transformers loaded only in part: missing tensors are random-initialised,
+    which would give complete-looking statistics of a model that does not exist."""
+    problems = []
+    missing, unexpected = info.get("missing_keys") or (), info.get("unexpected_keys") or ()
+    mismatched, errors = info.get("mismatched_keys") or (), info.get("error_msgs") or ()
+    if missing:
+        problems.append(f"missing {_names(missing)}{_unindexed_shards(path)} (transformers would fill "
+                        f"{'them' if len(missing) > 1 else 'it'} with random values)")
+    if mismatched:
+        shown = sorted(mismatched)[:_SHOWN]
+        more = f" and {len(mismatched) - _SHOWN} more" if len(mismatched) > _SHOWN else ""
+        problems.append("shapes that disagree with config.json: " + ", ".join(
+            f"{k} is {tuple(ck)} in the checkpoint but {tuple(mk)} by the config" for k, ck, mk in shown) + more)
+    if unexpected:
+        problems.append(f"tensors the model does not have: {_names(unexpected)}")
+    if errors:
+        problems.append(first_line(str(errors[0])))
+    if problems:
+        raise UserError(f"{src} is not a complete checkpoint of the model its config.json describes: "
+                        + "; ".join(problems))
+
+
+def _unindexed_shards(path: str) -> str:
+    """A hint when weights sit in a shard that model.safetensors.index.json does not name."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        return ""
+    try:
+        named = set((read_json(url_to_fs(path)[0], index).get("weight_map") or {}).values())
+    except UserError:
+        return ""
+    left_out = sorted(n for n in os.listdir(path) if n.endswith(".safetensors") and n not in named)
+    return f" ({', '.join(left_out)} {'is' if len(left_out) == 1 else 'are'} not in its index)" if left_out else ""
 
 
 def _layers(model) -> Any:
@@ -254,24 +360,174 @@ def _tokenizer(src: str):
 
     try:
         with localize(src, weights=False) as path:
+            check_small_files(path, METADATA_FILES)
             if not any(os.path.exists(os.path.join(path, n)) for n in TOKENIZER_FILES):
                 # transformers would quietly build an empty tokenizer, and every text would be 0 tokens
                 raise UserError(f"{src} has no tokenizer ({' / '.join(TOKENIZER_FILES)}); copy the "
                                 f"teacher's tokenizer files next to its config.json")
             return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer of {src}: {str(e).splitlines()[0]}") from None
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises bare Exceptions for broken files
+        raise UserError(f"cannot load the tokenizer of {src}: {first_line(e)}") from None
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connect to the cluster (`ray job submit` sets RAY_ADDRESS) or start an embedded local Ray."""
+def _check_tensors(reader, family: Family, shape: MoEShape, cfg_dict: dict[str, Any], src: str) -> None:
+    """What can be checked from the safetensors headers alone, in the driver, before any replica
+    loads the model: every routed expert's tensors are there with the shapes config.json implies,
+    and no weight is stored as integers or booleans (transformers would cast them silently)."""
+    keys = [k for k in reader.keys() if str(reader.key_to_file.get(k, "")).endswith(".safetensors")]
+    if not cfg_dict.get("quantization_config"):
+        for k in keys:
+            dt = reader.dtype(k)
+            if not dt.is_floating_point and not k.endswith("position_ids"):
+                raise UserError(f"{src}: tensor {k} is stored as {str(dt).replace('torch.', '')}, but the "
+                                f"model's weights are floating point: the checkpoint is broken")
+    if family.expert_layout != "per_expert":
+        return
+    H, I, E = shape.hidden_size, shape.expert_size, shape.num_experts
+    want = dict(zip(family.expert_keys, ((I, H), (I, H), (H, I))))
+    present = set(keys)
+    for layer in shape.moe_layers:
+        for block in dict.fromkeys((family.moe_prefix, "mlp")):
+            base = f"model.layers.{layer}.{block}.experts."
+            mine = [k[len(base):] for k in keys if k.startswith(base) and k[len(base):].split(".", 1)[0].isdigit()]
+            if not mine:
+                continue  # fused experts (or none): transformers checks their shapes when loading
+            beyond = sorted({int(m.split(".", 1)[0]) for m in mine} - set(range(E)))
+            if beyond:
+                raise UserError(f"{src}: layer {layer} holds expert {beyond[0]}, but config.json says "
+                                f"{E} experts ({family.experts_attr})")
+            for e in range(E):
+                for name, dims in want.items():
+                    key = f"{base}{e}.{name}.weight"
+                    if key not in present:
+                        raise UserError(f"{src}: tensor {key} is missing (layer {layer} has {E} experts "
+                                        f"by its config.json)")
+                    if tuple(reader.shape(key)) != dims:
+                        raise UserError(f"{src}: tensor {key} has shape {tuple(reader.shape(key))}, but "
+                                        f"config.json implies {dims}")
+
+
+def _check_token_ids(calib, cfg, src: str) -> None:
+    """Every token id must have a row in the embedding: an id beyond it fails mid-run (or, on a
+    GPU, reads another row's memory)."""
+    vocab = getattr(cfg, "vocab_size", None)
+    if vocab and calib.input_ids.numel():
+        top = int(calib.input_ids.max())
+        if top >= int(vocab):
+            raise UserError(f"the tokenizer of {src} gives token id {top}, but the model's vocabulary has "
+                            f"{vocab} entries (vocab_size in config.json): tokenizer and model do not belong together")
+
+
+class _Replica:
+    """A Ray actor holding one `Calibrator`. The teacher is loaded by `load`, not in `__init__`, so a
+    failure to load comes back to the driver as that task's exception (a UserError stays one
+    line), not as an actor that died with a traceback in its text."""
+
+    def __init__(self, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.cal: Calibrator | None = None
+
+    def load(self, src: str, full: bool, dtype: str) -> dict[str, Any]:
+        self.cal = Calibrator(src, full=full, dtype=dtype)
+        return self.cal.describe()
+
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int) -> int:
+        return self.cal.run(input_ids, attention_mask, batch_size)
+
+    def result(self) -> dict[str, Any]:
+        return self.cal.result()
+
+
+_RAY_ERROR_KEYS = ("class_name:", "actor_id:", "pid:", "name:", "namespace:", "ip:", "The actor died unexpectedly")
+
+
+def _worker_error(e: BaseException) -> str:
+    """One line for an error that a calibration actor raised or died of."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, UserError):
+        return first_line(str(cause))
+    if isinstance(cause, BaseException) and not type(cause).__module__.startswith("ray."):
+        return f"a calibration worker failed: {type(cause).__name__}: {first_line(cause)}"
+    text = str(e)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # an exception raised in an actor's creation task: the last line of its traceback
+    raised = [ln for ln in lines if ln.split(":", 1)[0].split(".")[-1].endswith(("Error", "Exception", "Exit"))
+              and ": " in ln and not ln.startswith(("File ", "ray."))]
+    if raised:
+        kind, msg = raised[-1].split(": ", 1)
+        kind = kind.split(".")[-1]
+        return msg if kind == "UserError" else f"a calibration worker failed: {kind}: {msg}"
+    useful = [ln for ln in lines if not ln.startswith(_RAY_ERROR_KEYS)]
+    detail = " ".join((useful or lines or [type(e).__name__])[0].split())
+    return f"a calibration worker died: {detail[:500]}"
+
+
+@contextlib.contextmanager
+def _actor_errors() -> Iterator[None]:
+    """Errors of Ray actors as one UserError line: the cause's own message, not Ray's wrapping."""
+    import ray.exceptions as rx
+
+    kinds = (rx.RayTaskError, rx.RayActorError) + ((rx.OutOfMemoryError,) if hasattr(rx, "OutOfMemoryError") else ())
+    try:
+        yield
+    except kinds as e:
+        raise UserError(_worker_error(e)) from None
+
+
+def _calibrate_on_ray(src: str, calib, *, workers: int, full: bool, dtype: str, batch_size: int,
+                      gpus_per_worker: float | None, bar) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """N actors, one teacher replica each; each takes the next part of at most `batch_size` rows.
+
+    The cluster is checked first (an actor that can never be placed would be waited for forever),
+    actors are killed however this ends, and an embedded Ray that this call started is shut down
+    when it fails or is interrupted.
+    """
     import ray
+    from ray.util import ActorPool
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or None
-        # an embedded Ray is an implementation detail: its start-up chatter would break the bars
-        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 ignore_reinit_error=True, logging_level="INFO" if address else "ERROR")
+    started = ensure_ray()
+    actors: list[Any] = []
+    ok = False
+    try:
+        res = ray.cluster_resources()
+        cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+        use_gpu = gpus_per_worker if gpus_per_worker is not None else (1 if gpus > 0 else 0)
+        need = {"CPU": float(workers), "GPU": workers * float(use_gpu)}
+        if need["CPU"] > cpus:
+            advice = f"lower --workers to {int(cpus)} or fewer"
+        elif gpus <= 0:
+            advice = "leave out --gpus-per-worker to calibrate on CPUs"
+        else:
+            advice = "lower --gpus-per-worker or --workers"
+        require_resources(need, each=[{"CPU": 1.0, "GPU": float(use_gpu)}], advice=advice,
+                          who=f"calibrating on --workers {workers}",
+                          parts=f"1 CPU{f' and {use_gpu:g} GPU' if use_gpu else ''} per worker")
+        threads = max(1, int(ray.available_resources().get("CPU", 1)) // workers)
+        Actor = ray.remote(_Replica).options(num_cpus=1, num_gpus=use_gpu)
+        actors = [Actor.remote(threads) for _ in range(workers)]
+        with _actor_errors():
+            describe = ray.get([a.load.remote(src, full, dtype) for a in actors])[0]
+            # `shard` copies its rows, so each task ships its own tokens, not the whole set's storage
+            n_parts = -(-calib.num_samples // batch_size)
+            parts = [calib.shard(j, n_parts) for j in range(n_parts)]
+            pool = ActorPool(actors)
+            for counted in pool.map_unordered(lambda a, p: a.run.remote(p.input_ids, p.attention_mask, batch_size),
+                                              parts):
+                bar.update(counted)
+            results = ray.get([a.result.remote() for a in actors])
+        ok = True
+        return results, describe
+    finally:
+        for a in actors:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - an actor that is already gone
+                pass
+        if started and not ok:
+            ray.shutdown()
 
 
 def calibrate(
@@ -295,73 +551,61 @@ def calibrate(
     """Calibrate `src` on `data` and return (and, with `out`, save) its statistics.
 
     `workers=0` runs in this process (no Ray); `workers=N>=1` runs N Ray actors, each holding a
-    teacher replica on its own GPU when there is one, and adds their sums.
+    teacher replica on its own GPU when there is one, and adds their sums. Everything that can be
+    checked is checked here, before a replica loads the model: the config, the expert tensors, and
+    that the tokenizer's ids fit the model's vocabulary.
     """
     from .build import inspect_source
     from .data import calibration_blocks
 
     reader, cfg_dict, family, cfg, shape = inspect_source(src, allow_pickle=allow_pickle)  # validate first
-    reader.close()
-    if out:
-        check_output(out, what="statistics", overwrite=overwrite, sources=(src,))
-    max_len = getattr(cfg, "max_position_embeddings", None)
-    if max_len and seq_len > max_len:
-        raise UserError(f"--seq-len {seq_len} is longer than {src} was trained for "
-                        f"(max_position_embeddings {max_len})")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
-    tok = _tokenizer(src)
-    calib = calibration_blocks(data, tok, samples=samples, seq_len=seq_len, seed=seed, text_field=text_field)
-    if calib.num_samples < samples:
-        warnings.warn(f"{data} holds only {calib.num_tokens} tokens: calibrating on {calib.num_samples} "
-                      f"blocks, not the {samples} asked for", stacklevel=2)
-    t0 = time.time()
-    total = int(calib.num_tokens)
-    bar = Progress(total, "calibrate", unit="tok", enabled=progress)
-    if workers <= 0:
-        cal = Calibrator(src, full=full, dtype=dtype)
-        for s in range(0, calib.input_ids.shape[0], batch_size):
-            bar.update(cal.run(calib.input_ids[s:s + batch_size], calib.attention_mask[s:s + batch_size], batch_size))
-        results, describe = [cal.result()], cal.describe()
-    else:
-        import ray
-        from ray.util import ActorPool
-
-        ensure_ray()
-        use_gpu = gpus_per_worker if gpus_per_worker is not None else (1 if _cluster_has_gpus() else 0)
-        threads = max(1, int(ray.available_resources().get("CPU", 1)) // workers)
-        Actor = ray.remote(Calibrator).options(num_cpus=1, num_gpus=use_gpu)
-        actors = [Actor.remote(src, full=full, dtype=dtype, threads=threads) for _ in range(workers)]
-        # parts of at most batch_size rows go to whichever actor is free next; `shard` copies its
-        # rows, so each task ships its own tokens and not the storage of the whole set
-        n_parts = -(-calib.num_samples // batch_size)
-        parts = [calib.shard(j, n_parts) for j in range(n_parts)]
-        pool = ActorPool(actors)
-        for counted in pool.map_unordered(lambda a, p: a.run.remote(p.input_ids, p.attention_mask, batch_size), parts):
-            bar.update(counted)
-        results = ray.get([a.result.remote() for a in actors])
-        describe = ray.get(actors[0].describe.remote())
-        for a in actors:
-            ray.kill(a)
-    bar.close()
-    sums: dict[str, torch.Tensor] = {}
-    for r in results:
-        sums = add_sums(sums, r["sums"])
-    tokens = sum(r["tokens"] for r in results)
-    if tokens == 0:
-        raise UserError(f"the calibration set from {data} is empty (0 tokens)")
-    meta = {
-        "version": STATS_VERSION, **describe, "source": src, "data": data,
-        "tokens": tokens, "samples": sum(r["samples"] for r in results), "seq_len": seq_len,
-        "full": full, "workers": workers, "seconds": round(time.time() - t0, 3),
-    }
-    stats = Stats(sums, meta)
-    if out:
-        stats.save(out, overwrite=overwrite)
-    return stats
-
-
-def _cluster_has_gpus() -> bool:
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) > 0
+    try:
+        _check_tensors(reader, family, shape, cfg_dict, src)
+    finally:
+        reader.close()
+    with contextlib.ExitStack() as held:
+        if out:  # checked now and held to the end: a second run for the same STATS fails at once
+            check_output(out, what="statistics", overwrite=overwrite, sources=(src, data))
+            held.enter_context(OutputLock(out))
+        max_len = getattr(cfg, "max_position_embeddings", None)
+        if max_len and seq_len > max_len:
+            raise UserError(f"--seq-len {seq_len} is longer than {src} was trained for "
+                            f"(max_position_embeddings {max_len})")
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+        tok = _tokenizer(src)
+        calib = calibration_blocks(data, tok, samples=samples, seq_len=seq_len, seed=seed, text_field=text_field)
+        if calib.num_samples < samples:
+            warnings.warn(f"{data} holds only {calib.num_tokens} tokens: calibrating on {calib.num_samples} "
+                          f"blocks, not the {samples} asked for", stacklevel=2)
+        _check_token_ids(calib, cfg, src)
+        t0 = time.time()
+        total = int(calib.num_tokens)
+        bar = Progress(total, "calibrate", unit="tok", enabled=progress)
+        try:
+            if workers <= 0:
+                cal = Calibrator(src, full=full, dtype=dtype)
+                for s in range(0, calib.input_ids.shape[0], batch_size):
+                    bar.update(cal.run(calib.input_ids[s:s + batch_size], calib.attention_mask[s:s + batch_size],
+                                       batch_size))
+                results, describe = [cal.result()], cal.describe()
+            else:
+                results, describe = _calibrate_on_ray(src, calib, workers=workers, full=full, dtype=dtype,
+                                                      batch_size=batch_size, gpus_per_worker=gpus_per_worker, bar=bar)
+        finally:
+            bar.close()
+        sums: dict[str, torch.Tensor] = {}
+        for r in results:
+            sums = add_sums(sums, r["sums"])
+        tokens = sum(r["tokens"] for r in results)
+        if tokens == 0:
+            raise UserError(f"the calibration set from {data} is empty (0 tokens)")
+        meta = {
+            "version": STATS_VERSION, **describe, "source": src, "data": data,
+            "tokens": tokens, "samples": sum(r["samples"] for r in results), "seq_len": seq_len,
+            "full": full, "workers": workers, "seconds": round(time.time() - t0, 3),
+        }
+        stats = Stats(sums, meta)
+        if out:
+            stats.save(out, overwrite=overwrite)
+        return stats

@@ -56,6 +56,10 @@ class Family:
     sparse_rule: Literal["all", "qwen", "deepseek"] = "all"
     # extra tensors in the MoE block that the student drops (e.g. e_score_correction_bias)
     router_extra_keys: tuple[str, ...] = ()
+    # group-limited top-k (DeepSeek): experts split into `n_group` groups, the best `topk_group`
+    # groups kept, top-k taken among their experts. "always" (V3) or only with
+    # `topk_method: group_limited_greedy` (V2).
+    group_topk: Literal["never", "always", "by_method"] = "never"
     # config keys that only make sense for an MoE and are removed from a dense twin's config
     moe_config_keys: tuple[str, ...] = ()
     # attention projections whose bias the dense twin always has, though the MoE may not (written
@@ -111,7 +115,7 @@ FAMILIES: dict[str, Family] = {
             model_type="deepseek_v2", dense_model_type="deepseek_v2",
             dense_architecture="DeepseekV2ForCausalLM", dense_layout="mlp", expert_layout="per_expert",
             experts_attr="n_routed_experts", expert_size_attr="moe_intermediate_size",
-            shared_prefix="shared_experts", sparse_rule="deepseek",
+            shared_prefix="shared_experts", sparse_rule="deepseek", group_topk="by_method",
             notes="Every layer becomes dense (`first_k_dense_replace` = layers); the first dense layers "
             "are kept, zero-padded. Shared experts are kept; group-limited top-k and "
             "`routed_scaling_factor` are read from the real router's output.",
@@ -121,7 +125,7 @@ FAMILIES: dict[str, Family] = {
             dense_architecture="DeepseekV3ForCausalLM", dense_layout="mlp", expert_layout="per_expert",
             experts_attr="n_routed_experts", expert_size_attr="moe_intermediate_size",
             router_prob="sigmoid", shared_prefix="shared_experts", sparse_rule="deepseek",
-            router_extra_keys=("gate.e_score_correction_bias",),
+            router_extra_keys=("gate.e_score_correction_bias",), group_topk="always",
             notes="As deepseek_v2, with a sigmoid router and `e_score_correction_bias` (used for selection, "
             "not for gates). Block-FP8 weights (`weight_scale_inv`) are dequantized to bf16; MTP layers "
             "beyond `num_hidden_layers` are dropped.",
@@ -187,16 +191,56 @@ def moe_shape(family: Family, config: Any) -> MoEShape:
     num_experts = getattr(config, family.experts_attr, None)
     if not num_experts or not moe_layers:
         raise UserError(f"the {family.model_type} config describes no MoE layers: not an MoE model")
+    E, top_k = _count(config, family.experts_attr), _count(config, "num_experts_per_tok")
+    if top_k > E:
+        raise UserError(f"the {family.model_type} config routes each token to num_experts_per_tok={top_k} "
+                        f"experts, but there are only {E} ({family.experts_attr}): the config is broken")
+    _check_groups(family, config, E, top_k)
     return MoEShape(
         num_layers=n,
-        hidden_size=int(config.hidden_size),
-        num_experts=int(num_experts),
-        top_k=int(config.num_experts_per_tok),
-        expert_size=int(getattr(config, family.expert_size_attr)),
+        hidden_size=_count(config, "hidden_size"),
+        num_experts=E,
+        top_k=top_k,
+        expert_size=_count(config, family.expert_size_attr),
         shared_size=shared,
         dense_size=dense_size,
         moe_layers=moe_layers,
     )
+
+
+def _count(config: Any, name: str) -> int:
+    """A config value that must be a positive integer (a size, a count)."""
+    value = getattr(config, name, None)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, float) and value.is_integer() and value >= 1:
+            return int(value)
+        raise UserError(f"{name}={value!r} in the {getattr(config, 'model_type', '')} config is not a positive "
+                        f"integer: the config is broken")
+    return value
+
+
+def _check_groups(family: Family, config: Any, num_experts: int, top_k: int) -> None:
+    """Group-limited top-k needs groups that split the experts evenly and hold the top-k: otherwise
+    transformers fails mid-run, or (fewer candidates than k) silently routes to masked experts."""
+    if family.group_topk == "never" or (
+            family.group_topk == "by_method" and getattr(config, "topk_method", None) != "group_limited_greedy"):
+        return
+    groups, keep = getattr(config, "n_group", None), getattr(config, "topk_group", None)
+    where = f"the {family.model_type} config"
+    if not isinstance(groups, int) or not isinstance(keep, int) or groups < 1 or keep < 1:
+        raise UserError(f"{where} uses group-limited routing but n_group={groups!r}, topk_group={keep!r} "
+                        f"are not positive integers: the config is broken")
+    if num_experts % groups:
+        raise UserError(f"{where} splits {num_experts} experts into n_group={groups} groups, which does not "
+                        f"divide them: the config is broken")
+    if keep > groups:
+        raise UserError(f"{where} keeps topk_group={keep} of n_group={groups} expert groups: the config is broken")
+    if family.group_topk == "always" and num_experts // groups < 2:
+        raise UserError(f"{where} has groups of {num_experts // groups} expert; group scores need 2: "
+                        f"the config is broken")
+    if top_k > keep * (num_experts // groups):
+        raise UserError(f"{where} routes to num_experts_per_tok={top_k} experts among the "
+                        f"{keep * (num_experts // groups)} of its topk_group={keep} groups: the config is broken")
 
 
 def dense_config_dict(

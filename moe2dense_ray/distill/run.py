@@ -18,6 +18,7 @@ import numpy as np
 
 from ..checkpoint import check_output, is_local, parse_config, url_to_fs
 from ..errors import UserError
+from ..outputs import OutputLock, clean_leftovers, partial_name, swap_in
 from ..progress import Progress
 from .config import DistillConfig, TeacherLogitsConfig, TeacherStreamConfig
 from .stream import (Blocks, blocks_dataset, pack_blocks, read_stream, read_stream_meta, select_blocks,
@@ -94,25 +95,33 @@ def _check_run(cfg: DistillConfig, sources: tuple[str, ...]) -> None:
 
 
 def _start_run(cfg: DistillConfig) -> None:
-    """Clear a run replaced with --overwrite and record the settings; a resumed run keeps its own."""
+    """Record the settings in a fresh RUN, swapped in whole for a run replaced with --overwrite
+    (a kill leaves the old run or the new one, as for every output: see outputs.py); a resumed
+    run keeps its own. Call while holding RUN's OutputLock."""
     if cfg.resume:
         return
     fs, path = url_to_fs(cfg.out)
-    if fs.exists(path) and cfg.overwrite:
-        fs.rm(path, recursive=True)
-    fs.makedirs(path, exist_ok=True)
-    with fs.open(f"{path}/{CONFIG_FILE}", "w") as f:
-        f.write(cfg.to_yaml())
+    clean_leftovers(fs, path)
+    tmp = partial_name(path)
+    try:
+        fs.makedirs(tmp, exist_ok=True)
+        with fs.open(f"{tmp}/{CONFIG_FILE}", "w") as f:
+            f.write(cfg.to_yaml())
+        empty = fs.exists(path) and not fs.ls(path, detail=False)
+        swap_in(fs, tmp, path, overwrite=cfg.overwrite or empty)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp, recursive=True)
 
 
 def _check_resources(cfg: TeacherStreamConfig, *, workers: int = 0, cpus_per_worker: float = 0.0,
                      teacher: bool = True, pipelines: int = 1) -> None:
-    """Ask only for what the cluster can give: an embedded Ray cannot grow, and a request it can
-    never meet would wait forever. On a cluster (RAY_ADDRESS) an autoscaler may add nodes, so a
-    shortfall there is a warning."""
-    import warnings
-
+    """Ask only for what the cluster can give (see `cluster.require_resources`): an embedded Ray
+    cannot grow, and a request it can never meet would wait forever; a cluster (RAY_ADDRESS) gets
+    MOE2DENSE_RESOURCE_TIMEOUT seconds to grow."""
     import ray
+
+    from ..cluster import require_resources
 
     res = ray.cluster_resources()
     gpu_cluster = res.get("GPU", 0) > 0
@@ -120,15 +129,11 @@ def _check_resources(cfg: TeacherStreamConfig, *, workers: int = 0, cpus_per_wor
     need = {"CPU": workers * cpus_per_worker + (cfg.teacher_workers * cfg.cpus_per_teacher if teacher else 0)
             + 0.1 * pipelines,
             "GPU": (workers if gpu_cluster else 0) + (cfg.teacher_workers * teacher_gpus if teacher else 0)}
-    short = [f"{need[k]:g} {k}s but the cluster has {res.get(k, 0):g}" for k in need if need[k] > res.get(k, 0)]
-    if not short:
-        return
-    msg = (f"this run needs {' and '.join(short)} (training workers, teacher replicas, data pipeline): lower "
-           f"--workers, --teacher-workers, --cpus-per-worker, --cpus-per-teacher or --gpus-per-teacher")
-    if os.environ.get("RAY_ADDRESS"):
-        warnings.warn(msg + "; waiting for the autoscaler", stacklevel=3)
-    else:
-        raise UserError(msg)
+    each = ([{"CPU": cpus_per_worker, "GPU": 1 if gpu_cluster else 0}] if workers else []) + \
+        ([{"CPU": cfg.cpus_per_teacher, "GPU": teacher_gpus}] if teacher else [])
+    require_resources(need, each=each, who="this run", parts="training workers, teacher replicas, data pipeline",
+                      advice="lower --workers, --teacher-workers, --cpus-per-worker, --cpus-per-teacher or "
+                      "--gpus-per-teacher")
 
 
 def _columns(ds) -> dict[str, np.ndarray]:
@@ -171,7 +176,7 @@ def _blocks_for(cfg: TeacherStreamConfig, teacher: str, *, val_data: str | None 
 
 def teacher_logits(cfg: TeacherLogitsConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run the teacher over DATA once and write its stream to LOGITS (Parquet + stream.json)."""
-    from ..calibrate import ensure_ray
+    from ..cluster import ensure_ray
 
     cfg = _absolute_paths(cfg)
     teacher_cfg = _read_config(cfg.teacher, "teacher")
@@ -199,7 +204,7 @@ def teacher_logits(cfg: TeacherLogitsConfig, *, progress: bool = True) -> dict[s
 
 def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
     """Distill `cfg.teacher` (or the stream `cfg.logits`) into `cfg.student`; the result is RUN/student."""
-    from ..calibrate import ensure_ray
+    from ..cluster import ensure_ray
 
     cfg = _absolute_paths(cfg)
     student_cfg = _check_student(cfg.student)
@@ -260,7 +265,13 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
             datasets[f"train_{r}"] = teacher_stream(ds, teacher=cfg.teacher, cfg=cfg,
                                                     replicas=cfg.teacher_workers // cfg.workers)
 
-    _start_run(cfg)  # only now: a check that failed above leaves no RUN behind
+    with OutputLock(cfg.out):  # one run at a time writes RUN
+        return _fit(cfg, steps=steps, val=val, datasets=datasets, progress=progress, t0=t0)
+
+
+def _fit(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], datasets: dict[str, Any], progress: bool,
+         t0: float) -> DistillResult:
+    _start_run(cfg)  # only now: a check that failed before leaves no RUN behind
     trainer = _trainer(cfg, steps=steps, val=val, datasets=datasets)
     watcher = _MetricsWatcher(cfg.out, steps, enabled=progress)
     watcher.start()
