@@ -322,7 +322,11 @@ def _load_config(reader: CheckpointReader):
     d = reader.config_dict()
     mt = d.get("model_type")
     family = get_family(mt)
-    cfg = CONFIG_MAPPING[mt].from_dict({k: v for k, v in d.items() if k != "quantization_config"})
+    try:
+        cfg = CONFIG_MAPPING[mt].from_dict({k: v for k, v in d.items() if k != "quantization_config"})
+    except Exception as e:  # noqa: BLE001 - config classes raise anything for a field of the wrong type
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise UserError(f"{reader.url}/config.json is not a valid {mt} config: {why[:300]}") from None
     return d, family, cfg
 
 

@@ -352,3 +352,14 @@ def test_streamed_shards_are_standard_safetensors(work, tmp_path):
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in merged.values())
     ref = load_file(one / "model.safetensors")
     assert sorted(merged) == sorted(ref) and all(torch.equal(merged[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize("field,value,fragment", [("dtype", "float8", "float8"),
+                                                  ("num_experts", "many", "num_experts")])
+def test_config_fields_of_the_wrong_type(work, tmp_path, capsys, field, value, fragment):
+    src = shutil.copytree(work / "teacher", tmp_path / "t")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg[field] = value
+    (src / "config.json").write_text(json.dumps(cfg))
+    line = _one_error(capsys, main(_build(src, work / "plan2.json", tmp_path / "out")), "is not a valid qwen3_moe config")
+    assert fragment in line
