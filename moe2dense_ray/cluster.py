@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import warnings
 
@@ -53,6 +55,7 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS") or None
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         # an embedded Ray is an implementation detail: its start-up chatter would break the bars
         ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
@@ -66,6 +69,10 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
             raise UserError(f"cannot connect to the Ray cluster at {address} (RAY_ADDRESS): "
                             f"{first_line(e)}") from None
         raise UserError(f"cannot start Ray: {first_line(e)}{_disk_hint()}") from None
+    if callable(sigterm) and threading.current_thread() is threading.main_thread():
+        # Ray's core replaces the program's SIGTERM handler with one that dumps a native stack and
+        # aborts; the CLI's own (clean up, one error line) must stay in charge
+        signal.signal(signal.SIGTERM, sigterm)
     return True
 
 

@@ -363,3 +363,59 @@ def test_config_fields_of_the_wrong_type(work, tmp_path, capsys, field, value, f
     (src / "config.json").write_text(json.dumps(cfg))
     line = _one_error(capsys, main(_build(src, work / "plan2.json", tmp_path / "out")), "is not a valid qwen3_moe config")
     assert fragment in line
+
+
+def test_pickle_that_weights_only_refuses_is_one_line(work, tmp_path, capsys):
+    import argparse
+
+    src = shutil.copytree(work / "teacher", tmp_path / "t")
+    tensors = load_file(src / "model.safetensors")
+    os.remove(src / "model.safetensors")
+    torch.save({**tensors, "extra": argparse.Namespace(code="runs on load")}, src / "pytorch_model.bin")
+    _one_error(capsys, main(_build(src, work / "plan2.json", tmp_path / "out")), "--allow-pickle")
+    _one_error(capsys, main(_build(src, work / "plan2.json", tmp_path / "out", "--allow-pickle")),
+               "cannot be loaded safely")
+
+
+def test_convert_checks_its_two_outputs_against_each_other_first(work, tmp_path, capsys):
+    args = ["-q", "convert", str(work / "teacher"), "--data", str(assets.calibration_path()), "--samples", "2",
+            "--seq-len", "16", "--workers", "0", "--experts", "2"]
+    t0 = time.time()
+    _one_error(capsys, main(args + ["--out", str(tmp_path / "d"), "--stats", str(tmp_path / "d" / "stats")]),
+               "contains the input")
+    _one_error(capsys, main(args + ["--out", str(tmp_path / "d"), "--stats", str(tmp_path / "d")]), "is the input")
+    assert time.time() - t0 < 10 and os.listdir(tmp_path) == []  # before calibrating: nothing written
+
+
+def test_sigterm_during_ray_calibration_is_one_line_and_stops_ray(work, tmp_path):
+    import psutil
+
+    cmd = [sys.executable, "-m", "moe2dense_ray.cli", "-q", "calibrate", str(work / "teacher"), "--data",
+           str(assets.calibration_path()), "--samples", "300", "--seq-len", "256", "--batch-size", "1",
+           "--workers", "1", "--full-stats", "--out", str(tmp_path / "stats")]
+    proc = subprocess.Popen(cmd, env=ENV, stderr=subprocess.PIPE, text=True)
+    me = psutil.Process(proc.pid)
+    deadline = time.time() + 90
+    while time.time() < deadline:  # until the replica (a Ray actor) is working
+        if any("_Replica" in " ".join(c.cmdline()) or "Calibrator" in " ".join(c.cmdline())
+               for c in _children(me)):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("no calibration actor appeared")
+    ray_procs = _children(me)
+    proc.send_signal(signal.SIGTERM)
+    code, err = proc.wait(timeout=60), proc.stderr.read()
+    assert code == 130 and err.strip().splitlines() == ["error: interrupted (no output was left half-written)"], err
+    gone, alive = psutil.wait_procs(ray_procs, timeout=30)
+    assert not alive, [p.name() for p in alive]
+    assert os.listdir(tmp_path) == []
+
+
+def _children(proc):
+    import psutil
+
+    try:
+        return proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
