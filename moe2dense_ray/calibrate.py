@@ -73,13 +73,14 @@ def localize(src: str, cache_dir: str | None = None, *, weights: bool = True) ->
 
 
 def load_causal_lm(src: str, *, device: str = "auto", dtype: str = "auto",
-                   experts_as_weights: bool = False) -> tuple[Any, dict[str, Any], str]:
+                   experts_as_weights: bool = False, moe: bool = True) -> tuple[Any, dict[str, Any], str]:
     """Load a (teacher) checkpoint for inference: `(model, config dict, device)`.
 
     bf16 (the checkpoint's dtype) on GPUs, fp32 on CPU, where bf16 matmuls are slow and
     imprecise. A model larger than one GPU is sharded over the process's GPUs (`device_map`).
     Quantized experts are dequantized where their weights must be read as tensors
-    (`experts_as_weights`: calibration runs each expert from its weights).
+    (`experts_as_weights`: calibration runs each expert from its weights). `moe=False` loads a
+    dense model (prune-dense), whose caller checks its structure instead of its MoE family.
 
     Every problem is one `UserError` line: a tensor that is missing, unexpected or of the wrong
     shape (transformers would quietly fill the model with random weights instead), or any other
@@ -91,7 +92,8 @@ def load_causal_lm(src: str, *, device: str = "auto", dtype: str = "auto",
     with localize(src) as path:
         check_small_files(path, METADATA_FILES)
         cfg = read_json(url_to_fs(path)[0], os.path.join(path, "config.json"), what=f"{src}/config.json")
-        get_family(cfg.get("model_type"))  # an unsupported family fails here, in one line
+        if moe:
+            get_family(cfg.get("model_type"))  # an unsupported family fails here, in one line
         kwargs: dict[str, Any] = {}
         if dtype == "auto":
             kwargs["dtype"] = "auto" if device.startswith("cuda") else torch.float32
