@@ -21,9 +21,13 @@ Pipeline (each stage is a subcommand; `convert` chains the first three):
   calibrate  SRC -> STATS   run the teacher on text, sum routing/expert statistics (Ray actors)
   plan       STATS -> PLAN  score, select, group and scale experts (seconds; many plans per STATS)
   build      SRC + PLAN -> DST  stream the checkpoint tensor by tensor into the dense model
+  prune-dense MODEL -> DST  the dense-to-dense baseline: width-prune a dense model's FFNs by activation
+             importance (Minitron), e.g. the bundled dense peer to a student's parameter count
   distill    SRC + DST -> RUN   refine the dense student on the teacher's top-k distribution
              (teacher actors stream to Ray Train workers running DeepSpeed); RUN/student is the result
   teacher-logits SRC -> LOGITS  keep the teacher's stream as Parquet, for `distill --logits`
+  eval       MODEL         held-out perplexity and lm-evaluation-harness tasks (two shipped, offline;
+             `--tasks paper`: the paper's five) of any checkpoint, as a table and JSON
 
 Paths may be local directories or fsspec URLs (s3://, gs://, hf://, memory://, ...).
 """
@@ -43,6 +47,7 @@ examples (from the repository root; the bundled teacher is a 16-expert Qwen3-MoE
   moe2dense teacher-logits $T --data moe2dense_ray/assets/calibration.jsonl --tokens 20000 --seq-len 128 \
       --out runs/logits
   moe2dense distill --logits runs/logits --student runs/dense-cp --report-every 5 --out runs/distill-cp
+  moe2dense eval runs/distill-cp/student --limit 40 --out runs/eval-distill-cp.json
   moe2dense convert s3://bucket/Qwen3-30B-A3B --data hf:HuggingFaceFW/fineweb-edu:sample-10BT \\
       --samples 512 --seq-len 2048 --experts 8 --scoring do-acp --workers 8 --out s3://bucket/qwen3-dense
 
@@ -117,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="apply a plan to a checkpoint, streaming it into a dense model",
                        description="Stream SRC tensor by tensor into the dense checkpoint described by PLAN.")
     BuildConfig.add_arguments(b)
+    from .prune import PruneConfig
+
+    pr = sub.add_parser("prune-dense", help="width-prune a dense model's FFNs by activation importance "
+                        "(the dense-to-dense baseline)",
+                        description="Keep the W most important FFN neurons of every layer of the dense model "
+                        "MODEL (SwiGLU mlp.gate_proj/up_proj/down_proj: Qwen3, Qwen2, Mistral, Llama, ...). A "
+                        "neuron's importance is the sum over the calibration tokens of DATA of |act_fn(gate(x)) * "
+                        "up(x)| (Minitron). DST is a standard checkpoint with intermediate_size W plus "
+                        "moe2dense_prune.json (per layer the kept neuron ids and every neuron's importance).",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    PruneConfig.add_arguments(pr)
 
     d = sub.add_parser("demo", help="convert the bundled teacher end to end on local Ray and report perplexities",
                        description="Runs the whole pipeline on the small teacher shipped with the package: "
@@ -140,9 +156,34 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run the teacher once over DATA and write the stream that `distill` would "
                         "compute online to LOGITS, for any number of `distill --logits LOGITS` runs.")
     TeacherLogitsConfig.add_arguments(tl)
+    from .eval import EvalConfig
+
+    ev = sub.add_parser("eval", help="held-out perplexity and lm-evaluation-harness tasks of any checkpoint",
+                        description="Evaluate MODEL (a teacher, a student, any causal LM): perplexity on held-out "
+                        "text (default: the bundled held-out sample) and lm-evaluation-harness tasks through its "
+                        "Hugging Face wrapper. Two tasks ship with the package and need no network: next_line "
+                        "(which of four lines follows a passage) and last_word (LAMBADA-style last word); "
+                        "`--tasks paper` runs the paper's five (WinoGrande 5-shot, HellaSwag 10-shot, ARC-Easy and "
+                        "ARC-Challenge 25-shot, MMLU 5-shot), whose datasets come from the Hugging Face hub. Prints "
+                        "a Markdown table; --out also writes the results as JSON. Settings can come from --config "
+                        "YAML; flags override it.")
+    EvalConfig.add_arguments(ev)
+    _add_quiet(ev)
+    from .sweep import SweepConfig
+
+    sw = sub.add_parser("sweep", help="compare many plan x distillation configurations under ASHA early stopping",
+                        description="Calibrate T once and stream its top-k distribution once, then run one Ray Tune "
+                        "trial per combination of the settings in SPACE (a YAML grid over scoring, grouping, scaling, "
+                        "experts, groups, seed, lr, loss, ...): each plans, builds and distills its student while "
+                        "ASHA stops the trials whose validation perplexity falls behind.\n\nDIR gets the shared "
+                        "stats/ and logits/, Tune's experiment (tune/: results, TensorBoard), each trial's "
+                        "student and run (trials/ID/), leaderboard.csv/.md, curves.png and summary.json. "
+                        "--resume continues a stopped sweep.",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    SweepConfig.add_arguments(sw)
     sub.add_parser("methods", help="list scoring, grouping and scaling methods")
     sub.add_parser("families", help="list supported model families")
-    for name in ("convert", "calibrate", "plan", "build", "demo", "distill", "teacher-logits"):
+    for name in ("convert", "calibrate", "plan", "build", "prune-dense", "demo", "distill", "teacher-logits", "sweep"):
         _add_quiet(sub.choices[name])
     return p
 
@@ -218,6 +259,17 @@ def _run(args: argparse.Namespace) -> int:
                     allow_pickle=cfg.allow_pickle, progress=progress, inputs=(cfg.plan,))
         print(f"wrote {rep.out}: {rep.dense_model_type}, FFN width {rep.intermediate_size}, "
               f"{rep.student_params / 1e6:.2f}M parameters in {rep.seconds:.1f}s")
+    elif args.command == "prune-dense":
+        from .prune import PruneConfig, prune_dense
+
+        cfg = PruneConfig.from_args(args)
+        rep = prune_dense(cfg.src, cfg.data, cfg.out, width=cfg.width, samples=cfg.samples, seq_len=cfg.seq_len,
+                          batch_size=cfg.batch_size, seed=cfg.seed, text_field=cfg.text_field, dtype=cfg.dtype,
+                          max_shard_bytes=int(cfg.shard_size * (1 << 30)), overwrite=cfg.overwrite,
+                          allow_pickle=cfg.allow_pickle, progress=progress)
+        print(f"wrote {rep.out}: {rep.model_type}, FFN width {rep.width} of {rep.intermediate_size}, "
+              f"{rep.params_after / 1e6:.2f}M parameters (was {rep.params_before / 1e6:.2f}M), importance from "
+              f"{rep.tokens} tokens, {rep.seconds:.1f}s")
     elif args.command == "demo":
         from .demo import run_demo
 
@@ -237,6 +289,23 @@ def _run(args: argparse.Namespace) -> int:
         meta = teacher_logits(TeacherLogitsConfig.from_args(args), progress=progress)
         print(f"wrote {args.out}: {meta['blocks']} blocks ({meta['val_blocks']} held out), {meta['codec']} "
               f"codec, {meta['seconds']:.1f}s")
+    elif args.command == "sweep":
+        from .sweep import SweepConfig, sweep
+
+        cfg = SweepConfig.from_args(args)
+        summary = sweep(cfg, progress=progress)
+        print(summary["leaderboard"])
+        print(f"wrote {cfg.out}: {summary['trials']} trials ({summary['stopped_early']} stopped early, "
+              f"{summary['errors']} failed), {summary['tokens_spent']:,} distillation tokens = "
+              f"{summary['token_ratio']:.2f} of the full grid's, {summary['seconds']:.0f}s")
+    elif args.command == "eval":
+        from .eval import EvalConfig, evaluate_model, results_table
+
+        cfg = EvalConfig.from_args(args)
+        result = evaluate_model(cfg, progress=progress)
+        print(results_table(result))
+        if cfg.out:
+            print(f"wrote {cfg.out} in {result['seconds']:.0f}s")
     elif args.command == "methods":
         print(_methods_help())
     elif args.command == "families":

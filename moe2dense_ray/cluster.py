@@ -57,9 +57,13 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     address = os.environ.get("RAY_ADDRESS") or None
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
-        # an embedded Ray is an implementation detail: its start-up chatter would break the bars
-        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 ignore_reinit_error=True, logging_level="INFO" if address else "ERROR")
+        # an embedded Ray is an implementation detail: its start-up chatter would break the bars.
+        # "local" starts one even when other Ray instances run on this machine. Its dashboard
+        # serves the state API, which Ray Train's placement-group cleaner needs: without it a
+        # training run inside a Tune trial leaves its workers' CPUs reserved after the trial ends
+        start = {} if address else {"num_cpus": num_cpus, "include_dashboard": True}
+        ray.init(address=address or "local", log_to_driver=False, ignore_reinit_error=True,
+                 logging_level="INFO" if address else "ERROR", **start)
     except Exception as e:  # noqa: BLE001 - Ray reports start-up failures as many types
         try:
             ray.shutdown()  # whatever half-started processes there are

@@ -29,14 +29,13 @@ class StageConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: str, **overrides: Any):
         """Load `path` (local or fsspec URL) and apply `overrides` on top; bad files are UserErrors."""
-        from .checkpoint import url_to_fs
+        from .outputs import read_small, url_to_fs
 
         fs, p = url_to_fs(path)
         if not fs.exists(p):
             raise UserError(f"no such config file: {path}")
         try:
-            with fs.open(p, "r") as f:
-                data = yaml.safe_load(f) or {}
+            data = yaml.safe_load(read_small(fs, p, what=path)) or {}
         except yaml.YAMLError as e:
             raise UserError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(data, dict):

@@ -40,7 +40,7 @@ SMALL_FILE_LIMIT = 64 << 20
 
 # What marks a directory as a moe2dense output that --overwrite may replace.
 OUTPUT_MARKERS = {"checkpoint": ("config.json", "moe2dense_plan.json"), "statistics": ("meta.json",),
-                  "logits": ("stream.json",), "run": ("distill.yaml",)}
+                  "logits": ("stream.json",), "run": ("distill.yaml",), "sweep": ("sweep.yaml",)}
 
 PARTIAL, OLD = ".partial-", ".old-"
 
@@ -120,7 +120,7 @@ def check_small_files(directory: str, names: tuple[str, ...] | list[str]) -> Non
 
 # -- where an output may go ---------------------------------------------------------------------
 # Files (not directories) an output of a kind may replace: a JSON object with these keys.
-FILE_MARKERS = {"plan": ("version", "layers", "scoring")}
+FILE_MARKERS = {"plan": ("version", "layers", "scoring"), "results": ("model", "tasks", "perplexity", "config")}
 
 
 def _location(url: str) -> tuple[str, str]:

@@ -202,8 +202,11 @@ def teacher_logits(cfg: TeacherLogitsConfig, *, progress: bool = True) -> dict[s
 # -- distill ---------------------------------------------------------------------------------------
 
 
-def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
-    """Distill `cfg.teacher` (or the stream `cfg.logits`) into `cfg.student`; the result is RUN/student."""
+def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None = None) -> DistillResult:
+    """Distill `cfg.teacher` (or the stream `cfg.logits`) into `cfg.student`; the result is RUN/student.
+
+    `callbacks` are Ray Train callbacks for the trainer: a sweep trial passes Tune's
+    `TuneReportCallback`, so every report of the training workers reaches the Tune scheduler."""
     from ..cluster import ensure_ray
 
     cfg = _absolute_paths(cfg)
@@ -266,13 +269,13 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> DistillResult:
                                                     replicas=cfg.teacher_workers // cfg.workers)
 
     with OutputLock(cfg.out):  # one run at a time writes RUN
-        return _fit(cfg, steps=steps, val=val, datasets=datasets, progress=progress, t0=t0)
+        return _fit(cfg, steps=steps, val=val, datasets=datasets, progress=progress, t0=t0, callbacks=callbacks)
 
 
 def _fit(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], datasets: dict[str, Any], progress: bool,
-         t0: float) -> DistillResult:
+         t0: float, callbacks: list | None) -> DistillResult:
     _start_run(cfg)  # only now: a check that failed before leaves no RUN behind
-    trainer = _trainer(cfg, steps=steps, val=val, datasets=datasets)
+    trainer = _trainer(cfg, steps=steps, val=val, datasets=datasets, callbacks=callbacks)
     watcher = _MetricsWatcher(cfg.out, steps, enabled=progress)
     watcher.start()
     try:
@@ -312,7 +315,8 @@ def _losses() -> list[str]:
     return list(LOSSES)
 
 
-def _trainer(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], datasets: dict[str, Any]):
+def _trainer(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], datasets: dict[str, Any],
+             callbacks: list | None = None):
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -329,7 +333,8 @@ def _trainer(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], data
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
         run_config=RunConfig(name="train", **storage, failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                             callbacks=callbacks or None),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),  # each rank reads its own share (see train.py)
     )

@@ -206,6 +206,9 @@ def read_stream(logits: str):
     from ..checkpoint import is_local, url_to_fs
 
     fs, path = url_to_fs(logits)
+    # Ray Data's newer Parquet reader lists files in a task that holds a whole CPU, which a sweep
+    # trial beside its training worker cannot get on a small node: it would wait forever
+    ray.data.DataContext.get_current().use_datasource_v2 = False
     return ray.data.read_parquet(path, filesystem=None if is_local(fs) else _arrow_fs(fs),
                                  file_extensions=["parquet"], num_cpus=0.1)
 

@@ -1,0 +1,77 @@
+"""`moe2dense sweep` end to end on the bundled teacher: one calibration, one teacher stream,
+Tune trials that plan, build and distill under ASHA, a leaderboard, and a resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+
+from moe2dense_ray import assets
+from moe2dense_ray.cli import main
+from moe2dense_ray.errors import UserError
+from moe2dense_ray.sweep import SweepConfig, load_space, sweep
+
+
+def _args(space, out, *extra):
+    return ["-q", "sweep", "--teacher", assets.teacher_path(), "--data", assets.calibration_path(), "--space",
+            str(space), "--out", str(out), "--samples", "8", "--seq-len", "64", "--tokens", "2048", "--top-k", "32",
+            "--val-blocks", "4", "--report-every", "2", "--calibration-workers", "0", *extra]
+
+
+def test_bad_spaces_are_one_line_before_any_work(tmp_path, capsys):
+    cases = {"nokeys.yaml": ("{}\n", "must map settings"), "unknown.yaml": ("scoring: cp\nexperts: 4\ncolour: red\n",
+                                                                          "unknown setting(s) colour"),
+             "method.yaml": ("scoring: [cp, nope]\nexperts: 4\n", "nope"),
+             "k.yaml": ("scoring: cp\nexperts: [4, 99]\n", "--experts must be between 1 and 16"),
+             "lr.yaml": ("scoring: cp\nexperts: 4\nlr: -1\n", "lr"),
+             "loss.yaml": ("scoring: cp\nexperts: 4\nloss: l2\n", "unknown loss 'l2'")}
+    for name, (text, fragment) in cases.items():
+        (tmp_path / name).write_text(text)
+        code = main(_args(tmp_path / name, tmp_path / "out"))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], (name, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sweep_runs_trials_under_asha_writes_a_leaderboard_and_resumes(tmp_path, ray_cluster):
+    space = tmp_path / "space.yaml"
+    space.write_text("scoring: [sf, random]\nexperts: 4\nlr: 0.002\nbatch_size: 4\n")
+    out = tmp_path / "sweep"
+    assert main(_args(space, out)) == 0
+    # the shared work was done once
+    assert (out / "stats" / "meta.json").exists() and (out / "logits" / "stream.json").exists()
+    trials = sorted(os.listdir(out / "trials"))
+    assert len(trials) == 2
+    rows = list(csv.DictReader(open(out / "leaderboard.csv")))
+    assert sorted(r["scoring"] for r in rows) == ["random", "sf"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trials"] == 2 and summary["errors"] == 0
+    assert summary["tokens_spent"] <= summary["grid_tokens"] == 2 * 2048
+    for r in rows:  # each trial distilled from its own build, perplexity before and after
+        assert float(r["ppl before"]) > 0 and float(r["ppl after"]) > 0
+        stopped = r["stopped early"] == "True"
+        assert stopped == (int(r["tokens"]) < 2048)
+        if not stopped:
+            assert float(r["ppl after"]) < float(r["ppl before"])
+            assert (out / "trials" / r["trial"] / "run" / "student" / "config.json").exists()
+    best = min(rows, key=lambda r: float(r["ppl after"]))
+    assert summary["best"]["trial"] == best["trial"]
+    assert (out / "curves.png").stat().st_size > 1000 and (out / "leaderboard.md").exists()
+    # resuming a finished sweep runs no trial again and rewrites the same leaderboard
+    before = {t: os.path.getmtime(out / "trials" / t / "student" / "config.json") for t in trials}
+    again = sweep(SweepConfig(teacher=assets.teacher_path(), data=assets.calibration_path(), space=str(space),
+                              out=str(out), resume=True), progress=False)
+    assert again["trials"] == 2 and again["tokens_spent"] == summary["tokens_spent"]
+    assert before == {t: os.path.getmtime(out / "trials" / t / "student" / "config.json") for t in trials}
+
+
+def test_space_values_become_lists(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("scoring: cp\nexperts: [2, 4]\n")
+    assert load_space(str(p)) == {"scoring": ["cp"], "experts": [2, 4]}
+    p.write_text("- just a list\n")
+    with pytest.raises(UserError, match="must map settings"):
+        load_space(str(p))
