@@ -26,6 +26,8 @@ Pipeline (each stage is a subcommand; `convert` chains the first three):
   distill    SRC + DST -> RUN   refine the dense student on the teacher's top-k distribution
              (teacher actors stream to Ray Train workers running DeepSpeed); RUN/student is the result
   teacher-logits SRC -> LOGITS  keep the teacher's stream as Parquet, for `distill --logits`
+  sweep      T + SPACE -> DIR  many plan x distillation settings as Ray Tune trials sharing one
+             calibration and one teacher stream; ASHA stops the weak ones; a leaderboard and curves
   eval       MODEL         held-out perplexity and lm-evaluation-harness tasks (two shipped, offline;
              `--tasks paper`: the paper's five) of any checkpoint, as a table and JSON
 
