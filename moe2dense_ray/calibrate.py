@@ -532,6 +532,21 @@ def _calibrate_on_ray(src: str, calib, *, workers: int, full: bool, dtype: str, 
             ray.shutdown()
 
 
+def token_blocks(src: str, data: str, cfg, *, samples: int, seq_len: int, seed: int, text_field: str,
+                 doing: str = "calibrating"):
+    """DATA packed into blocks by SRC's tokenizer, every id checked against the model's vocabulary
+    (a short corpus is a warning: fewer blocks than asked for)."""
+    from .data import calibration_blocks
+
+    calib = calibration_blocks(data, _tokenizer(src), samples=samples, seq_len=seq_len, seed=seed,
+                               text_field=text_field)
+    if calib.num_samples < samples:
+        warnings.warn(f"{data} holds only {calib.num_tokens} tokens: {doing} on {calib.num_samples} "
+                      f"blocks, not the {samples} asked for", stacklevel=3)
+    _check_token_ids(calib, cfg, src)
+    return calib
+
+
 def calibrate(
     src: str,
     data: str,
@@ -558,7 +573,6 @@ def calibrate(
     that the tokenizer's ids fit the model's vocabulary.
     """
     from .build import inspect_source
-    from .data import calibration_blocks
 
     reader, cfg_dict, family, cfg, shape = inspect_source(src, allow_pickle=allow_pickle)  # validate first
     try:
@@ -575,12 +589,7 @@ def calibrate(
                             f"(max_position_embeddings {max_len})")
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, not {batch_size}")
-        tok = _tokenizer(src)
-        calib = calibration_blocks(data, tok, samples=samples, seq_len=seq_len, seed=seed, text_field=text_field)
-        if calib.num_samples < samples:
-            warnings.warn(f"{data} holds only {calib.num_tokens} tokens: calibrating on {calib.num_samples} "
-                          f"blocks, not the {samples} asked for", stacklevel=2)
-        _check_token_ids(calib, cfg, src)
+        calib = token_blocks(src, data, cfg, samples=samples, seq_len=seq_len, seed=seed, text_field=text_field)
         t0 = time.time()
         total = int(calib.num_tokens)
         bar = Progress(total, "calibrate", unit="tok", enabled=progress)

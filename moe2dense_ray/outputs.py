@@ -350,3 +350,22 @@ def clean_leftovers(fs: fsspec.AbstractFileSystem, dest: str) -> list[str]:
             _remove(fs, full)
         found.append(full)
     return found
+
+
+def start_directory(url: str, files: dict[str, str | bytes], *, overwrite: bool) -> None:
+    """A fresh output directory holding `files` (its settings), swapped in whole over an earlier
+    output of the same kind with `overwrite`: for outputs that later stages fill in place (a
+    distillation run, a sweep). Call while holding the destination's OutputLock."""
+    fs, path = url_to_fs(url)
+    clean_leftovers(fs, path)
+    tmp = partial_name(path)
+    try:
+        fs.makedirs(tmp, exist_ok=True)
+        for name, data in files.items():
+            with fs.open(f"{tmp}/{name}", "wb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
+        empty = fs.exists(path) and not fs.ls(path, detail=False)
+        swap_in(fs, tmp, path, overwrite=overwrite or empty)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp, recursive=True)

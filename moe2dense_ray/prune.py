@@ -27,13 +27,12 @@ import contextlib
 import os
 import re
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 from pydantic import Field
 
-from .config import StageConfig, positional
+from .config import BuildOutput, positional
 from .errors import UserError
 
 PRUNE_FILE = "moe2dense_prune.json"
@@ -45,8 +44,8 @@ _PROJ = ("gate_proj", "up_proj", "down_proj")
 _MLP_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.(.+)$")
 
 
-class PruneConfig(StageConfig):
-    """`moe2dense prune-dense`."""
+class PruneConfig(BuildOutput):
+    """`moe2dense prune-dense`: where it writes is what `build` takes (`BuildOutput`)."""
 
     src: str = positional("dense checkpoint to prune (local or URL)", metavar="MODEL")
     width: int = Field(..., ge=1, description="FFN neurons kept per layer, 1..intermediate_size",
@@ -58,14 +57,6 @@ class PruneConfig(StageConfig):
     batch_size: int = Field(4, ge=1, description="blocks per forward pass", json_schema_extra={"metavar": "B"})
     seed: int = Field(0, description="seed for the choice and order of calibration blocks")
     text_field: str = Field("text", description="field/column holding the text")
-    out: str = Field(..., description="output directory (local or URL)",
-                     json_schema_extra={"metavar": "DST", "aliases": ["-o"]})
-    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(
-        None, description="cast the pruned model (default: keep the source's dtypes)")
-    shard_size: float = Field(1.0, gt=0, description="max shard size in GB", json_schema_extra={"metavar": "GB"})
-    overwrite: bool = Field(False, description="replace DST if it holds a checkpoint (never a directory of other "
-                            "files, never MODEL)")
-    allow_pickle: bool = Field(False, description="accept pickle (.bin) checkpoints; they can run code when loaded")
 
 
 @dataclass(frozen=True)
@@ -246,9 +237,8 @@ def prune_dense(
     import torch
 
     from .build import check_complete
-    from .calibrate import _check_token_ids, _tokenizer, load_causal_lm
+    from .calibrate import load_causal_lm, token_blocks
     from .checkpoint import CheckpointWriter, TensorSpec, check_output, copy_aux_files
-    from .data import calibration_blocks
     from .families import Family
     from .outputs import OutputLock
     from .progress import Progress
@@ -297,13 +287,8 @@ def prune_dense(
             model_type=shape.model_type, dense_model_type=shape.model_type, dense_architecture=arch,
             dense_layout="mlp", expert_layout="per_expert", experts_attr="", expert_size_attr="intermediate_size"))
 
-        tok = _tokenizer(src)
-        calib = calibration_blocks(data, tok, samples=samples, seq_len=seq_len, seed=seed, text_field=text_field)
-        if calib.num_samples < samples:
-            warnings.warn(f"{data} holds only {calib.num_tokens} tokens: pruning on {calib.num_samples} "
-                          f"blocks, not the {samples} asked for", stacklevel=2)
-
-        _check_token_ids(calib, cfg, src)
+        calib = token_blocks(src, data, cfg, samples=samples, seq_len=seq_len, seed=seed, text_field=text_field,
+                             doing="pruning")
         model, _, _ = load_causal_lm(src, moe=False)
         bar = Progress(calib.num_tokens, "importance", unit="tok", enabled=progress)
         try:

@@ -213,24 +213,12 @@ def _absolute(cfg: SweepConfig) -> SweepConfig:
 
 
 def _start(cfg: SweepConfig) -> None:
-    """A fresh DIR holding the settings, swapped in whole over an earlier sweep (outputs.py)."""
-    from .outputs import clean_leftovers, partial_name, read_small, swap_in, url_to_fs
+    """A fresh DIR holding the settings and a copy of the space (outputs.start_directory)."""
+    from .outputs import read_small, start_directory, url_to_fs
 
-    fs, path = url_to_fs(cfg.out)
-    clean_leftovers(fs, path)
-    tmp = partial_name(path)
-    try:
-        fs.makedirs(tmp, exist_ok=True)
-        with fs.open(f"{tmp}/{CONFIG_FILE}", "w") as f:
-            f.write(cfg.to_yaml())
-        sfs, spath = url_to_fs(cfg.space)
-        with fs.open(f"{tmp}/space.yaml", "wb") as f:
-            f.write(read_small(sfs, spath, what=cfg.space))
-        empty = fs.exists(path) and not fs.ls(path, detail=False)
-        swap_in(fs, tmp, path, overwrite=cfg.overwrite or empty)
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp, recursive=True)
+    sfs, spath = url_to_fs(cfg.space)
+    start_directory(cfg.out, {CONFIG_FILE: cfg.to_yaml(), "space.yaml": read_small(sfs, spath, what=cfg.space)},
+                    overwrite=cfg.overwrite)
 
 
 def _shared_work(cfg: SweepConfig, combos: list[dict[str, Any]], *, progress: bool) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..checkpoint import check_output, is_local, parse_config, url_to_fs
 from ..errors import UserError
-from ..outputs import OutputLock, clean_leftovers, partial_name, swap_in
+from ..outputs import OutputLock, start_directory
 from ..progress import Progress
 from .config import DistillConfig, TeacherLogitsConfig, TeacherStreamConfig
 from .stream import (Blocks, blocks_dataset, pack_blocks, read_stream, read_stream_meta, select_blocks,
@@ -98,20 +98,8 @@ def _start_run(cfg: DistillConfig) -> None:
     """Record the settings in a fresh RUN, swapped in whole for a run replaced with --overwrite
     (a kill leaves the old run or the new one, as for every output: see outputs.py); a resumed
     run keeps its own. Call while holding RUN's OutputLock."""
-    if cfg.resume:
-        return
-    fs, path = url_to_fs(cfg.out)
-    clean_leftovers(fs, path)
-    tmp = partial_name(path)
-    try:
-        fs.makedirs(tmp, exist_ok=True)
-        with fs.open(f"{tmp}/{CONFIG_FILE}", "w") as f:
-            f.write(cfg.to_yaml())
-        empty = fs.exists(path) and not fs.ls(path, detail=False)
-        swap_in(fs, tmp, path, overwrite=cfg.overwrite or empty)
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp, recursive=True)
+    if not cfg.resume:
+        start_directory(cfg.out, {CONFIG_FILE: cfg.to_yaml()}, overwrite=cfg.overwrite)
 
 
 def _check_resources(cfg: TeacherStreamConfig, *, workers: int = 0, cpus_per_worker: float = 0.0,
