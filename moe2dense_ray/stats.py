@@ -23,11 +23,12 @@ from safetensors.torch import save as safetensors_save
 
 from .checkpoint import CheckpointWriter
 from .errors import UserError
-from .outputs import read_json, url_to_fs
+from .outputs import read_json, read_small, url_to_fs
 
 STATS_FILE = "stats.safetensors"
 META_FILE = "meta.json"
 STATS_VERSION = 1
+STATS_LIMIT = 16 << 30  # bytes of sums read at most
 
 # Every sum per MoE layer and its shape (E routed experts, H hidden size), as docs/stats.md lists
 # them and calibrate's hooks write them: the router's are always there, the expert-output ones
@@ -216,11 +217,13 @@ class Stats:
             raise UserError(f"{url} is not a statistics directory (run `moe2dense calibrate` first)")
         where = f"{url}/{META_FILE}"
         meta = check_meta(read_json(fs, f"{path}/{META_FILE}", what=where), where)
-        with fs.open(f"{path}/{STATS_FILE}", "rb") as f:
-            try:
-                sums = safetensors_load(f.read())
-            except Exception as e:  # safetensors raises its own error type for corrupt files
-                raise UserError(f"{url}/{STATS_FILE} is corrupt ({' '.join(str(e).split())}); "
-                                f"re-run `moe2dense calibrate`") from None
+        # a regular file of bounded size (a symlink to /dev/zero would be read forever); the
+        # sums of a 256-expert, 60-layer model with full statistics are about 1 GB
+        data = read_small(fs, f"{path}/{STATS_FILE}", what=f"{url}/{STATS_FILE}", limit=STATS_LIMIT)
+        try:
+            sums = safetensors_load(data)
+        except Exception as e:  # safetensors raises its own error type for corrupt files
+            raise UserError(f"{url}/{STATS_FILE} is corrupt ({' '.join(str(e).split())}); "
+                            f"re-run `moe2dense calibrate`") from None
         check_sums(sums, meta, f"{url}/{STATS_FILE}")
         return cls(sums, meta)

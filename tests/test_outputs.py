@@ -419,3 +419,13 @@ def _children(proc):
         return proc.children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+
+
+def test_statistics_sums_symlinked_to_a_device_are_refused(work, tmp_path, capsys):
+    stats = tmp_path / "stats"
+    assert main(["-q", "calibrate", str(work / "teacher"), "--data", str(assets.calibration_path()), "--samples",
+                 "2", "--seq-len", "16", "--workers", "0", "--out", str(stats)]) == 0
+    os.remove(stats / "stats.safetensors")
+    os.symlink("/dev/zero", stats / "stats.safetensors")
+    _one_error(capsys, main(["-q", "plan", str(stats), "--experts", "2", "--out", str(tmp_path / "p.json")]),
+               "not a regular file")
