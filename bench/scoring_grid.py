@@ -19,11 +19,10 @@ from moe2dense_ray.methods import SCORINGS
 
 def main() -> None:
     from moe2dense_ray import assets
-    from moe2dense_ray.build import build, read_expert_weights
-    from moe2dense_ray.calibrate import _tokenizer, calibrate
-    from moe2dense_ray.data import calibration_blocks
-    from moe2dense_ray.evaluate import load_model, perplexity
-    from moe2dense_ray.plan import make_plan
+    from moe2dense_ray.build import read_expert_weights
+    from moe2dense_ray.calibrate import calibrate
+    from moe2dense_ray.evaluate import heldout_blocks, model_perplexity, students
+    from moe2dense_ray.report import markdown_table, plot_curves
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--teacher", default=assets.teacher_path())
@@ -42,45 +41,47 @@ def main() -> None:
     stats = calibrate(a.teacher, a.data, samples=a.samples, seq_len=a.seq_len, workers=a.workers, full=True,
                       progress=False)
     E = stats.num_experts
-    tok = _tokenizer(a.teacher)
-    held = calibration_blocks(a.heldout, tok, samples=a.eval_samples, seq_len=a.seq_len, seed=123)
-    teacher_ppl = perplexity(load_model(a.teacher), held.input_ids, held.attention_mask)
+    held = heldout_blocks(a.teacher, a.heldout, a.eval_samples, a.seq_len, seed=123)
+    teacher_ppl = model_perplexity(a.teacher, held)
     weights = read_expert_weights(a.teacher)
-    rows = []
     ks = [k for k in (E // 8, E // 4, E // 2) if k >= 1]
     # random selection is the floor every scoring must beat; one draw is noise, so take several
-    configs = [(s, K, "none", K, seed) for K in ks
-               for s, seeds in [("random", range(a.random_seeds))] + [(s, [0]) for s in SCORED]
-               for seed in seeds]
-    configs += [(s, 2 * K, g, K, 0) for K in ks[:2] for s in ("cp", "do-acp") for g in ("weight", "output", "router")]
-    for scoring, K, grouping, k, seed in configs:
-        plan = make_plan(stats, experts=K, groups=k, scoring=scoring, grouping=grouping, scaling="uniform",
-                         seed=seed, expert_weights=weights if grouping == "weight" else None)
-        dst = os.path.join(a.work, f"{scoring}-K{K}-{grouping}-k{k}-s{seed}")
-        rep = build(a.teacher, plan, dst, overwrite=True, progress=False)
-        ppl = perplexity(load_model(dst), held.input_ids, held.attention_mask)
-        rows.append({"scoring": scoring, "K": K, "grouping": grouping, "k": k, "seed": seed, "ppl": ppl,
-                     "params_M": rep.student_params / 1e6})
-        print(f"{scoring:>7} K={K:<3} {grouping:>6} k={k:<3} seed {seed} ppl {ppl:9.2f}", flush=True)
+    grid = [(s, K, "none", K, seed) for K in ks
+            for s, seeds in [("random", range(a.random_seeds))] + [(s, [0]) for s in SCORED]
+            for seed in seeds]
+    grid += [(s, 2 * K, g, K, 0) for K in ks[:2] for s in ("cp", "do-acp") for g in ("weight", "output", "router")]
+    configs = {f"{scoring}-K{K}-{grouping}-k{k}-s{seed}": dict(
+        experts=K, groups=k, scoring=scoring, grouping=grouping, scaling="uniform", seed=seed,
+        expert_weights=weights if grouping == "weight" else None) for scoring, K, grouping, k, seed in grid}
+    rows = []
+    for (scoring, K, grouping, k, seed), s in zip(grid, students(a.teacher, stats, configs, a.work, held)):
+        rows.append({"scoring": scoring, "K": K, "grouping": grouping, "k": k, "seed": seed, "ppl": s["ppl"],
+                     "params_M": s["params_M"]})
+        print(f"{scoring:>7} K={K:<3} {grouping:>6} k={k:<3} seed {seed} ppl {s['ppl']:9.2f}", flush=True)
 
     os.makedirs(a.out, exist_ok=True)
-    lines = [f"Teacher {os.path.basename(a.teacher.rstrip('/'))}: E={E}, held-out perplexity {teacher_ppl:.2f}; "
-             f"calibration {stats.tokens} tokens; evaluation {int(held.num_tokens)} tokens; no distillation. "
-             f"`random` is the geometric mean (and range) over {a.random_seeds} seeds.", "",
-             "| scoring | K | grouping | k | params (M) | perplexity | vs random |", "|---|---:|---|---:|---:|---:|---:|"]
     summary = summarize(rows)
-    for r in summary:
-        spread = f" ({r['min']:.1f}-{r['max']:.1f})" if r["n"] > 1 else ""
-        lines.append(f"| {r['scoring']} | {r['K']} | {r['grouping']} | {r['k']} | {r['params_M']:.2f} | "
-                     f"{r['ppl']:.2f}{spread} | {r['vs_random']:.2f}x |")
-    text = "\n".join(lines)
+    table = markdown_table(({"scoring": r["scoring"], "K": r["K"], "grouping": r["grouping"], "k": r["k"],
+                             "params (M)": r["params_M"], "perplexity": _perplexity_cell(r),
+                             "vs random": f"{r['vs_random']:.2f}x"} for r in summary),
+                           right=("perplexity", "vs random"))
+    text = (f"Teacher {os.path.basename(a.teacher.rstrip('/'))}: E={E}, held-out perplexity {teacher_ppl:.2f}; "
+            f"calibration {stats.tokens} tokens; evaluation {int(held.num_tokens)} tokens; no distillation. "
+            f"`random` is the geometric mean (and range) over {a.random_seeds} seeds.\n\n" + table)
     print("\n" + text)
     with open(os.path.join(a.out, "scoring_grid.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(a.out, "scoring_grid.json"), "w") as f:
         json.dump({"teacher_ppl": teacher_ppl, "num_experts": E, "tokens": stats.tokens, "rows": rows,
                    "summary": summary}, f, indent=1)
-    _plot(summary, ks, teacher_ppl, os.path.join(a.out, "scoring_grid.png"))
+    pure = [r for r in summary if r["grouping"] == "none"]
+    plot_curves({"random (geo. mean)" if s == "random" else s: [(r["K"], r["ppl"]) for r in pure if r["scoring"] == s]
+                 for s in ("random",) + SCORED}, os.path.join(a.out, "scoring_grid.png"),
+                title="Dense students from the bundled Qwen3-MoE teacher",
+                xlabel="experts kept per layer (K = k, pure pruning)",
+                ylabel="held-out perplexity (before distillation)", reference=("MoE teacher", teacher_ppl),
+                bands={"random (range)": [(r["K"], r["min"], r["max"]) for r in pure if r["scoring"] == "random"]},
+                colors={"random (geo. mean)": "0.4"}, xlog=2)
     print(f"\n{len(rows)} students in {time.time() - t0:.0f}s; wrote {a.out}/scoring_grid.md/.json/.png")
 
 
@@ -105,32 +106,9 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _plot(summary, ks, teacher_ppl, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4))
-    for s in ("random",) + SCORED:
-        pts = [r for r in summary if r["scoring"] == s and r["grouping"] == "none"]
-        x, y = [r["K"] for r in pts], [r["ppl"] for r in pts]
-        if s == "random":
-            ax.fill_between(x, [r["min"] for r in pts], [r["max"] for r in pts], color="0.8", label="random (range)")
-            ax.plot(x, y, color="0.4", marker="o", label="random (geo. mean)")
-        else:
-            ax.plot(x, y, marker="o", label=s)
-    ax.axhline(teacher_ppl, color="k", ls="--", lw=1, label="MoE teacher")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xticks(ks, [str(k) for k in ks])
-    ax.set_xlabel("experts kept per layer (K = k, pure pruning)")
-    ax.set_ylabel("held-out perplexity (before distillation)")
-    ax.set_title("Dense students from the bundled Qwen3-MoE teacher")
-    ax.legend(ncol=3, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _perplexity_cell(r: dict) -> str:
+    """A summary row's perplexity, with its range over random seeds when there are several."""
+    return f"{r['ppl']:.2f}" + (f" ({r['min']:.1f}-{r['max']:.1f})" if r["n"] > 1 else "")
 
 
 if __name__ == "__main__":

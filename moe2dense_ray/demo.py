@@ -12,8 +12,6 @@ import json
 import os
 import time
 
-from .progress import Progress
-
 DEMO_SCORINGS = ("random", "sf", "cp", "acp", "do-acp")
 DEMO_DISTILL_TOKENS = 800_000  # about 3 minutes on 2 CPU cores
 
@@ -62,11 +60,9 @@ def _fallback_teacher(work: str) -> tuple[str, str, str]:
 def run_demo(out: str = "runs/demo", *, workers: int = 2, progress: bool = True,
              scorings: tuple[str, ...] = DEMO_SCORINGS, samples: int = 32, seq_len: int = 256,
              distill_tokens: int = DEMO_DISTILL_TOKENS, heldout_blocks: int = 16) -> dict:
-    from .build import build
-    from .calibrate import _tokenizer, calibrate
-    from .data import calibration_blocks
-    from .evaluate import load_model, perplexity
-    from .plan import make_plan
+    from . import evaluate
+    from .calibrate import calibrate
+    from .report import perplexity_table, plot_bars
 
     os.makedirs(out, exist_ok=True)
     teacher, calib_text, held_text, train_text, peer = _teacher_and_text(out)
@@ -78,20 +74,13 @@ def run_demo(out: str = "runs/demo", *, workers: int = 2, progress: bool = True,
     K = max(1, E // 4)
     print(f"calibrated {stats.tokens} tokens on {workers} Ray workers in {time.time() - t0:.1f}s; "
           f"keeping K={K} of E={E} experts per layer")
-    tok = _tokenizer(teacher)
-    held = calibration_blocks(held_text, tok, samples=heldout_blocks, seq_len=seq_len, shuffle_buffer=1)
-    rows = [{"model": "teacher (MoE)", "params_M": None, "ppl": perplexity(load_model(teacher), held.input_ids, held.attention_mask)}]
-    bar = Progress(len(scorings), "students", unit="plans", enabled=progress)
-    for name in scorings:
-        plan = make_plan(stats, experts=K, scoring=name, scaling="uniform")
-        dst = os.path.join(out, f"student-{name}")
-        rep = build(teacher, plan, dst, overwrite=True, progress=False)
-        ppl = perplexity(load_model(dst), held.input_ids, held.attention_mask)
-        rows.append({"model": f"dense K={K} {name}", "params_M": rep.student_params / 1e6, "ppl": ppl})
-        rows[0]["params_M"] = rep.teacher_params / 1e6
-        bar.update(1)
-    bar.close()
-    text = _table(rows)
+    held = evaluate.heldout_blocks(teacher, held_text, heldout_blocks, seq_len)
+    rows = [{"model": "teacher (MoE)", "params_M": None, "ppl": evaluate.model_perplexity(teacher, held)}]
+    configs = {f"student-{name}": {"experts": K, "scoring": name, "scaling": "uniform"} for name in scorings}
+    for name, s in zip(scorings, evaluate.students(teacher, stats, configs, out, held, progress=progress)):
+        rows.append({"model": f"dense K={K} {name}", "params_M": s["params_M"], "ppl": s["ppl"]})
+        rows[0]["params_M"] = s["teacher_params_M"]
+    text = perplexity_table(rows)
     print("\nBefore distillation (the paper's grid metric):\n" + text)
     result = {"teacher": teacher, "experts": K, "num_experts": E, "tokens": stats.tokens, "rows": rows}
     if distill_tokens:
@@ -99,14 +88,15 @@ def run_demo(out: str = "runs/demo", *, workers: int = 2, progress: bool = True,
         result["distilled"] = after = _distill_best(out, teacher, best, train_text, held_text, held, peer, rows[0],
                                                     tokens=distill_tokens, seq_len=seq_len,
                                                     heldout_blocks=heldout_blocks, progress=progress)
-        text += "\n\nAfter distillation:\n" + _table(after)
-        print(f"\nAfter distilling {best['model']} on {distill_tokens:,} tokens:\n" + _table(after))
+        text += "\n\nAfter distillation:\n" + perplexity_table(after)
+        print(f"\nAfter distilling {best['model']} on {distill_tokens:,} tokens:\n" + perplexity_table(after))
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text + "\n")
-    _plot(rows + [r for r in result.get("distilled", [])[1:] if "before distillation" not in r["model"]],
-          os.path.join(out, "perplexity.png"))
+    shown = rows + [r for r in result.get("distilled", [])[1:] if "before distillation" not in r["model"]]
+    plot_bars([(r["model"], r["ppl"]) for r in shown], os.path.join(out, "perplexity.png"),
+              title="MoE teacher vs dense students")
     print(f"\nwrote {out}/results.md, results.json and perplexity.png in {time.time() - t0:.1f}s")
     return result
 
@@ -119,7 +109,7 @@ def _distill_best(out: str, teacher: str, best: dict, train_text: str, held_text
     the exported student like every other row, with the one perplexity function."""
     from .distill.config import DistillConfig
     from .distill.run import distill
-    from .evaluate import load_model, perplexity
+    from .evaluate import load_model, model_perplexity
 
     name = best["model"].rsplit(" ", 1)[-1]
     cfg = DistillConfig(teacher=teacher, student=os.path.join(out, f"student-{name}"), data=train_text,
@@ -132,43 +122,10 @@ def _distill_best(out: str, teacher: str, best: dict, train_text: str, held_text
     if peer:
         model = load_model(peer)
         rows.append({"model": "dense peer (trained from scratch)", "params_M": model.num_parameters() / 1e6,
-                     "ppl": perplexity(model, held.input_ids, held.attention_mask)})
+                     "ppl": model_perplexity(model, held)})
     rows.append({**best, "model": f"{best['model']}, before distillation"})
     rows.append({"model": f"{best['model']}, distilled ({r.tokens / 1e6:.2f}M tokens, {r.seconds:.0f}s)",
                  "params_M": best["params_M"],
-                 "ppl": perplexity(load_model(r.student), held.input_ids, held.attention_mask),
+                 "ppl": model_perplexity(r.student, held),
                  "val_kl": r.final["val_kl"], "tok_per_s": r.final["tok_per_s"]})
     return rows
-
-
-def _table(rows: list[dict]) -> str:
-    from .report import markdown_table
-
-    return markdown_table({"model": r["model"], "params (M)": r["params_M"], "held-out perplexity": r["ppl"]}
-                          for r in rows)
-
-
-def _plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from matplotlib.ticker import LogLocator, ScalarFormatter
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    names = [r["model"] for r in rows][::-1]
-    vals = [r["ppl"] for r in rows][::-1]
-    ax.barh(names, vals, color=["#888"] * (len(rows) - 1) + ["#2a6"])
-    for y, v in enumerate(vals):
-        ax.text(v, y, f" {v:.1f}", va="center", fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlim(min(vals) / 1.5, max(vals) * 1.6)
-    ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_formatter(plt.NullFormatter())
-    ax.set_xlabel("held-out perplexity, log scale (lower is better)")
-    ax.set_title("MoE teacher vs dense students")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -1,8 +1,11 @@
-"""Evaluation: perplexity on held-out text (the paper's pre-distillation metric)."""
+"""Evaluation: perplexity on held-out text (the paper's pre-distillation metric), and the loop
+that plans, builds and measures students from one calibration (the demo and the scoring grid)."""
 
 from __future__ import annotations
 
 import math
+import os
+from typing import Any, Iterator
 
 import torch
 
@@ -59,3 +62,51 @@ def heldout_metrics(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 def perplexity(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, batch_size: int = 8) -> float:
     """Token-level perplexity over the non-padding next-token predictions of the given blocks."""
     return heldout_metrics(model, input_ids, attention_mask, batch_size=batch_size)["ppl"]
+
+
+def heldout_blocks(src, text: str, blocks: int, seq_len: int, *, seed: int | None = None):
+    """`blocks` blocks of `seq_len` tokens of `text`, packed by the tokenizer of the model at `src`
+    (a path or URL; or a tokenizer itself), in file order: the same blocks for every model of one
+    family, from run to run. With `seed`, from a seeded shuffle of the documents instead."""
+    from .data import calibration_blocks
+
+    if isinstance(src, (str, os.PathLike)):
+        from .calibrate import _tokenizer
+
+        src = _tokenizer(str(src))
+    order = {"shuffle_buffer": 1} if seed is None else {"seed": seed}
+    return calibration_blocks(text, src, samples=blocks, seq_len=seq_len, **order)
+
+
+def model_perplexity(model, held, *, batch_size: int = 8) -> float:
+    """`perplexity` of a model (loaded, or a path to load) on a block set from `heldout_blocks`."""
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(str(model))
+    return perplexity(model, held.input_ids, held.attention_mask, batch_size=batch_size)
+
+
+def students(teacher: str, stats, configs: dict[str, dict[str, Any]], out_dir: str, held, *,
+             progress: bool = False) -> Iterator[dict[str, Any]]:
+    """Plan, build and measure each configuration, from one calibration of `teacher`.
+
+    `configs` maps a name (the student's directory under `out_dir`, rebuilt if present) to the
+    keyword arguments of `plan.make_plan(stats, ...)`. Yields, as each student is measured, a row
+    `{"name", "path", "params_M", "teacher_params_M", "ppl"}` (parameters in millions; perplexity
+    on the blocks `held`), so callers can print as they go."""
+    from .build import build
+    from .plan import make_plan
+    from .progress import Progress
+
+    bar = Progress(len(configs), "students", unit="plans", enabled=progress)
+    try:
+        for name, kwargs in configs.items():
+            dst = os.path.join(out_dir, name)
+            rep = build(teacher, make_plan(stats, **kwargs), dst, overwrite=True, progress=False)
+            yield {"name": name, "path": dst, "params_M": rep.student_params / 1e6,
+                   "teacher_params_M": rep.teacher_params / 1e6, "ppl": model_perplexity(dst, held)}
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+__all__ = ["load_model", "heldout_metrics", "perplexity", "heldout_blocks", "model_perplexity", "students"]
