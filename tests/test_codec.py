@@ -159,3 +159,29 @@ def test_columns_survive_parquet_with_the_recommended_options(tmp_path):
         assert read[name].dtype == columns[name].dtype
         np.testing.assert_array_equal(read[name], columns[name])
     assert math.isclose(float(decode_topk(read)[1].exp().sum()), float(logprobs.exp().sum()), rel_tol=1e-3)
+
+
+def test_teacher_service_encodes_a_batch_as_it_would_block_by_block():
+    """The top-k codec encodes the whole batch in one call; the columns must be exactly those of
+    encoding each block alone (the sampled codec stays per block: its draws are seeded by block)."""
+    import numpy as np
+    import torch
+
+    from moe2dense_ray import assets
+    from moe2dense_ray.distill.codec import CODECS
+    from moe2dense_ray.distill.stream import TeacherService
+
+    service = TeacherService(assets.teacher_path(), codec="topk", top_k=16, draws=4, temperature=1.0, seed=0)
+    rng = np.random.default_rng(0)
+    batch = {"block_index": np.arange(3, dtype=np.int64), "input_ids": rng.integers(0, 4096, (3, 24)),
+             "attention_mask": np.ones((3, 24), dtype=np.int64)}
+    batch["attention_mask"][2, 20:] = 0
+    out = service(batch)
+    with torch.inference_mode():
+        logits = service.model(input_ids=torch.as_tensor(batch["input_ids"]),
+                               attention_mask=torch.as_tensor(batch["attention_mask"]), use_cache=False).logits.float()
+    for i in range(3):
+        alone = CODECS["topk"].encode(logits[i], k=16, temperature=1.0)
+        for name, col in alone.items():
+            assert out[name][i].dtype == col.dtype and np.array_equal(out[name][i], col), name
+    assert np.array_equal(out["block_index"], batch["block_index"])

@@ -292,6 +292,7 @@ class Codec:
     encode: Callable[..., dict[str, np.ndarray]]
     decode: Callable[[Mapping[str, np.ndarray]], SparseTarget]
     columns: tuple[str, ...] = COLUMNS
+    seeded: bool = False  # draws from a generator: encode block by block, each seeded by its index
 
 
 def _encode_topk_logits(logits: torch.Tensor, *, k: int = 64, draws: int = DEFAULT_DRAWS, temperature: float = 1.0,
@@ -311,7 +312,7 @@ def _encode_sampled_logits(logits: torch.Tensor, *, k: int = 64, draws: int = DE
 CODECS: dict[str, Codec] = {
     "topk": Codec("topk", _encode_topk_logits, lambda columns: SparseTarget.from_topk(*decode_topk(columns))),
     "sampled": Codec("sampled", _encode_sampled_logits,
-                     lambda columns: SparseTarget.from_sampled(*decode_sampled(columns))),
+                     lambda columns: SparseTarget.from_sampled(*decode_sampled(columns)), seeded=True),
 }
 """Codec by mode name ("topk" | "sampled")."""
 

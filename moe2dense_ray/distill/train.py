@@ -97,7 +97,7 @@ def batch_loss(model, batch: dict[str, np.ndarray], cfg, device) -> tuple[torch.
         valid = (mask[:, 1:] * mask[:, :-1]).bool()
         ce = torch.nn.functional.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:][valid])
         loss = (1 - cfg.ce_weight) * kd + cfg.ce_weight * ce
-    return loss, float(kd), float(ce)
+    return loss, float(kd.detach()), float(ce.detach())
 
 
 def _write_metrics(run: str, row: dict[str, Any]) -> None:
