@@ -27,6 +27,7 @@ import logging
 import os
 import random
 import re
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
@@ -49,6 +50,7 @@ HF_PREFIX = "hf:"
 # A document longer than this is yielded in pieces by the .txt reader, so that a corpus stored as one
 # enormous paragraph (no blank lines) never has to sit in memory whole.
 MAX_DOC_CHARS = 1 << 20
+MAX_JSON_LINE = 64 << 20  # characters in one JSON line (one document and its fields)
 _READ_CHUNK = 1 << 20  # readline() limit: one pathological line cannot be read in one go either
 # Characters tokenized per round per token still missing. Tokens average ~4 characters, so one
 # round usually suffices; a document longer than the round's budget is cut at whitespace and its
@@ -219,6 +221,8 @@ def _iter_files(fs: AbstractFileSystem, files: list[str], text_field: str) -> It
     for path in files:
         fmt, compression = _split_ext(path)
         name = _display(fs, path)
+        if is_local(fs) and not stat.S_ISREG(os.stat(path).st_mode):
+            raise UserError(f"{name} is not a regular file")  # a device (/dev/zero) would be read forever
         try:
             if fmt == "txt":
                 yield from _txt_docs(fs, path, compression)
@@ -278,7 +282,12 @@ def _json_docs(fs: AbstractFileSystem, path: str, compression: str | None, name:
             yield from _json_array_docs(fs, path, compression, name, text_field)
             return
     with _open_text(fs, path, compression) as f:
-        for lineno, line in enumerate(f, 1):
+        for lineno in itertools.count(1):
+            line = f.readline(MAX_JSON_LINE + 1)
+            if not line:
+                break
+            if len(line) > MAX_JSON_LINE:  # one record never needs this much: a corrupt or endless file
+                raise UserError(f"{name}:{lineno}: line {lineno} is longer than {MAX_JSON_LINE >> 20} M characters")
             if not line.strip():
                 continue
             try:

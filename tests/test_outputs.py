@@ -429,3 +429,20 @@ def test_statistics_sums_symlinked_to_a_device_are_refused(work, tmp_path, capsy
     os.symlink("/dev/zero", stats / "stats.safetensors")
     _one_error(capsys, main(["-q", "plan", str(stats), "--experts", "2", "--out", str(tmp_path / "p.json")]),
                "not a regular file")
+
+
+def test_data_that_never_ends_is_refused(work, tmp_path, capsys, monkeypatch):
+    from moe2dense_ray import data
+
+    def calibrate(src):
+        return main(["-q", "calibrate", str(work / "teacher"), "--data", str(src), "--samples", "2", "--seq-len",
+                     "16", "--workers", "0", "--out", str(tmp_path / "stats")])
+
+    os.symlink("/dev/zero", tmp_path / "zero.jsonl")
+    _one_error(capsys, calibrate(tmp_path / "zero.jsonl"), "not a regular file")
+    (tmp_path / "dir").mkdir()
+    os.symlink("/dev/zero", tmp_path / "dir" / "a.jsonl")
+    _one_error(capsys, calibrate(tmp_path / "dir"), "not a regular file")
+    monkeypatch.setattr(data, "MAX_JSON_LINE", 1000)
+    (tmp_path / "long.jsonl").write_text('{"text": "' + "a" * 2000 + '"}\n')
+    _one_error(capsys, calibrate(tmp_path / "long.jsonl"), "line 1 is longer than")
