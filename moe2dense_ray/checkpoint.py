@@ -15,6 +15,7 @@ import json
 import math
 import os
 import posixpath
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -75,6 +76,8 @@ class _SafetensorsFile:
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str):
         self.fs, self.path = fs, path
         name = posixpath.basename(path)
+        if is_local(fs) and not stat.S_ISREG(os.stat(path).st_mode):
+            raise UserError(f"{path} is not a regular file")  # a FIFO would block the first read forever
         try:
             size = fs.size(path)
             with fs.open(path, "rb") as f:
@@ -472,7 +475,8 @@ class CheckpointWriter:
                 "model.safetensors.index.json",
                 {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))},
             )
-        swap_in(self.fs, self.tmp, self.dest, overwrite=self.overwrite)
+        empty = self.fs.isdir(self.dest) and not self.fs.ls(self.dest, detail=False)  # allowed up front
+        swap_in(self.fs, self.tmp, self.dest, overwrite=self.overwrite or empty)
 
     def abort(self) -> None:
         try:

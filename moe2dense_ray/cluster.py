@@ -64,6 +64,10 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         start = {} if address else {"num_cpus": num_cpus, "include_dashboard": True}
         ray.init(address=address or "local", log_to_driver=False, ignore_reinit_error=True,
                  logging_level="INFO" if address else "ERROR", **start)
+    except SystemExit:  # Ray's own SIGTERM handler, installed during init, exits: it was an interrupt
+        if callable(sigterm):
+            raise KeyboardInterrupt from None
+        raise
     except Exception as e:  # noqa: BLE001 - Ray reports start-up failures as many types
         try:
             ray.shutdown()  # whatever half-started processes there are

@@ -144,7 +144,7 @@ class MethodOptions(StageConfig):
     it was made. Each method reads only its own (`Registry.register(..., options=...)`), and the
     methods' defaults are these (here, not in the methods, so the CLI can list them without torch)."""
 
-    ridge_scale: float = Field(1.0, gt=0, description="do-acp: ridge lambda = scale * mean(diag K) / k")
+    ridge_scale: float = Field(1.0, gt=0, allow_inf_nan=False, description="do-acp: ridge lambda = scale * mean(diag K) / k")
     kmeans_restarts: int = Field(8, ge=1, description="weight grouping: seeded k-means restarts (lowest inertia wins)")
     output_distance: Literal["euclidean", "cosine"] = Field(
         "euclidean", description="output grouping: distance between the experts' mean outputs")
@@ -214,7 +214,7 @@ class BuildOutput(StageConfig):
     out: str = Field(..., description="output directory (local or URL)", json_schema_extra={"metavar": "DST", "aliases": ["-o"]})
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(
         None, description="cast the student (default: keep the teacher's dtypes; bf16 for MXFP4)")
-    shard_size: float = Field(1.0, gt=0, description="max shard size in GB", json_schema_extra={"metavar": "GB"})
+    shard_size: float = Field(1.0, gt=0, le=1 << 20, description="max shard size in GB", json_schema_extra={"metavar": "GB"})
     overwrite: bool = Field(False, description="replace DST if it holds a checkpoint (never a directory of other "
                             "files, never SRC)")
     allow_pickle: bool = Field(False, description="accept pickle (.bin) checkpoints; they can run code when loaded")

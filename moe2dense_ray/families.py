@@ -170,9 +170,14 @@ class MoEShape:
         return tuple(i for i in range(self.num_layers) if i not in set(self.moe_layers))
 
 
+MAX_LAYERS = 10_000  # no real decoder has more
+
+
 def moe_shape(family: Family, config: Any) -> MoEShape:
     """Read the layer/expert geometry from a transformers config object."""
     n = int(config.num_hidden_layers)
+    if not 0 < n <= MAX_LAYERS:  # a corrupt count would make every per-layer list unbounded
+        raise UserError(f"the {family.model_type} config has num_hidden_layers={n}, not 1..{MAX_LAYERS}")
     if family.sparse_rule == "qwen":
         only = set(getattr(config, "mlp_only_layers", None) or [])
         step = int(getattr(config, "decoder_sparse_step", 1) or 1)

@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import posixpath
+import re
 import stat
 import uuid
 from typing import Any
@@ -126,7 +127,8 @@ FILE_MARKERS = {"plan": ("version", "layers", "scoring"), "results": ("model", "
 def _location(url: str) -> tuple[str, str]:
     """(filesystem, path) in a form where equal means the same place and prefix means inside:
     local paths fully resolved (symlinks, `..`, `file://`), URLs with their protocol."""
-    if "://" not in url and "::" not in url:
+    url = str(url).rsplit("::", 1)[-1]  # a chained URL (simplecache::s3://...) is stored at its last part
+    if "://" not in url:
         url = os.path.expanduser(url)
     fs, path = url_to_fs(url)
     if is_local(fs):
@@ -154,8 +156,12 @@ def check_output(url: str, *, what: str, overwrite: bool, sources: tuple[str | N
     `sources` are every input of the run; `what` is the kind of output (OUTPUT_MARKERS for
     directories, FILE_MARKERS for files). See the module docstring for the rules.
     """
+    if not str(url).strip():
+        raise UserError("--out is empty")
     fs, path = url_to_fs(url)
     where = _location(url)
+    if where[0] == "file" and _inside(os.getcwd(), where[1]):
+        raise UserError(f"--out {url} is or contains the current directory: write the {what} somewhere else")
     for src in sources:
         loc = _input_location(src) if src else None
         if loc is None or loc[0] != where[0]:
@@ -339,9 +345,10 @@ def clean_leftovers(fs: fsspec.AbstractFileSystem, dest: str) -> list[str]:
     except FileNotFoundError:
         return []
     found = []
+    ours = re.compile(re.escape(name) + r"\.(partial|old)-[0-9a-f]{8}$")  # exactly the names we make
     for p in sorted(siblings, key=lambda p: OLD not in p):  # restore an old output first
         base = p.rstrip("/").rsplit("/", 1)[-1]
-        if not base.startswith(name + PARTIAL) and not base.startswith(name + OLD):
+        if not ours.match(base):
             continue
         full = f"{parent}/{base}"
         if base.startswith(name + OLD) and not fs.exists(dest):

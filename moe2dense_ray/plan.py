@@ -243,11 +243,12 @@ def save_plan(plan: Plan, url: str, *, overwrite: bool = False, sources: tuple[s
     at all (written beside it, then renamed); an existing file is replaced only with `overwrite`
     and only when it is a plan; the plan never goes into or over one of `sources` (the inputs).
     """
-    from .outputs import OutputLock, check_output, partial_name, swap_in
+    from .outputs import OutputLock, check_output, clean_leftovers, partial_name, swap_in
 
     fs, path, target = check_plan_output(url, overwrite=overwrite, sources=sources)
     with OutputLock(target):
         check_output(target, what="plan", overwrite=overwrite, sources=sources)
+        clean_leftovers(fs, path)
         fs.makedirs(path.rsplit("/", 1)[0] if "/" in path else ".", exist_ok=True)
         tmp = partial_name(path)
         try:

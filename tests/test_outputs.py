@@ -446,3 +446,39 @@ def test_data_that_never_ends_is_refused(work, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(data, "MAX_JSON_LINE", 1000)
     (tmp_path / "long.jsonl").write_text('{"text": "' + "a" * 2000 + '"}\n')
     _one_error(capsys, calibrate(tmp_path / "long.jsonl"), "line 1 is longer than")
+
+
+def test_tester_findings_round_two(work, tmp_path, capsys, monkeypatch):
+    """Cases a tester found after the first round, each once."""
+    # only the leftovers moe2dense names (NAME.partial-XXXXXXXX, NAME.old-XXXXXXXX) are ever touched
+    out = tmp_path / "dense"
+    assert main(_build(work / "teacher", work / "plan2.json", out)) == 0
+    for mine in ("dense.old-backup", "dense.partial-mine", "dense.old-notes.txt"):
+        (tmp_path / mine).mkdir()
+        (tmp_path / mine / "notes.txt").write_text("mine")
+    assert main(_build(work / "teacher", work / "plan4.json", out, "--overwrite")) == 0
+    assert all((tmp_path / m / "notes.txt").read_text() == "mine"
+               for m in ("dense.old-backup", "dense.partial-mine", "dense.old-notes.txt"))
+    # an input named through a caching URL is still the input
+    src = shutil.copytree(work / "teacher", tmp_path / "t")
+    _one_error(capsys, main(_build(f"simplecache::{src}", work / "plan2.json", src, "--overwrite")), "is the input")
+    # an empty directory made for the output is used, not refused at the end
+    (tmp_path / "empty").mkdir()
+    assert main(_build(work / "teacher", work / "plan2.json", tmp_path / "empty")) == 0
+    assert _experts_in(tmp_path / "empty") == 2
+    # a shard that is a FIFO would block the first read forever
+    fifo = shutil.copytree(work / "teacher", tmp_path / "fifo")
+    os.remove(fifo / "model.safetensors")
+    os.mkfifo(fifo / "model.safetensors")
+    _one_error(capsys, main(_build(fifo, work / "plan2.json", tmp_path / "f")), "not a regular file")
+    # the current directory (or one holding it) is never the output
+    monkeypatch.chdir(out)
+    _one_error(capsys, main(_build(work / "teacher", work / "plan2.json", ".", "--overwrite")), "current directory")
+    _one_error(capsys, main(_build(work / "teacher", work / "plan2.json", "", "--overwrite")), "--out is empty")
+    # absurd numbers are usage errors, not tracebacks
+    _one_error(capsys, main(_build(work / "teacher", work / "plan2.json", tmp_path / "x", "--shard-size", "inf")),
+               "argument --shard-size")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["num_hidden_layers"] = 10**9
+    (src / "config.json").write_text(json.dumps(cfg))
+    _one_error(capsys, main(_build(src, work / "plan2.json", tmp_path / "x")), "num_hidden_layers")
