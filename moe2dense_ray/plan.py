@@ -230,6 +230,9 @@ def check_plan_output(url: str, *, overwrite: bool = False, sources: tuple[str |
 
     fs, path = url_to_fs(url)
     if str(url).endswith("/") or fs.isdir(path):
+        if fs.exists(f"{path}/config.json"):  # a checkpoint's plan records how its weights were made
+            raise UserError(f"{url} is a checkpoint: its {PLAN_FILE} records how it was built; "
+                            f"write the plan somewhere else")
         path = f"{path}/{PLAN_FILE}"
     target = path if is_local(fs) else fs.unstrip_protocol(path)
     check_output(target, what="plan", overwrite=overwrite, sources=sources)

@@ -482,3 +482,14 @@ def test_tester_findings_round_two(work, tmp_path, capsys, monkeypatch):
     cfg["num_hidden_layers"] = 10**9
     (src / "config.json").write_text(json.dumps(cfg))
     _one_error(capsys, main(_build(src, work / "plan2.json", tmp_path / "x")), "num_hidden_layers")
+
+
+def test_a_checkpoints_recorded_plan_is_never_replaced(work, tmp_path, capsys):
+    out = tmp_path / "dense"
+    assert main(_build(work / "teacher", work / "plan4.json", out)) == 0
+    stats = tmp_path / "stats"
+    assert main(["-q", "calibrate", str(work / "teacher"), "--data", str(assets.calibration_path()), "--samples",
+                 "2", "--seq-len", "16", "--workers", "0", "--out", str(stats)]) == 0
+    _one_error(capsys, main(["-q", "plan", str(stats), "--experts", "2", "--out", f"{out}/", "--overwrite"]),
+               "is a checkpoint")
+    assert _experts_in(out) == 4
