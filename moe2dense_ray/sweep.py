@@ -151,7 +151,7 @@ def check_space(cfg: SweepConfig, space: dict[str, list[Any]], num_experts: int)
 
 
 # -- one trial ----------------------------------------------------------------------------------------
-def _trial(config: dict[str, Any], *, sweep: dict[str, Any], threads: int | None) -> None:
+def _trial(config: dict[str, Any], *, sweep: dict[str, Any], threads: int | None, alone: bool = False) -> None:
     """What Tune runs per configuration: plan, build, then distill with reports going to Tune."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -162,6 +162,8 @@ def _trial(config: dict[str, Any], *, sweep: dict[str, Any], threads: int | None
     from .stats import Stats
 
     cfg = SweepConfig(**sweep)
+    if alone:
+        _reclaim_training_placement_groups(cfg)
     trial = f"{cfg.out}/trials/{tune.get_context().get_trial_id()}"
     args = _plan_args(config)
     weights = read_expert_weights(cfg.teacher) if args["grouping"] == "weight" else None
@@ -169,6 +171,25 @@ def _trial(config: dict[str, Any], *, sweep: dict[str, Any], threads: int | None
     build(cfg.teacher, plan, f"{trial}/student", progress=False, overwrite=True)  # a restarted trial rebuilds
     dcfg = _distill_config(cfg, config, student=f"{trial}/student", run=f"{trial}/run", threads=threads)
     distill(dcfg, progress=False, callbacks=[TuneReportCallback()])
+
+
+def _reclaim_training_placement_groups(cfg: SweepConfig) -> None:
+    """Remove training-worker placement groups that earlier trials left reserved.
+
+    Ray Train's controller removes its workers' placement group when it shuts down, but a trial
+    that ends (or that ASHA stops) can take the controller with it first, and Train's detached
+    cleaner does not always catch that: the CPUs stay reserved and the next trial's stream reader
+    waits forever. When trials run one at a time (`alone`), no other trial owns such a group, so
+    any group shaped like a training worker is a leftover."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    worker = {"CPU": float(cfg.cpus_per_trial)}
+    for pg_id, pg in ray.util.placement_group_table().items():
+        bundles = list((pg.get("bundles") or {}).values())
+        if pg.get("state") == "CREATED" and bundles and all(
+                {k: float(v) for k, v in b.items() if k in ("CPU",)} == worker for b in bundles):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
 
 
 # -- the sweep ------------------------------------------------------------------------------------------
@@ -264,8 +285,8 @@ def _tune(cfg: SweepConfig, space: dict[str, list[Any]], *, progress: bool):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     n, threads = concurrency(cfg)
-    trainable = tune.with_resources(tune.with_parameters(_trial, sweep=cfg.model_dump(), threads=threads),
-                                    {"cpu": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(_trial, sweep=cfg.model_dump(), threads=threads,
+                                                         alone=n == 1), {"cpu": 0.01})
     path = f"{cfg.out}/tune"
     if cfg.resume and tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()
