@@ -37,6 +37,7 @@ DISTILL_KEYS = ("lr", "loss", "ce_weight", "weight_decay", "warmup", "batch_size
 SPACE_KEYS = PLAN_KEYS + DISTILL_KEYS
 CONFIG_FILE = "sweep.yaml"
 METRIC = "val_ppl"
+TRIAL_KEY = "trial"  # Tune's config of a trial: {TRIAL_KEY: one combination of the space}
 TRIAL_OVERHEAD_CPUS = 0.31  # a trial's driver and its stream readers, beside its training worker
 
 
@@ -47,7 +48,8 @@ class SweepConfig(StageConfig):
     data: str = Field(..., description="text for calibration and distillation (.jsonl, .txt, .parquet, a directory, "
                       "hf:NAME)", json_schema_extra={"metavar": "DATA"})
     space: str = Field(..., description="YAML search space: each of " + ", ".join(SPACE_KEYS) + " a value or a "
-                       "list of values; the sweep runs every combination", json_schema_extra={"metavar": "SPACE"})
+                       "list of values; the sweep runs every combination. A list of such grids runs each grid's "
+                       "combinations", json_schema_extra={"metavar": "SPACE"})
     out: str = Field(..., description="sweep directory (see `moe2dense sweep --help`)", json_schema_extra={"metavar": "DIR"})
     text_field: str = Field("text", description="field/column holding the text")
     samples: PositiveInt = Field(64, description="calibration blocks", json_schema_extra={"metavar": "N"})
@@ -78,8 +80,11 @@ class SweepConfig(StageConfig):
 
 
 # -- the space --------------------------------------------------------------------------------------
-def load_space(path: str) -> dict[str, list[Any]]:
-    """The search space: every key a list of values (a single value is a list of one)."""
+def load_space(path: str) -> list[dict[str, list[Any]]]:
+    """The search space as a list of grids, every key of a grid a list of values (a single value
+    is a list of one). The file is one grid (a mapping) or several (a list of mappings): the sweep
+    runs every combination of each grid, so `random` can get three seeds while the deterministic
+    scorings run once, and a K > k grid can sit beside a K = k one without crossing the two."""
     from .outputs import read_small, url_to_fs
 
     fs, p = url_to_fs(path)
@@ -87,23 +92,41 @@ def load_space(path: str) -> dict[str, list[Any]]:
         raw = yaml.safe_load(read_small(fs, p, what=path))
     except yaml.YAMLError as e:
         raise UserError(f"{path} is not valid YAML ({' '.join(str(e).split())[:200]})") from None
-    if not isinstance(raw, dict) or not raw:
-        raise UserError(f"{path} must map settings to values, e.g. `scoring: [cp, reap]`")
-    unknown = sorted(set(raw) - set(SPACE_KEYS))
+    grids = raw if isinstance(raw, list) else [raw]
+    if not grids or not all(isinstance(g, dict) and g for g in grids):
+        raise UserError(f"{path} must map settings to values, e.g. `scoring: [cp, reap]`, or be a list of such "
+                        f"mappings")
+    return [_grid(g, f"{path}" + (f" (grid {i + 1})" if len(grids) > 1 else "")) for i, g in enumerate(grids)]
+
+
+def _grid(raw: dict[str, Any], where: str) -> dict[str, list[Any]]:
+    unknown = sorted(set(map(str, raw)) - set(SPACE_KEYS))
     if unknown:
-        raise UserError(f"{path}: unknown setting(s) {', '.join(unknown)}; a space may set {', '.join(SPACE_KEYS)}")
-    space = {k: (v if isinstance(v, list) else [v]) for k, v in raw.items()}
-    empty = [k for k, v in space.items() if not v]
+        raise UserError(f"{where}: unknown setting(s) {', '.join(unknown)}; a space may set {', '.join(SPACE_KEYS)}")
+    grid = {k: (v if isinstance(v, list) else [v]) for k, v in raw.items()}
+    empty = [k for k, v in grid.items() if not v]
     if empty:
-        raise UserError(f"{path}: {', '.join(empty)} has no values")
-    if "scoring" not in space or "experts" not in space:
-        raise UserError(f"{path} must set at least scoring and experts")
-    return space
+        raise UserError(f"{where}: {', '.join(empty)} has no values")
+    if "scoring" not in grid or "experts" not in grid:
+        raise UserError(f"{where} must set at least scoring and experts")
+    return grid
 
 
-def combinations(space: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    keys = list(space)
-    return [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
+def combinations(space: list[dict[str, list[Any]]]) -> list[dict[str, Any]]:
+    """Every combination of every grid, in file order, each once (grids may overlap)."""
+    out: list[dict[str, Any]] = []
+    for grid in space:
+        keys = list(grid)
+        for values in itertools.product(*(grid[k] for k in keys)):
+            combo = dict(zip(keys, values))
+            if combo not in out:
+                out.append(combo)
+    return out
+
+
+def varying_keys(combos: list[dict[str, Any]]) -> list[str]:
+    """The settings that differ between trials (what names a trial in plots), in SPACE_KEYS order."""
+    return [k for k in SPACE_KEYS if len({repr(c.get(k)) for c in combos}) > 1]
 
 
 def _plan_args(config: dict[str, Any]) -> dict[str, Any]:
@@ -124,7 +147,7 @@ def _distill_config(cfg: SweepConfig, config: dict[str, Any], *, student: str, r
                          cpus_per_worker=cfg.cpus_per_trial, threads=threads, overwrite=True, **settings)
 
 
-def check_space(cfg: SweepConfig, space: dict[str, list[Any]], num_experts: int) -> list[dict[str, Any]]:
+def check_space(cfg: SweepConfig, space: list[dict[str, list[Any]]], num_experts: int) -> list[dict[str, Any]]:
     """Every combination is valid before anything runs: methods, counts, distillation settings."""
     from pydantic import ValidationError
 
@@ -153,6 +176,7 @@ def check_space(cfg: SweepConfig, space: dict[str, list[Any]], num_experts: int)
 # -- one trial ----------------------------------------------------------------------------------------
 def _trial(config: dict[str, Any], *, sweep: dict[str, Any], threads: int | None, alone: bool = False) -> None:
     """What Tune runs per configuration: plan, build, then distill with reports going to Tune."""
+    config = config[TRIAL_KEY]
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -219,7 +243,7 @@ def sweep(cfg: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
         ensure_ray()
         t0 = time.time()
         _shared_work(cfg, combos, progress=progress)
-        grid = _tune(cfg, space, progress=progress)
+        grid = _tune(cfg, combos, progress=progress)
         summary = write_results(cfg, grid, trials=len(combos), seconds=time.time() - t0)
     return summary
 
@@ -280,7 +304,7 @@ def concurrency(cfg: SweepConfig) -> tuple[int, int | None]:
     return n, max(1, cores // n)
 
 
-def _tune(cfg: SweepConfig, space: dict[str, list[Any]], *, progress: bool):
+def _tune(cfg: SweepConfig, combos: list[dict[str, Any]], *, progress: bool):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -292,12 +316,13 @@ def _tune(cfg: SweepConfig, space: dict[str, list[Any]], *, progress: bool):
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()
     from .distill.config import DistillConfig
 
-    batch = max(space.get("batch_size", [DistillConfig.model_fields["batch_size"].default]))
+    batch = max(int(c.get("batch_size", DistillConfig.model_fields["batch_size"].default)) for c in combos)
     rung = cfg.report_every * batch * cfg.seq_len  # tokens between validations, for the largest batch
     scheduler = (ASHAScheduler(time_attr="tokens", max_t=cfg.tokens, grace_period=min(cfg.grace * rung, cfg.tokens),
                                reduction_factor=cfg.reduction_factor)
                  if cfg.scheduler == "asha" else FIFOScheduler())
-    tuner = tune.Tuner(trainable, param_space={k: tune.grid_search(v) for k, v in space.items()},
+    # one grid axis over whole combinations: a union of grids is not a product of per-key axes
+    tuner = tune.Tuner(trainable, param_space={TRIAL_KEY: tune.grid_search(combos)},
                        tune_config=tune.TuneConfig(metric=METRIC, mode="min", scheduler=scheduler,
                                                    max_concurrent_trials=n, trial_dirname_creator=_trial_dir),
                        run_config=tune.RunConfig(name="tune", storage_path=cfg.out, verbose=1 if progress else 0,
@@ -316,12 +341,13 @@ def leaderboard(cfg: SweepConfig, grid) -> list[dict[str, Any]]:
     from .distill.run import read_metrics
 
     rows = []
-    for result in grid:
+    configs = [(result.config or {}).get(TRIAL_KEY, {}) for result in grid]
+    keys = [k for k in SPACE_KEYS if any(k in c for c in configs)]  # a key unset in a grid: its default
+    for result, config in zip(grid, configs):
         trial_id = os.path.basename(result.path.rstrip("/"))  # trial_dirname_creator: the trial id
         history = _history(cfg, trial_id, read_metrics)
-        config = result.config or {}
         last = history[-1] if history else {}
-        row = {"trial": trial_id, **{k: config.get(k) for k in SPACE_KEYS if k in config},
+        row = {"trial": trial_id, **{k: config.get(k) for k in keys},
                "ppl before": history[0][METRIC] if history and history[0].get("tokens") == 0 else None,
                "ppl after": last.get(METRIC), "KL after": last.get("val_kl"), "tokens": last.get("tokens", 0),
                "stopped early": bool(last) and last.get("tokens", 0) < _planned_tokens(cfg, config),
@@ -343,7 +369,7 @@ def _planned_tokens(cfg: SweepConfig, config: dict[str, Any]) -> int:
     """The tokens an unstopped trial trains on: whole optimizer steps of the stream's blocks."""
     from .distill.config import DistillConfig
 
-    batch = int(config.get("batch_size", DistillConfig.model_fields["batch_size"].default))
+    batch = int(config.get("batch_size") or DistillConfig.model_fields["batch_size"].default)
     blocks = cfg.tokens // cfg.seq_len
     return (blocks // batch) * batch * cfg.seq_len
 
@@ -372,8 +398,9 @@ def write_results(cfg: SweepConfig, grid, *, trials: int, seconds: float) -> dic
     with fs.open(f"{path}/leaderboard.md", "w") as f:
         f.write(markdown_table(rows, floats="{:.4g}") + "\n")
     curves = {}
+    varying = varying_keys([{k: r.get(k) for k in SPACE_KEYS} for r in rows])
     for r in rows:
-        label = " ".join(f"{r[k]}" for k in SPACE_KEYS if k in r and len(_values(cfg, k)) > 1) or r["trial"]
+        label = " ".join(f"{k}={r[k]}" for k in varying if r.get(k) is not None) or r["trial"]
         curves[label] = [(m["tokens"], m[METRIC]) for m in _history(cfg, r["trial"], read_metrics)]
     if any(curves.values()) and not _is_remote(fs):
         plot_curves(curves, f"{path}/curves.png", title="validation perplexity per configuration",
@@ -389,13 +416,6 @@ def write_results(cfg: SweepConfig, grid, *, trials: int, seconds: float) -> dic
     with fs.open(f"{path}/summary.json", "w") as f:
         json.dump(summary, f, indent=1, default=str)
     return {**summary, "leaderboard": markdown_table(rows, floats="{:.4g}")}
-
-
-def _values(cfg: SweepConfig, key: str) -> list[Any]:
-    try:
-        return load_space(cfg.space).get(key, [])
-    except UserError:
-        return []
 
 
 def _is_remote(fs) -> bool:

@@ -12,7 +12,7 @@ import pytest
 from moe2dense_ray import assets
 from moe2dense_ray.cli import main
 from moe2dense_ray.errors import UserError
-from moe2dense_ray.sweep import SweepConfig, load_space, sweep
+from moe2dense_ray.sweep import SweepConfig, combinations, load_space, sweep, varying_keys
 
 
 def _args(space, out, *extra):
@@ -38,7 +38,8 @@ def test_bad_spaces_are_one_line_before_any_work(tmp_path, capsys):
 
 def test_sweep_runs_trials_under_asha_writes_a_leaderboard_and_resumes(tmp_path, ray_cluster):
     space = tmp_path / "space.yaml"
-    space.write_text("scoring: [sf, random]\nexperts: 4\nlr: 0.002\nbatch_size: 4\n")
+    space.write_text("- {scoring: sf, experts: 4, lr: 0.002, batch_size: 4}\n"  # two grids: nothing crossed
+                     "- {scoring: random, experts: 4, seed: 1, lr: 0.002, batch_size: 4}\n")
     out = tmp_path / "sweep"
     assert main(_args(space, out)) == 0
     # the shared work was done once
@@ -46,7 +47,7 @@ def test_sweep_runs_trials_under_asha_writes_a_leaderboard_and_resumes(tmp_path,
     trials = sorted(os.listdir(out / "trials"))
     assert len(trials) == 2
     rows = list(csv.DictReader(open(out / "leaderboard.csv")))
-    assert sorted(r["scoring"] for r in rows) == ["random", "sf"]
+    assert sorted((r["scoring"], r["seed"]) for r in rows) == [("random", "1"), ("sf", "")]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trials"] == 2 and summary["errors"] == 0
     assert summary["tokens_spent"] <= summary["grid_tokens"] == 2 * 2048
@@ -68,10 +69,21 @@ def test_sweep_runs_trials_under_asha_writes_a_leaderboard_and_resumes(tmp_path,
     assert before == {t: os.path.getmtime(out / "trials" / t / "student" / "config.json") for t in trials}
 
 
-def test_space_values_become_lists(tmp_path):
+def test_space_values_become_lists_and_grids_are_united_not_crossed(tmp_path):
     p = tmp_path / "s.yaml"
     p.write_text("scoring: cp\nexperts: [2, 4]\n")
-    assert load_space(str(p)) == {"scoring": ["cp"], "experts": [2, 4]}
+    assert load_space(str(p)) == [{"scoring": ["cp"], "experts": [2, 4]}]
     p.write_text("- just a list\n")
     with pytest.raises(UserError, match="must map settings"):
+        load_space(str(p))
+    p.write_text("- {scoring: [cp, sf], experts: 4}\n- {scoring: random, experts: 4, seed: [0, 1]}\n"
+                 "- {scoring: cp, experts: 4}\n- {scoring: sf, experts: 8, groups: 4, grouping: [weight, output]}\n")
+    combos = combinations(load_space(str(p)))
+    assert combos == [{"scoring": "cp", "experts": 4}, {"scoring": "sf", "experts": 4},
+                      {"scoring": "random", "experts": 4, "seed": 0}, {"scoring": "random", "experts": 4, "seed": 1},
+                      {"scoring": "sf", "experts": 8, "groups": 4, "grouping": "weight"},
+                      {"scoring": "sf", "experts": 8, "groups": 4, "grouping": "output"}]  # the repeated cp once
+    assert varying_keys(combos) == ["scoring", "grouping", "experts", "groups", "seed"]
+    p.write_text("- {scoring: cp, experts: 4}\n- {scoring: cp, experts: 4, colour: red}\n")
+    with pytest.raises(UserError, match=r"\(grid 2\): unknown setting\(s\) colour"):
         load_space(str(p))
