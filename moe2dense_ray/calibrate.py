@@ -480,7 +480,7 @@ def _actor_errors() -> Iterator[None]:
 
 
 def _calibrate_on_ray(src: str, calib, *, workers: int, full: bool, dtype: str, batch_size: int,
-                      gpus_per_worker: float | None, bar) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                      gpus_per_worker: float | None, bar, resources: dict[str, float] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """N actors, one teacher replica each; each takes the next part of at most `batch_size` rows.
 
     The cluster is checked first (an actor that can never be placed would be waited for forever),
@@ -497,18 +497,21 @@ def _calibrate_on_ray(src: str, calib, *, workers: int, full: bool, dtype: str, 
         res = ray.cluster_resources()
         cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
         use_gpu = gpus_per_worker if gpus_per_worker is not None else (1 if gpus > 0 else 0)
-        need = {"CPU": float(workers), "GPU": workers * float(use_gpu)}
+        resources = dict(resources or {})
+        need = {"CPU": float(workers), "GPU": workers * float(use_gpu), **{k: workers * v for k, v in resources.items()}}
         if need["CPU"] > cpus:
             advice = f"lower --workers to {int(cpus)} or fewer"
         elif gpus <= 0:
             advice = "leave out --gpus-per-worker to calibrate on CPUs"
         else:
             advice = "lower --gpus-per-worker or --workers"
-        require_resources(need, each=[{"CPU": 1.0, "GPU": float(use_gpu)}], advice=advice,
+        if resources and any(need[k] > res.get(k, 0) for k in resources):
+            advice = "start nodes that declare " + ", ".join(resources) + " or change --teacher-resources"
+        require_resources(need, each=[{"CPU": 1.0, "GPU": float(use_gpu), **resources}], advice=advice,
                           who=f"calibrating on --workers {workers}",
                           parts=f"1 CPU{f' and {use_gpu:g} GPU' if use_gpu else ''} per worker")
         threads = max(1, int(ray.available_resources().get("CPU", 1)) // workers)
-        Actor = ray.remote(_Replica).options(num_cpus=1, num_gpus=use_gpu)
+        Actor = ray.remote(_Replica).options(num_cpus=1, num_gpus=use_gpu, resources=resources or None)
         actors = [Actor.remote(threads) for _ in range(workers)]
         with _actor_errors():
             describe = ray.get([a.load.remote(src, full, dtype) for a in actors])[0]
@@ -564,6 +567,7 @@ def calibrate(
     text_field: str = "text",
     allow_pickle: bool = False,
     overwrite: bool = False,
+    teacher_resources: dict[str, float] | None = None,
 ) -> Stats:
     """Calibrate `src` on `data` and return (and, with `out`, save) its statistics.
 
@@ -602,7 +606,8 @@ def calibrate(
                 results, describe = [cal.result()], cal.describe()
             else:
                 results, describe = _calibrate_on_ray(src, calib, workers=workers, full=full, dtype=dtype,
-                                                      batch_size=batch_size, gpus_per_worker=gpus_per_worker, bar=bar)
+                                                      batch_size=batch_size, gpus_per_worker=gpus_per_worker, bar=bar,
+                                                      resources=teacher_resources)
         finally:
             bar.close()
         sums: dict[str, torch.Tensor] = {}

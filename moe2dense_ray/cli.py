@@ -202,7 +202,8 @@ def _run(args: argparse.Namespace) -> int:
                     workers=cfg.workers, full_stats=cfg.full_stats, stats_out=cfg.stats, seed=cfg.seed,
                     dtype=cfg.dtype, max_shard_bytes=int(cfg.shard_size * (1 << 30)), overwrite=cfg.overwrite,
                     allow_pickle=cfg.allow_pickle, batch_size=cfg.batch_size, progress=progress,
-                    gpus_per_worker=cfg.gpus_per_worker, text_field=cfg.text_field, options=cfg.method_options())
+                    gpus_per_worker=cfg.gpus_per_worker, text_field=cfg.text_field, options=cfg.method_options(),
+                    teacher_resources=cfg.teacher_resources)
         rep = r.report
         print(f"wrote {rep.out}: {rep.dense_model_type} with FFN width {rep.intermediate_size}, "
               f"{rep.student_params / 1e6:.2f}M parameters (teacher {rep.teacher_params / 1e6:.2f}M), "
@@ -215,7 +216,8 @@ def _run(args: argparse.Namespace) -> int:
         s = calibrate(cfg.src, cfg.data, samples=cfg.samples, seq_len=cfg.seq_len, workers=cfg.workers,
                       full=cfg.full_stats, out=cfg.out, overwrite=cfg.overwrite, batch_size=cfg.batch_size,
                       seed=cfg.seed, progress=progress, text_field=cfg.text_field,
-                      gpus_per_worker=cfg.gpus_per_worker, allow_pickle=cfg.allow_pickle)
+                      gpus_per_worker=cfg.gpus_per_worker, allow_pickle=cfg.allow_pickle,
+                      teacher_resources=cfg.teacher_resources)
         print(f"wrote {cfg.out}: {len(s.moe_layers)} MoE layers, {s.tokens} tokens, "
               f"{'full' if s.full else 'router'} statistics, {s.meta['seconds']:.1f}s")
     elif args.command == "plan":

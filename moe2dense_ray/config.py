@@ -15,9 +15,38 @@ import typing
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import UserError
+
+
+def _custom_resources(value: dict[str, float]) -> dict[str, float]:
+    for name, amount in value.items():
+        if not name or name in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ValueError(f"{name!r} is not a custom resource (CPUs and GPUs have their own settings)")
+        if not (amount > 0 and amount < float("inf")):
+            raise ValueError(f"{name}={amount}: an amount must be a positive number")
+    return value
+
+
+# Custom Ray resources an actor asks for, e.g. {"teacher": 1}: it is placed only on nodes that
+# declare them (a cluster YAML's node type `resources`), which is how teacher replicas and
+# training workers land on their own node types. On the command line: NAME=AMOUNT[,NAME=AMOUNT].
+Resources = typing.Annotated[dict[str, float], AfterValidator(_custom_resources)]
+
+
+def parse_resources(text: str) -> dict[str, float]:
+    """`teacher=1,big_disk=0.5` -> {"teacher": 1.0, "big_disk": 0.5}; `none` or empty -> {}."""
+    out: dict[str, float] = {}
+    if text.strip().lower() in ("", "none"):
+        return out
+    for part in text.split(","):
+        name, eq, amount = part.partition("=")
+        try:
+            out[name.strip()] = float(amount) if eq else 1.0
+        except ValueError:
+            raise ValueError(f"{part!r} is not NAME=AMOUNT") from None
+    return out
 
 
 class StageConfig(BaseModel):
@@ -73,7 +102,7 @@ class StageConfig(BaseModel):
             extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
             kind, choices = _arg_kind(field.annotation)
             help_text = field.description or ""
-            if not field.is_required() and field.default not in (None, False):
+            if not field.is_required() and field.default not in (None, False, {}):
                 help_text += f" (default {field.default})"
             kw: dict[str, Any] = dict(help=help_text, default=argparse.SUPPRESS)
             if kind is bool:  # a switch; one that is on by default gets a --no- form
@@ -111,10 +140,11 @@ def _checked(kind: type, field) -> Any:
         try:
             return adapter.validate_python(kind(text))
         except (ValueError, ValidationError) as e:
-            msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else f"{text!r} is not a {kind.__name__}"
+            msg = e.errors()[0]["msg"].removeprefix("Value error, ") if isinstance(e, ValidationError) \
+                else (str(e) if kind is parse_resources else f"{text!r} is not a {kind.__name__}")
             raise argparse.ArgumentTypeError(f"{text}: {msg[0].lower() + msg[1:]}") from None
 
-    parse.__name__ = kind.__name__
+    parse.__name__ = getattr(kind, "__name__", "value")
     return parse
 
 
@@ -131,6 +161,8 @@ def _arg_kind(annotation: Any) -> tuple[Any, list[Any] | None]:
         return type(values[0]), values
     if annotation in (int, float, str, bool):
         return annotation, None
+    if origin is dict:
+        return parse_resources, None
     return str, None
 
 
@@ -167,6 +199,9 @@ class CalibrationSettings(StageConfig):
     gpus_per_worker: Optional[float] = Field(None, gt=0, description="GPUs per Ray actor (default: 1 when the cluster "
                                              "has GPUs); a teacher larger than one GPU is sharded over the actor's GPUs",
                                              json_schema_extra={"metavar": "G"})
+    teacher_resources: Resources = Field({}, description="custom Ray resources per actor, NAME=AMOUNT[,...] (e.g. "
+                                         "teacher=1: actors go only to nodes that declare `teacher`)",
+                                         json_schema_extra={"metavar": "RES"})
     allow_pickle: bool = Field(False, description="accept pickle (.bin) checkpoints; they can run code when loaded")
 
 

@@ -45,6 +45,7 @@ def convert(
     gpus_per_worker: float | None = None,
     text_field: str = "text",
     options: MethodOptions | None = None,
+    teacher_resources: dict[str, float] | None = None,
 ) -> ConvertResult:
     """Convert an MoE checkpoint into a dense one in a single call.
 
@@ -65,15 +66,17 @@ def convert(
                         groups=groups, samples=samples, seq_len=seq_len, workers=workers, full=full,
                         stats_out=stats_out, seed=seed, dtype=dtype, max_shard_bytes=max_shard_bytes,
                         overwrite=overwrite, allow_pickle=allow_pickle, batch_size=batch_size, progress=progress,
-                        gpus_per_worker=gpus_per_worker, text_field=text_field, options=options)
+                        gpus_per_worker=gpus_per_worker, text_field=text_field, options=options,
+                        teacher_resources=teacher_resources)
 
 
 def _convert(src, data, out, *, experts, scoring, grouping, scaling, groups, samples, seq_len, workers, full,
              stats_out, seed, dtype, max_shard_bytes, overwrite, allow_pickle, batch_size, progress,
-             gpus_per_worker, text_field, options) -> ConvertResult:
+             gpus_per_worker, text_field, options, teacher_resources) -> ConvertResult:
     stats = calibrate(src, data, samples=samples, seq_len=seq_len, workers=workers, full=full,
                       out=stats_out, overwrite=overwrite, batch_size=batch_size, seed=seed, progress=progress,
-                      gpus_per_worker=gpus_per_worker, text_field=text_field, allow_pickle=allow_pickle)
+                      gpus_per_worker=gpus_per_worker, text_field=text_field, allow_pickle=allow_pickle,
+                      teacher_resources=teacher_resources)
     weights = read_expert_weights(src, allow_pickle=allow_pickle) if grouping == "weight" else None
     plan = make_plan(stats, experts=experts, scoring=scoring, grouping=grouping, scaling=scaling,
                      groups=groups, seed=seed, expert_weights=weights, options=options)

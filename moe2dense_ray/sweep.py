@@ -29,7 +29,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field, PositiveFloat, PositiveInt
 
-from .config import StageConfig
+from .config import Resources, StageConfig
 from .errors import UserError
 
 PLAN_KEYS = ("scoring", "grouping", "scaling", "experts", "groups", "seed")
@@ -75,6 +75,10 @@ class SweepConfig(StageConfig):
                                           json_schema_extra={"metavar": "C"})
     calibration_workers: int = Field(1, ge=0, description="Ray actors for the one calibration (0: in the driver)",
                                      json_schema_extra={"metavar": "N"})
+    teacher_resources: Resources = Field({}, description="custom Ray resources of each teacher actor (calibration, "
+                                         "the teacher stream), NAME=AMOUNT[,...]", json_schema_extra={"metavar": "RES"})
+    worker_resources: Resources = Field({}, description="custom Ray resources of each trial's training worker, "
+                                        "NAME=AMOUNT[,...]", json_schema_extra={"metavar": "RES"})
     resume: bool = Field(False, description="continue the sweep in DIR (finished trials are kept)")
     overwrite: bool = Field(False, description="replace DIR if it holds an earlier sweep")
 
@@ -144,7 +148,8 @@ def _distill_config(cfg: SweepConfig, config: dict[str, Any], *, student: str, r
     settings = {k: config[k] for k in DISTILL_KEYS if k in config}
     return DistillConfig(logits=f"{cfg.out}/logits", student=student, out=run, tokens=cfg.tokens,
                          report_every=cfg.report_every, checkpoint_every=1 << 30, max_failures=0,
-                         cpus_per_worker=cfg.cpus_per_trial, threads=threads, overwrite=True, **settings)
+                         cpus_per_worker=cfg.cpus_per_trial, worker_resources=cfg.worker_resources, threads=threads,
+                         overwrite=True, **settings)
 
 
 def check_space(cfg: SweepConfig, space: list[dict[str, list[Any]]], num_experts: int) -> list[dict[str, Any]]:
@@ -278,11 +283,13 @@ def _shared_work(cfg: SweepConfig, combos: list[dict[str, Any]], *, progress: bo
     if not fs.exists(f"{path}/stats/meta.json"):
         full = any(check_methods(*(_plan_args(c)[k] for k in ("scoring", "grouping", "scaling"))) for c in combos)
         calibrate(cfg.teacher, cfg.data, samples=cfg.samples, seq_len=cfg.seq_len, workers=cfg.calibration_workers,
-                  full=full, out=f"{cfg.out}/stats", progress=progress, text_field=cfg.text_field)
+                  full=full, out=f"{cfg.out}/stats", progress=progress, text_field=cfg.text_field,
+                  teacher_resources=cfg.teacher_resources)
     if not fs.exists(f"{path}/logits/stream.json"):
         teacher_logits(TeacherLogitsConfig(teacher=cfg.teacher, data=cfg.data, text_field=cfg.text_field,
                                            tokens=cfg.tokens, seq_len=cfg.seq_len, top_k=cfg.top_k,
-                                           val_blocks=cfg.val_blocks, out=f"{cfg.out}/logits"),
+                                           val_blocks=cfg.val_blocks, out=f"{cfg.out}/logits",
+                                           teacher_resources=cfg.teacher_resources),
                        progress=progress)
 
 
@@ -299,6 +306,8 @@ def concurrency(cfg: SweepConfig) -> tuple[int, int | None]:
     fits = int(res.get("CPU", 1) // (cfg.cpus_per_trial + TRIAL_OVERHEAD_CPUS)) or 1
     if res.get("GPU", 0) > 0:
         fits = min(fits, int(res["GPU"]))
+    for k, v in cfg.worker_resources.items():  # a trial's worker goes only where its resources are
+        fits = min(fits, max(1, int(res.get(k, 0) // v)))
     n = min(fits, cfg.max_concurrent or fits)
     cores = int(res.get("CPU", 1))
     return n, max(1, cores // n)

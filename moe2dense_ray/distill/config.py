@@ -11,7 +11,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from ..config import StageConfig, positional
+from ..config import Resources, StageConfig, positional
 
 
 class TeacherStreamConfig(StageConfig):
@@ -40,6 +40,9 @@ class TeacherStreamConfig(StageConfig):
                                               json_schema_extra={"metavar": "G"})
     cpus_per_teacher: PositiveFloat = Field(0.5, description="CPUs reserved per teacher replica",
                                             json_schema_extra={"metavar": "C"})
+    teacher_resources: Resources = Field({}, description="custom Ray resources per teacher replica, "
+                                         "NAME=AMOUNT[,...] (e.g. teacher=1: replicas go only to nodes that declare "
+                                         "`teacher`)", json_schema_extra={"metavar": "RES"})
     val_blocks: PositiveInt = Field(16, description="held-out blocks (the first of the stream, never trained on) "
                                     "for perplexity and KL to the teacher", json_schema_extra={"metavar": "N"})
 
@@ -83,6 +86,9 @@ class DistillConfig(TeacherStreamConfig):
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage")
     workers: PositiveInt = Field(1, description="training workers (data parallel)", json_schema_extra={"metavar": "N"})
     cpus_per_worker: PositiveFloat = Field(1.0, description="CPUs per training worker", json_schema_extra={"metavar": "C"})
+    worker_resources: Resources = Field({}, description="custom Ray resources per training worker, "
+                                        "NAME=AMOUNT[,...] (e.g. student=1: workers go only to nodes that declare "
+                                        "`student`)", json_schema_extra={"metavar": "RES"})
     threads: Optional[PositiveInt] = Field(None, description="torch threads per training worker (default: the "
                                            "node's cores / --workers: the teacher leaves them idle much of the time)",
                                            json_schema_extra={"metavar": "N"})

@@ -103,7 +103,7 @@ def _start_run(cfg: DistillConfig) -> None:
 
 
 def _check_resources(cfg: TeacherStreamConfig, *, workers: int = 0, cpus_per_worker: float = 0.0,
-                     teacher: bool = True, pipelines: int = 1) -> None:
+                     teacher: bool = True, pipelines: int = 1, worker_resources: dict[str, float] | None = None) -> None:
     """Ask only for what the cluster can give (see `cluster.require_resources`): an embedded Ray
     cannot grow, and a request it can never meet would wait forever; a cluster (RAY_ADDRESS) gets
     MOE2DENSE_RESOURCE_TIMEOUT seconds to grow."""
@@ -114,14 +114,22 @@ def _check_resources(cfg: TeacherStreamConfig, *, workers: int = 0, cpus_per_wor
     res = ray.cluster_resources()
     gpu_cluster = res.get("GPU", 0) > 0
     teacher_gpus = cfg.gpus_per_teacher if cfg.gpus_per_teacher is not None else (1 if gpu_cluster else 0)
+    worker_res = dict(worker_resources or {}) if workers else {}
+    teacher_res = dict(cfg.teacher_resources) if teacher else {}
     need = {"CPU": workers * cpus_per_worker + (cfg.teacher_workers * cfg.cpus_per_teacher if teacher else 0)
             + 0.1 * pipelines,
             "GPU": (workers if gpu_cluster else 0) + (cfg.teacher_workers * teacher_gpus if teacher else 0)}
-    each = ([{"CPU": cpus_per_worker, "GPU": 1 if gpu_cluster else 0}] if workers else []) + \
-        ([{"CPU": cfg.cpus_per_teacher, "GPU": teacher_gpus}] if teacher else [])
+    for res_, n in ((worker_res, workers), (teacher_res, cfg.teacher_workers)):
+        for k, v in res_.items():
+            need[k] = need.get(k, 0) + n * v
+    each = ([{"CPU": cpus_per_worker, "GPU": 1 if gpu_cluster else 0, **worker_res}] if workers else []) + \
+        ([{"CPU": cfg.cpus_per_teacher, "GPU": teacher_gpus, **teacher_res}] if teacher else [])
+    custom = [k for k in {**worker_res, **teacher_res} if need[k] > res.get(k, 0)]
+    advice = ("lower --workers, --teacher-workers, --cpus-per-worker, --cpus-per-teacher or --gpus-per-teacher"
+              if not custom else f"start nodes that declare {', '.join(custom)}, or change --teacher-resources / "
+              f"--worker-resources")
     require_resources(need, each=each, who="this run", parts="training workers, teacher replicas, data pipeline",
-                      advice="lower --workers, --teacher-workers, --cpus-per-worker, --cpus-per-teacher or "
-                      "--gpus-per-teacher")
+                      advice=advice)
 
 
 def _columns(ds) -> dict[str, np.ndarray]:
@@ -231,7 +239,7 @@ def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None
     _check_run(cfg, sources)
     ensure_ray()
     _check_resources(cfg, workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, teacher=not cfg.logits,
-                     pipelines=cfg.workers)
+                     pipelines=cfg.workers, worker_resources=cfg.worker_resources)
 
     t0 = time.time()
     V = cfg.val_blocks
@@ -319,7 +327,8 @@ def _trainer(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], data
         train_func,
         train_loop_config={"cfg": cfg.model_dump(), "steps": steps, "run": cfg.out, "val": val},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpu else {}),
+                                                           **cfg.worker_resources}),
         run_config=RunConfig(name="train", **storage, failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              callbacks=callbacks or None),

@@ -115,6 +115,7 @@ def teacher_stream(ds, *, teacher: str, cfg, replicas: int | None = None):
                                    threads=max(1, round(cfg.cpus_per_teacher))),
         batch_size=cfg.teacher_batch, batch_format="numpy", num_cpus=cfg.cpus_per_teacher, num_gpus=gpus,
         compute=ray.data.ActorPoolStrategy(size=replicas or cfg.teacher_workers),
+        **({"resources": dict(cfg.teacher_resources)} if cfg.teacher_resources else {}),
     )
 
 
