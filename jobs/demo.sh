@@ -1,4 +1,4 @@
 #!/usr/bin/env bash
-# ray job submit --working-dir . -- bash jobs/demo.sh
+# ray job submit --runtime-env jobs/runtime_env.yaml -- bash jobs/demo.sh   (writes /tmp/moe2dense/demo on the head)
 set -euo pipefail
-moe2dense demo --out "${OUT:-runs/demo}" --workers "${WORKERS:-2}"
+moe2dense demo --out "${OUT:-/tmp/moe2dense/demo}" --workers "${WORKERS:-2}"

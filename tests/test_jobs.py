@@ -1,0 +1,132 @@
+"""`ray job submit` against a real Ray head: the way users run moe2dense on a cluster.
+
+A head is started on loopback with the custom resources the cluster YAMLs declare (`teacher`,
+`student`), in its own temp dir and on its own ports, so it never touches the session's Ray.
+The job configs of jobs/ are submitted as shipped with jobs/runtime_env.yaml (the working tree
+travels with the job), with only the outputs pointed at this test's directory as fsspec URLs:
+a conversion, then a short distillation of its student. Each must reach SUCCEEDED and leave a
+complete output; the head is stopped (its whole process group) however the test ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+BIN = os.path.dirname(sys.executable)
+JOB_TIMEOUT_S = 420
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = BIN + os.pathsep + env.get("PATH", "")  # the job's `moe2dense` is this environment's
+    env["RAY_AUTH_MODE"] = "token"  # recent Ray heads expect the token `ray start` writes
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A Ray head on loopback (2 CPUs, teacher=2, student=1); yields the dashboard address."""
+    temp = tempfile.mkdtemp(prefix="m2d", dir="/tmp")  # short: Ray's socket paths live under it
+    gcs, dash, agent, client, grpc, renv, metrics = _free_ports(7)
+    proc = subprocess.Popen(
+        [os.path.join(BIN, "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+         "--port", str(gcs), "--num-cpus", "2", "--num-gpus", "0",
+         "--resources", json.dumps({"teacher": 2, "student": 1}), "--temp-dir", temp,
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--dashboard-agent-listen-port", str(agent),
+         "--dashboard-agent-grpc-port", str(grpc), "--ray-client-server-port", str(client),
+         "--runtime-env-agent-port", str(renv), "--metrics-export-port", str(metrics),
+         "--disable-usage-stats"],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ray start --head exited {proc.returncode}: {proc.stdout.read()[-3000:]}")
+            r = _ray(["job", "list", "--address", address], check=False, timeout=60)
+            if r.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"the head's job server did not come up: {r.stdout[-2000:]}")
+            time.sleep(2)
+        yield address
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops the head's processes on SIGTERM
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _ray(args: list[str], *, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    r = subprocess.run([os.path.join(BIN, "ray"), *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=timeout)
+    r.stdout = r.stdout + r.stderr
+    if check and r.returncode != 0:
+        pytest.fail(f"ray {' '.join(args[:2])} exited {r.returncode}: {r.stdout[-3000:]}")
+    return r
+
+
+def _submit_and_wait(address: str, entrypoint: list[str]) -> str:
+    """Submit from the repository root with jobs/runtime_env.yaml; wait for a final state."""
+    job = f"moe2dense-test-{uuid.uuid4().hex[:8]}"
+    _ray(["job", "submit", "--address", address, "--submission-id", job, "--no-wait",
+          "--runtime-env", "jobs/runtime_env.yaml", "--", *entrypoint])
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while True:
+        status = _ray(["job", "status", "--address", address, job]).stdout
+        for state, words in (("SUCCEEDED", "succeeded"), ("FAILED", "failed"), ("STOPPED", "was stopped")):
+            if f"Job '{job}' {words}" in status:  # what `ray job status` says of a job that has ended
+                return state + "\n" + _ray(["job", "logs", "--address", address, job]).stdout
+        if time.monotonic() > deadline:
+            _ray(["job", "stop", "--address", address, job], check=False)
+            pytest.fail(f"job {job} did not finish in {JOB_TIMEOUT_S} s: {status[-1000:]}")
+        time.sleep(3)
+
+
+def test_convert_then_distill_as_ray_jobs(head, tmp_path):
+    from safetensors import safe_open
+
+    dense, run = tmp_path / "dense", tmp_path / "run"
+    result = _submit_and_wait(head, ["moe2dense", "convert", "--config", "jobs/convert.yaml",
+                                     "--out", f"file://{dense}", "--samples", "16", "--seq-len", "128"])
+    assert result.startswith("SUCCEEDED"), result[-4000:]
+    assert "wrote" in result and (dense / "config.json").exists()
+    for shard in dense.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            assert all(f.get_tensor(k).isfinite().all() for k in f.keys())
+
+    result = _submit_and_wait(head, ["moe2dense", "distill", "--config", "jobs/distill.yaml", "--student", str(dense),
+                                     "--out", f"file://{run}", "--tokens", "4096", "--seq-len", "128",
+                                     "--batch-size", "4", "--top-k", "32", "--val-blocks", "4", "--report-every", "2",
+                                     "--checkpoint-every", "4"])
+    assert result.startswith("SUCCEEDED"), result[-4000:]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["tokens"] == 4096 and metrics[-1]["val_ppl"] < metrics[0]["val_ppl"]
+    assert (run / "student" / "config.json").exists()
