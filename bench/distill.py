@@ -163,13 +163,9 @@ def main() -> None:
 
 def _teacher_ppl() -> float:
     from moe2dense_ray import assets
-    from moe2dense_ray.calibrate import _tokenizer
-    from moe2dense_ray.data import calibration_blocks
-    from moe2dense_ray.evaluate import load_model, perplexity
+    from moe2dense_ray.evaluate import heldout_blocks, model_perplexity
 
-    held = calibration_blocks(assets.heldout_path(), _tokenizer(assets.teacher_path()), samples=40, seq_len=256,
-                              shuffle_buffer=1)
-    return perplexity(load_model(assets.teacher_path()), held.input_ids, held.attention_mask)
+    return model_perplexity(assets.teacher_path(), heldout_blocks(assets.teacher_path(), assets.heldout_path(), 40, 256))
 
 
 def _write(out: str, overlap: dict, runs: list[dict], teacher_ppl: float, seconds: float) -> None:

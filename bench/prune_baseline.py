@@ -25,10 +25,9 @@ def main() -> None:
 
     from moe2dense_ray import assets
     from moe2dense_ray.build import build
-    from moe2dense_ray.calibrate import _tokenizer, calibrate
+    from moe2dense_ray.calibrate import calibrate
     from moe2dense_ray.checkpoint import CheckpointReader
-    from moe2dense_ray.data import calibration_blocks
-    from moe2dense_ray.evaluate import load_model, perplexity
+    from moe2dense_ray.evaluate import heldout_blocks, load_model, model_perplexity
     from moe2dense_ray.plan import make_plan
     from moe2dense_ray.prune import prune_dense
     from moe2dense_ray.report import markdown_table
@@ -46,11 +45,10 @@ def main() -> None:
 
     t0 = time.time()
     teacher, peer, data = assets.teacher_path(), assets.dense_peer_path(), assets.calibration_path()
-    held = calibration_blocks(assets.heldout_path(), _tokenizer(teacher), samples=a.heldout_blocks,
-                              seq_len=a.seq_len, shuffle_buffer=1)
+    held = heldout_blocks(teacher, assets.heldout_path(), a.heldout_blocks, a.seq_len)
 
     def ppl(model) -> float:
-        return perplexity(model, held.input_ids, held.attention_mask)
+        return model_perplexity(model, held)
 
     def params(path: str) -> int:
         r = CheckpointReader(path)

@@ -20,7 +20,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 SPACE = """\
-scoring: [reap, sf, cp, random]
+scoring: [do-acp, acp, cp, sf, reap, random]
 experts: [4, 8]
 lr: 0.002
 batch_size: 4
@@ -29,7 +29,7 @@ batch_size: 4
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=16384, help="distillation tokens per unstopped trial")
+    p.add_argument("--tokens", type=int, default=32768, help="distillation tokens per unstopped trial")
     p.add_argument("--out", default="runs/bench-sweep")
     p.add_argument("--results", default="docs/results")
     args = p.parse_args()
@@ -46,7 +46,7 @@ def main() -> None:
     for scheduler in ("none", "asha"):
         cfg = SweepConfig(teacher=assets.teacher_path(), data=assets.train_path(), space=space,
                           out=os.path.join(args.out, scheduler), samples=64, seq_len=128, tokens=args.tokens,
-                          top_k=64, val_blocks=16, report_every=4, scheduler=scheduler, grace=1,
+                          top_k=64, val_blocks=16, report_every=8, scheduler=scheduler, grace=1,
                           reduction_factor=3, calibration_workers=0)
         t0 = time.time()
         summary = sweep(cfg, progress=False)
@@ -58,6 +58,7 @@ def main() -> None:
         return None if best is None else (best.get("scoring"), best.get("experts"))
 
     grid, asha = runs["none"], runs["asha"]
+    same_curves = _same_curves(os.path.join(args.out, "none"), os.path.join(args.out, "asha"))
     ratio = asha["tokens_spent"] / grid["tokens_spent"]
     same = key(grid["best"]) == key(asha["best"])
     lines = [
@@ -69,20 +70,41 @@ def main() -> None:
                      f"{s['best']['ppl after']:.2f} | {s['wall_s']:.0f} |")
     table = "\n".join(lines)
     verdict = (f"ASHA spent {ratio:.2f} of the grid's distillation tokens (goal <= 0.33) and "
-               f"{'found' if same else 'did not find'} the grid's best configuration {key(grid['best'])}")
+               f"{'found' if same else 'did not find'} the grid's best configuration {key(grid['best'])}; "
+               f"every ASHA trial's validation curve {'equals' if same_curves else 'differs from'} the start of "
+               f"the same configuration's curve in the grid (distillation from a stream is deterministic)")
     print(table + "\n\n" + verdict)
     os.makedirs(args.results, exist_ok=True)
     with open(os.path.join(args.results, "sweep.json"), "w") as f:
         json.dump({"tokens": args.tokens, "space": SPACE, "grid": grid, "asha": asha, "token_ratio": ratio,
-                   "same_best": same}, f, indent=1, default=str)
+                   "same_best": same, "same_curves": same_curves}, f, indent=1, default=str)
     with open(os.path.join(args.results, "sweep.md"), "w") as f:
         f.write(f"# ASHA against the full grid (bench/sweep.py)\n\nSpace:\n\n```yaml\n{SPACE}```\n\n"
                 f"{args.tokens:,} distillation tokens per unstopped trial, 128-token blocks, top-64 stream, "
-                f"validation every 4 steps, ASHA grace 1 validation, reduction factor 3.\n\n{table}\n\n{verdict}.\n\n"
+                f"validation every 8 steps, ASHA grace 1 validation, reduction factor 3, trials one at a time "
+                f"(2 CPUs).\n\n{table}\n\n{verdict}.\n\n"
                 f"## Full grid\n\n{grid['leaderboard']}\n\n## ASHA\n\n{asha['leaderboard']}\n")
     curves = os.path.join(args.out, "asha", "curves.png")
     if os.path.exists(curves):
         shutil.copy(curves, os.path.join(args.results, "sweep.png"))
+
+
+def _same_curves(grid_dir: str, asha_dir: str) -> bool:
+    """Whether each ASHA trial's validation perplexities equal the grid's for the same settings,
+    point for point over the steps ASHA let it train."""
+    import csv
+
+    from moe2dense_ray.distill.run import read_metrics
+
+    def curves(d):
+        out = {}
+        for r in csv.DictReader(open(os.path.join(d, "leaderboard.csv"))):
+            metrics = read_metrics(os.path.join(d, "trials", r["trial"], "run"))
+            out[(r["scoring"], r["experts"])] = [(m["tokens"], m["val_ppl"]) for m in metrics if "val_ppl" in m]
+        return out
+
+    grid, asha = curves(grid_dir), curves(asha_dir)
+    return all(grid[k][:len(v)] == v for k, v in asha.items())
 
 
 if __name__ == "__main__":
