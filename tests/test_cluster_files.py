@@ -170,3 +170,13 @@ def test_custom_resources_are_flags_and_an_unmet_one_is_one_line(ray_cluster, ca
     assert code == 2 and len(err) == 1 and "1 teacher but the cluster has 0" in err[0] \
         and "declare teacher" in err[0], err
     assert not (tmp_path / "stats").exists()
+
+
+def test_an_unmet_worker_resource_is_one_line_before_any_work(ray_cluster, capsys, tmp_path):
+    code = main(["-q", "distill", "--teacher", assets.teacher_path(), "--student", assets.dense_peer_path(),
+                 "--data", assets.calibration_path(), "--tokens", "4096", "--seq-len", "64",
+                 "--worker-resources", "student=1", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "1 student but the cluster has 0" in err[0] \
+        and "--worker-resources" in err[0], err
+    assert not (tmp_path / "run").exists()
