@@ -43,7 +43,7 @@ def plot_bars(bars: list[tuple[str, float]], path: str, *, title: str,
     written at its bar's end; the bar at index `highlight` (the reference, such as the teacher) in
     green, the others grey."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(7, max(3.5, 1.2 + 0.24 * len(bars))))  # a row per bar, however many
     names = [name for name, _ in bars][::-1]
     vals = [v for _, v in bars][::-1]
     colors = ["#888"] * len(bars)
@@ -92,7 +92,15 @@ def plot_curves(curves: dict[str, list[tuple[float, float]]], path: str, *, titl
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=8, ncol=1 if len(curves) + len(bands or {}) <= 6 else 3)
+    entries = len(curves) + len(bands or {}) + bool(reference)
+    longest = max([len(n) for n in list(curves) + list(bands or {})] or [0])
+    if entries <= 6 and longest <= 32:
+        ax.legend(fontsize=8)
+    else:  # below the axes, which keep their size: a legend inside would cover the lines or squeeze them
+        ncol = 1 if longest > 40 else 2
+        rows = -(-entries // ncol)
+        fig.set_size_inches(7, 4 + 0.18 * rows)
+        ax.legend(fontsize=8, ncol=ncol, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     _save(fig, path)
 
 
@@ -119,5 +127,5 @@ def _save(fig, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # a legend placed below the axes is kept
     plt.close(fig)
