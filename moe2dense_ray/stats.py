@@ -42,6 +42,10 @@ FULL_SUMS: dict[str, tuple[str, ...]] = {
     "gram": ("E", "E"), "out_sum": ("E", "H"),
 }
 OPTIONAL_SUMS: dict[str, tuple[str, ...]] = {"shared_gate_sum": ()}
+# counts, probabilities and norms: a negative one is a corrupted or hand-edited file, and would
+# make a score (or a CP's denominator) meaningless without any error
+NONNEGATIVE_SUMS = ("tokens", "sel_count", "prob_sum", "prob_sel_sum", "gate_mass", "sqnorm_all", "sqnorm_routed",
+                    "norm_routed", "gate_norm_routed")
 SUM_SHAPES = {**ROUTER_SUMS, **FULL_SUMS, **OPTIONAL_SUMS}
 META_KEYS = ("version", "model_type", "num_experts", "moe_layers", "tokens")
 
@@ -148,6 +152,10 @@ def check_sums(sums: dict[str, torch.Tensor], meta: dict[str, Any], where: str) 
     if bad is not None:
         key, n, total = bad
         raise UserError(f"{where}: {key} holds NaN or infinite values ({n} of {total}); re-run `moe2dense calibrate`")
+    for key, t in sorted(sums.items()):
+        if key.rsplit(".", 1)[-1] in NONNEGATIVE_SUMS and bool((t < 0).any()):
+            raise UserError(f"{where}: {key} holds negative values ({int((t < 0).sum())} of {t.numel()}), which a "
+                            f"count, probability or norm cannot; re-run `moe2dense calibrate`")
 
 
 @dataclass

@@ -319,6 +319,10 @@ STATS_SUMS_CASES = {
                           "unknown statistic 'layers.1.grams'"),
     "nan-sum": ({}, _nan, "layers.2.gram holds NaN or infinite values (1 of 36)"),
     "inf-sum": ({}, _inf, "layers.1.sel_count holds NaN or infinite values (1 of 6)"),
+    "negative-count": ({}, lambda s: s["layers.2.sel_count"].__setitem__(0, -3.0),
+                       "layers.2.sel_count holds negative values (1 of 6)"),
+    "negative-norm": ({}, lambda s: s["layers.1.sqnorm_all"].__setitem__(slice(0, 2), -1.0),
+                      "layers.1.sqnorm_all holds negative values (2 of 6)"),
 }
 
 
