@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
@@ -246,9 +247,11 @@ def save_plan(plan: Plan, url: str, *, overwrite: bool = False, sources: tuple[s
     at all (written beside it, then renamed); an existing file is replaced only with `overwrite`
     and only when it is a plan; the plan never goes into or over one of `sources` (the inputs).
     """
-    from .outputs import OutputLock, check_output, clean_leftovers, partial_name, swap_in
+    from .outputs import OutputLock, check_output, clean_leftovers, is_local, partial_name, swap_in
 
     fs, path, target = check_plan_output(url, overwrite=overwrite, sources=sources)
+    if is_local(fs):  # `missing/../P.json` is P.json, as the output checks read it: no `missing/` is made
+        path = os.path.realpath(path)
     with OutputLock(target):
         check_output(target, what="plan", overwrite=overwrite, sources=sources)
         clean_leftovers(fs, path)

@@ -376,3 +376,13 @@ def test_cli_plan_with_bad_statistics_is_one_error_line(calibrated, tmp_path, ca
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "holds NaN" in err[0], err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_a_plan_path_through_a_missing_directory_makes_no_directory(calibrated, real_plan, tmp_path):
+    from moe2dense_ray.plan import save_plan
+
+    plan = load_plan(str(_write(tmp_path, real_plan)))
+    out = tmp_path / "out"
+    out.mkdir()
+    written = save_plan(plan, f"{out}/missing/../P.json")
+    assert written == str(out / "P.json") and os.listdir(out) == ["P.json"]  # no missing/
