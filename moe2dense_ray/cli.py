@@ -384,11 +384,34 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted (no output was left half-written)\n")
         return 130
+    except Exception as e:  # noqa: BLE001 - only a network failure is turned into a line; the rest re-raise
+        reason = _network_failure(e)
+        if reason is None:
+            raise
+        sys.stderr.write(f"error: cannot reach the network ({reason}): a hub or object-store URL needs a "
+                         f"connection; on an offline machine use local copies\n")
+        return 2
     finally:
         if not ray_before:  # leave a caller's own Ray session alone
             _shutdown_ray()
         if previous is not None:
             _on_sigterm(previous)
+
+
+_NETWORK_ERRORS = ("ConnectError", "ConnectTimeout", "ConnectionError", "ClientConnectorError",
+                   "ServerDisconnectedError", "NameResolutionError", "ReadTimeout", "TimeoutException")
+
+
+def _network_failure(e: BaseException) -> str | None:
+    """`Type: message` of the network error at the root of `e` (httpx, requests, aiohttp: the
+    clients the hub and fsspec use raise their own types, none of them an OSError), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ in _NETWORK_ERRORS:
+            return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _on_sigterm(handler):

@@ -248,3 +248,18 @@ def test_family_listing_needs_no_model_libraries():
             "sys.stderr.write(str('torch' in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stderr.strip().endswith("False"), r.stderr[-500:]
+
+
+def test_an_unreachable_hub_is_one_line(tmp_path):
+    """A hub URL with no connection (here: a hub endpoint that refuses) is one error line, not
+    the HTTP client's traceback."""
+    from moe2dense_ray import assets
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    r = subprocess.run([sys.executable, "-m", "moe2dense_ray.cli", "calibrate", "hf://someone/some-moe", "--data",
+                        assets.calibration_path(), "--out", str(tmp_path / "stats")], env=env, capture_output=True,
+                       text=True, timeout=120)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and err[0].startswith("error: cannot reach the network (") \
+        and "Connection refused" in err[0], r.stderr[-2000:]
+    assert not (tmp_path / "stats").exists()
