@@ -238,3 +238,18 @@ def test_offline_stream_gives_the_online_loss(ray_cluster, student, tmp_path):
                 progress=False)
     assert r.steps == 2 and r.tokens == 2 * 2 * 4 * 64 and (run / "student" / "config.json").exists()
     assert sorted(_final_state(run)["trained"]) == list(range(2, 18))  # both ranks' blocks, each once
+
+
+def test_a_stream_of_many_files_trains_the_same_student_twice(ray_cluster, student, tmp_path):
+    """The blocks reach the worker in stream order whatever order Ray Data's read tasks finish in,
+    so a rerun is the same run: every step's loss and every validation agree exactly."""
+    logits = tmp_path / "logits"
+    teacher_logits(TeacherLogitsConfig(teacher=assets.teacher_path(), data=DATA, tokens=40 * 64, seq_len=64,
+                                       val_blocks=2, out=str(logits), teacher_batch=2, top_k=16), progress=False)
+    assert len(list(logits.glob("*.parquet"))) >= 4  # several read tasks, each free to finish first
+    runs = []
+    for i in range(2):
+        r = distill(DistillConfig(logits=str(logits), student=student, out=str(tmp_path / f"run{i}"), batch_size=4,
+                                  report_every=1, checkpoint_every=1 << 20), progress=False)
+        runs.append([(m["step"], m["loss"], m.get("val_ppl")) for m in r.metrics if "loss" in m])
+    assert len(runs[0]) == 10 and runs[0] == runs[1]
