@@ -85,12 +85,15 @@ def report(args, runs: dict) -> None:
     verdict = (f"ASHA spent {ratio:.2f} of the grid's distillation tokens (goal <= 0.33) and "
                f"{'found' if same else 'did not find'} the grid's best configuration {key(grid['best'])}; "
                f"every ASHA trial's validation curve {'equals' if same_curves else 'differs from'} the start of "
-               f"the same configuration's curve in the grid (distillation from a stream is deterministic)")
+               f"the same configuration's curve in the grid" + ("" if same_curves else
+               " (these two sweeps ran before `distill` kept the stream's block order: the same configuration "
+               "then trained on its blocks in a different order in each, and moved by up to 2% in perplexity)"))
     rung = 8 * 4 * 128  # tokens between validations: report_every x batch_size x seq_len
     replay = replay_asha(_curves(os.path.join(args.out, "none")), grace=rung, max_t=args.tokens, reduction_factor=3)
     lo, hi = replay["token_ratio_p10_p90"]
     replayed = (f"Replayed through Ray's own ASHA bracket on the grid's curves for {replay['orders']} random orders "
-                f"of the trials (exact, since a trial that ASHA runs reproduces the start of its grid curve): "
+                f"of the trials (exact when a trial that ASHA runs reproduces the start of its grid curve, as "
+                f"distillation now does): "
                 f"ASHA spends {replay['token_ratio_mean']:.2f} of the grid's tokens on average ({lo:.2f}-{hi:.2f}, "
                 f"10th-90th percentile), finds the grid's best configuration {key_of(replay['best'])} in "
                 f"{100 * replay['found_best']:.0f}% of the orders, and picks one whose fully trained perplexity is "
