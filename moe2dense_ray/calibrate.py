@@ -505,11 +505,10 @@ def _calibrate_on_ray(src: str, calib, *, workers: int, full: bool, dtype: str, 
             advice = "leave out --gpus-per-worker to calibrate on CPUs"
         else:
             advice = "lower --gpus-per-worker or --workers"
-        if resources and any(need[k] > res.get(k, 0) for k in resources):
-            advice = "start nodes that declare " + ", ".join(resources) + " or change --teacher-resources"
         require_resources(need, each=[{"CPU": 1.0, "GPU": float(use_gpu), **resources}], advice=advice,
                           who=f"calibrating on --workers {workers}",
-                          parts=f"1 CPU{f' and {use_gpu:g} GPU' if use_gpu else ''} per worker")
+                          parts=f"1 CPU{f' and {use_gpu:g} GPU' if use_gpu else ''} per worker",
+                          custom_flags="--teacher-resources")
         threads = max(1, int(ray.available_resources().get("CPU", 1)) // workers)
         Actor = ray.remote(_Replica).options(num_cpus=1, num_gpus=use_gpu, resources=resources or None)
         actors = [Actor.remote(threads) for _ in range(workers)]

@@ -135,16 +135,25 @@ def _plural(k: str, n: float) -> str:
 
 
 def require_resources(need: dict[str, float], *, who: str, advice: str, parts: str | None = None,
-                      each: list[dict[str, float]] | tuple = ()) -> None:
+                      each: list[dict[str, float]] | tuple = (), custom_flags: str = "") -> None:
     """Fail (embedded Ray) or wait, then fail (a cluster), unless the cluster can hold the run.
 
     `need` maps Ray resources ("CPU", "GPU") to the total the run will ask for, and `each` lists
     what one actor of each kind asks for (it must fit on one node); `who` names the run, `parts`
-    says what asks for the resources, `advice` what to lower ("lower --workers").
+    says what asks for the resources, `advice` what to lower ("lower --workers"), and
+    `custom_flags` which flags set the custom resources, named instead when one is short.
     """
     short = _shortfall(need, list(each))
     if not short:
         return
+    import ray
+
+    have = ray.cluster_resources()
+    custom = [k for k, v in need.items() if k not in ("CPU", "GPU") and v > have.get(k, 0) + 1e-9]
+    if custom:  # custom resources (teacher, student) come from node types: lowering counts will not help
+        advice = f"start nodes that declare {', '.join(custom)}"
+        if custom_flags:
+            advice += f", or change {custom_flags}"
 
     def message(short) -> str:
         items = " and ".join(f"{want} but {has}" for want, has in short)

@@ -124,12 +124,9 @@ def _check_resources(cfg: TeacherStreamConfig, *, workers: int = 0, cpus_per_wor
             need[k] = need.get(k, 0) + n * v
     each = ([{"CPU": cpus_per_worker, "GPU": 1 if gpu_cluster else 0, **worker_res}] if workers else []) + \
         ([{"CPU": cfg.cpus_per_teacher, "GPU": teacher_gpus, **teacher_res}] if teacher else [])
-    custom = [k for k in {**worker_res, **teacher_res} if need[k] > res.get(k, 0)]
-    advice = ("lower --workers, --teacher-workers, --cpus-per-worker, --cpus-per-teacher or --gpus-per-teacher"
-              if not custom else f"start nodes that declare {', '.join(custom)}, or change --teacher-resources / "
-              f"--worker-resources")
     require_resources(need, each=each, who="this run", parts="training workers, teacher replicas, data pipeline",
-                      advice=advice)
+                      advice="lower --workers, --teacher-workers, --cpus-per-worker, --cpus-per-teacher or "
+                      "--gpus-per-teacher", custom_flags="--teacher-resources / --worker-resources")
 
 
 def _columns(ds) -> dict[str, np.ndarray]:
