@@ -1,7 +1,9 @@
 """The paper's pre-distillation grid on the bundled teacher: perplexity by scoring, K and grouping.
 
-One calibration (full statistics) serves every plan. Prints a Markdown table and writes
-`docs/results/scoring_grid.{md,json,png}` (or --out).
+One calibration (full statistics) serves every plan. Every plan is built twice: as the paper
+builds it, and refitted (`--refit down`, sequential, on the same calibration blocks; see
+docs/refit.md). Prints a Markdown table and writes `docs/results/scoring_grid.{md,json,png}`
+(or --out).
 
     python bench/scoring_grid.py [--teacher DIR --data FILE --heldout FILE --samples 64 --seq-len 256]
 """
@@ -21,6 +23,7 @@ def main() -> None:
     from moe2dense_ray import assets
     from moe2dense_ray.build import read_expert_weights
     from moe2dense_ray.calibrate import calibrate
+    from moe2dense_ray.config import RefitConfig
     from moe2dense_ray.evaluate import heldout_blocks, model_perplexity, students
     from moe2dense_ray.report import markdown_table, plot_curves
 
@@ -35,7 +38,10 @@ def main() -> None:
     ap.add_argument("--random-seeds", type=int, default=5, help="draws of the random baseline per K")
     ap.add_argument("--out", default="docs/results")
     ap.add_argument("--work", default="runs/scoring_grid")
+    ap.add_argument("--refit-mode", default="sequential", choices=("sequential", "parallel"))
     a = ap.parse_args()
+    refit = RefitConfig(data=a.data, samples=a.samples, seq_len=a.seq_len, workers=a.workers, refit="down",
+                        refit_mode=a.refit_mode)
 
     t0 = time.time()
     stats = calibrate(a.teacher, a.data, samples=a.samples, seq_len=a.seq_len, workers=a.workers, full=True,
@@ -54,20 +60,25 @@ def main() -> None:
         experts=K, groups=k, scoring=scoring, grouping=grouping, scaling="uniform", seed=seed,
         expert_weights=weights if grouping == "weight" else None) for scoring, K, grouping, k, seed in grid}
     rows = []
-    for (scoring, K, grouping, k, seed), s in zip(grid, students(a.teacher, stats, configs, a.work, held)):
+    for (scoring, K, grouping, k, seed), s in zip(grid, students(a.teacher, stats, configs, a.work, held,
+                                                                 refit=refit)):
         rows.append({"scoring": scoring, "K": K, "grouping": grouping, "k": k, "seed": seed, "ppl": s["ppl"],
-                     "params_M": s["params_M"]})
-        print(f"{scoring:>7} K={K:<3} {grouping:>6} k={k:<3} seed {seed} ppl {s['ppl']:9.2f}", flush=True)
+                     "refit_ppl": s["refit_ppl"], "params_M": s["params_M"]})
+        print(f"{scoring:>7} K={K:<3} {grouping:>6} k={k:<3} seed {seed} ppl {s['ppl']:9.2f} "
+              f"refitted {s['refit_ppl']:8.2f}", flush=True)
 
     os.makedirs(a.out, exist_ok=True)
     summary = summarize(rows)
     table = markdown_table(({"scoring": r["scoring"], "K": r["K"], "grouping": r["grouping"], "k": r["k"],
                              "params (M)": r["params_M"], "perplexity": _perplexity_cell(r),
-                             "vs random": f"{r['vs_random']:.2f}x"} for r in summary),
-                           right=("perplexity", "vs random"))
+                             "vs random": f"{r['vs_random']:.2f}x", "refitted": _perplexity_cell(r, "refit_"),
+                             "refitted vs plain": f"{r['refit_ppl'] / r['ppl']:.2f}x"} for r in summary),
+                           right=("perplexity", "vs random", "refitted", "refitted vs plain"))
     text = (f"Teacher {os.path.basename(a.teacher.rstrip('/'))}: E={E}, held-out perplexity {teacher_ppl:.2f}; "
             f"calibration {stats.tokens} tokens; evaluation {int(held.num_tokens)} tokens; no distillation. "
-            f"`random` is the geometric mean (and range) over {a.random_seeds} seeds.\n\n" + table)
+            f"`random` is the geometric mean (and range) over {a.random_seeds} seeds. `refitted`: the same plan "
+            f"built with `--refit down --refit-mode {a.refit_mode}` (the down projections fitted in closed form to "
+            f"the MoE layers' outputs on the calibration tokens; docs/refit.md).\n\n" + table)
     print("\n" + text)
     with open(os.path.join(a.out, "scoring_grid.md"), "w") as f:
         f.write(text + "\n")
@@ -75,8 +86,11 @@ def main() -> None:
         json.dump({"teacher_ppl": teacher_ppl, "num_experts": E, "tokens": stats.tokens, "rows": rows,
                    "summary": summary}, f, indent=1)
     pure = [r for r in summary if r["grouping"] == "none"]
-    plot_curves({"random (geo. mean)" if s == "random" else s: [(r["K"], r["ppl"]) for r in pure if r["scoring"] == s]
-                 for s in ("random",) + SCORED}, os.path.join(a.out, "scoring_grid.png"),
+    curves = {"random (geo. mean)" if s == "random" else s: [(r["K"], r["ppl"]) for r in pure if r["scoring"] == s]
+              for s in ("random",) + SCORED}
+    curves.update({f"{s} + refit": [(r["K"], r["refit_ppl"]) for r in pure if r["scoring"] == s]
+                   for s in ("reap", "do-acp")})
+    plot_curves(curves, os.path.join(a.out, "scoring_grid.png"),
                 title="Dense students from the bundled Qwen3-MoE teacher",
                 xlabel="experts kept per layer (K = k, pure pruning)",
                 ylabel="held-out perplexity (before distillation)", reference=("MoE teacher", teacher_ppl),
@@ -96,19 +110,22 @@ def summarize(rows: list[dict]) -> list[dict]:
         groups.setdefault((r["scoring"], r["K"], r["grouping"], r["k"]), []).append(r)
     out = []
     for (scoring, K, grouping, k), rs in groups.items():
-        ppls = [r["ppl"] for r in rs]
-        out.append({"scoring": scoring, "K": K, "grouping": grouping, "k": k, "n": len(rs),
-                    "params_M": rs[0]["params_M"], "ppl": math.exp(sum(map(math.log, ppls)) / len(ppls)),
-                    "min": min(ppls), "max": max(ppls)})
+        row = {"scoring": scoring, "K": K, "grouping": grouping, "k": k, "n": len(rs), "params_M": rs[0]["params_M"]}
+        for prefix in ("", "refit_"):
+            ppls = [r[f"{prefix}ppl"] for r in rs if f"{prefix}ppl" in r]
+            if ppls:
+                row.update({f"{prefix}ppl": math.exp(sum(map(math.log, ppls)) / len(ppls)),
+                            f"{prefix}min": min(ppls), f"{prefix}max": max(ppls)})
+        out.append(row)
     base = {r["k"]: r["ppl"] for r in out if r["scoring"] == "random" and r["grouping"] == "none"}
     for r in out:
         r["vs_random"] = r["ppl"] / base[r["k"]] if r["k"] in base else float("nan")
     return out
 
 
-def _perplexity_cell(r: dict) -> str:
+def _perplexity_cell(r: dict, prefix: str = "") -> str:
     """A summary row's perplexity, with its range over random seeds when there are several."""
-    return f"{r['ppl']:.2f}" + (f" ({r['min']:.1f}-{r['max']:.1f})" if r["n"] > 1 else "")
+    return f"{r[prefix + 'ppl']:.2f}" + (f" ({r[prefix + 'min']:.1f}-{r[prefix + 'max']:.1f})" if r["n"] > 1 else "")
 
 
 if __name__ == "__main__":

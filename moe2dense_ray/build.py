@@ -17,7 +17,7 @@ import re
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -26,6 +26,10 @@ from .errors import UserError
 from .families import Family, MoEShape, dense_config_dict, dense_width, get_family, moe_shape
 from .plan import PLAN_FILE, Plan
 from .progress import Progress
+
+if TYPE_CHECKING:
+    from .config import RefitConfig
+    from .refit import Refit
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -338,6 +342,43 @@ def inspect_source(src: str, *, allow_pickle: bool = False) -> tuple[CheckpointR
     return reader, cfg_dict, family, cfg, shape
 
 
+def check_plan_fits(plan: Plan, family: Family, shape: MoEShape, src: str) -> None:
+    """The plan was made for this model: its family, expert count and MoE layers."""
+    if plan.model_type != family.model_type:
+        raise UserError(f"the plan is for {plan.model_type}, the checkpoint is {family.model_type}")
+    if plan.num_experts != shape.num_experts:
+        raise UserError(f"the plan is for {plan.num_experts} experts, the checkpoint has {shape.num_experts}")
+    plan.validate()
+    planned = sorted(lp.layer for lp in plan.layers)
+    if planned != sorted(shape.moe_layers):
+        made_for = f" (made from {plan.source})" if plan.source else ""
+        raise UserError(f"the plan{made_for} covers MoE layers {planned}, but {src} has MoE layers "
+                        f"{list(shape.moe_layers)}: it was made for a different model")
+
+
+def plan_ffn(plan: Plan, layer: int, experts: "ExpertReader", *, width: int | None = None) -> Expert:
+    """The student's FFN for one MoE layer as the plan makes it: each group the score-weighted
+    average of its experts, its down projection times the group's scale, then the shared
+    expert(s) times `shared_scale`, zero-padded to `width` (default: no padding).
+
+    `experts` reads from a checkpoint (`build`) or from a teacher in memory (`refit`), so the
+    FFN that is refitted is exactly the FFN that is written."""
+    from .methods import merge_weights
+
+    family, shape = experts.f, experts.s
+    lp = plan.layer(layer)
+    parts: list[tuple[Expert, float]] = []
+    for group, scale in zip(lp.groups, lp.scales):
+        members = [experts.expert(layer, e) for e in group]
+        w = merge_weights(group, torch.tensor(lp.scores, dtype=torch.float64))
+        parts.append((weighted_average(members, [float(x) for x in w]), float(scale)))
+    if family.shared_prefix:
+        shared = experts.mlp(f"model.layers.{layer}.{experts.moe_prefix(layer)}.{family.shared_prefix}",
+                             width=shape.shared_size)
+        parts.append((shared, float(lp.shared_scale)))
+    return concat_ffn(parts, sum(e.width for e, _ in parts) if width is None else width)
+
+
 def build(
     src: str,
     plan: Plan,
@@ -350,30 +391,35 @@ def build(
     progress: bool = True,
     on_layer: Callable[[int], None] | None = None,
     inputs: tuple[str | None, ...] = (),
+    refit: "Refit | RefitConfig | None" = None,
 ) -> BuildReport:
     """Stream `src` into a dense checkpoint at `out` following `plan` (see module docstring).
 
     `inputs` are the run's other inputs (the plan's file, the statistics), which `out` may not
-    replace or contain, as it may not `src`."""
+    replace or contain, as it may not `src`. `refit` replaces each MoE layer's down projection by
+    its closed-form fit (docs/refit.md), recorded in the written plan: a `config.RefitConfig` to
+    fit here (DST is checked before the teacher runs), or a `refit.Refit` already fitted."""
     t0 = time.time()
     reader, cfg_dict, family, cfg, shape = inspect_source(src, allow_pickle=allow_pickle)
-    if plan.model_type != family.model_type:
-        raise UserError(f"the plan is for {plan.model_type}, the checkpoint is {family.model_type}")
-    if plan.num_experts != shape.num_experts:
-        raise UserError(f"the plan is for {plan.num_experts} experts, the checkpoint has {shape.num_experts}")
-    plan.validate()
-    planned = sorted(lp.layer for lp in plan.layers)
-    if planned != sorted(shape.moe_layers):
-        made_for = f" (made from {plan.source})" if plan.source else ""
-        raise UserError(f"the plan{made_for} covers MoE layers {planned}, but {src} has MoE layers "
-                        f"{list(shape.moe_layers)}: it was made for a different model")
+    check_plan_fits(plan, family, shape, src)
+    if refit is not None and not hasattr(refit, "downs"):  # a RefitConfig: fit first, DST checked and held
+        from .outputs import OutputLock, check_output
+        from .refit import refit as fit_ffns
+
+        reader.close()
+        check_output(out, what="checkpoint", overwrite=overwrite, sources=(src, *inputs, refit.data))
+        with OutputLock(out):
+            fitted = fit_ffns(src, plan, refit, allow_pickle=allow_pickle, progress=progress)
+            return build(src, plan, out, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
+                         allow_pickle=allow_pickle, progress=progress, on_layer=on_layer, inputs=(*inputs, refit.data),
+                         refit=fitted)
+    if refit is not None:
+        plan = refit.recorded(plan)
     if not any(reader.exists(n) for n in TOKENIZER_FILES):
         warnings.warn(f"{src} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): the student will have none either")
     experts = ExpertReader(reader, family, shape)
     routed = plan.groups * shape.expert_size
     width = dense_width(shape, routed) if family.dense_layout == "mlp" else routed
-    from .methods import merge_weights
-
     out_dtype = getattr(torch, dtype) if dtype else None
     by_layer: dict[int, list[str]] = {}
     other: list[str] = []
@@ -405,17 +451,10 @@ def build(
     def layer_ffn(i: int) -> Expert:
         if i not in moe_set:
             return concat_ffn([(experts.mlp(f"model.layers.{i}.mlp", width=shape.dense_size), 1.0)], width)
-        lp = plan.layer(i)
-        parts: list[tuple[Expert, float]] = []
-        for group, scale in zip(lp.groups, lp.scales):
-            members = [experts.expert(i, e) for e in group]
-            w = merge_weights(group, torch.tensor(lp.scores, dtype=torch.float64))
-            parts.append((weighted_average(members, [float(x) for x in w]), float(scale)))
-        if family.shared_prefix:
-            shared = experts.mlp(f"model.layers.{i}.{experts.moe_prefix(i)}.{family.shared_prefix}",
-                                 width=shape.shared_size)
-            parts.append((shared, float(lp.shared_scale)))
-        return concat_ffn(parts, width)
+        ffn = plan_ffn(plan, i, experts, width=width)
+        if refit is not None:
+            refit.apply(i, ffn)
+        return ffn
 
     teacher_params = sum(math.prod(reader.shape(k)) for k in reader.keys())
     moe_set = set(shape.moe_layers)
@@ -487,5 +526,5 @@ def read_expert_weights(src: str, *, allow_pickle: bool = False) -> Callable[[in
     return ExpertReader(reader, family, shape).expert_weights
 
 
-__all__ = ["build", "BuildReport", "Expert", "ExpertReader", "concat_ffn", "weighted_average",
-           "inspect_source", "read_expert_weights"]
+__all__ = ["build", "BuildReport", "Expert", "ExpertReader", "concat_ffn", "weighted_average", "plan_ffn",
+           "check_plan_fits", "inspect_source", "read_expert_weights"]

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -225,30 +226,63 @@ def _expert_outputs(family: Family, experts, x: torch.Tensor) -> torch.Tensor:
     return torch.matmul(experts.act_fn(gate) * up, experts.down_proj.transpose(1, 2))
 
 
-class Calibrator:
-    """One teacher replica plus the hooks that accumulate its statistics.
+@dataclass
+class LoadedTeacher:
+    """A teacher in memory with what every pass over it needs: its family row and MoE shape."""
 
-    Used directly (in-process) or as a Ray actor; `run` takes token blocks, `result` returns the
-    running sums, which the driver adds across replicas.
-    """
+    model: Any
+    family: Family
+    shape: MoEShape
+    device: str
 
-    def __init__(self, src: str, *, full: bool = False, device: str = "auto", dtype: str = "auto",
+    @classmethod
+    def load(cls, src: str, *, device: str = "auto", dtype: str = "auto") -> "LoadedTeacher":
+        model, cfg, device = load_causal_lm(src, device=device, dtype=dtype, experts_as_weights=True)
+        family = get_family(cfg.get("model_type"))
+        return cls(model, family, moe_shape(family, model.config), device)
+
+    def describe(self) -> dict[str, Any]:
+        return {"model_type": self.family.model_type, "num_experts": self.shape.num_experts,
+                "hidden_size": self.shape.hidden_size, "moe_layers": list(self.shape.moe_layers)}
+
+
+class StopForward(Exception):
+    """Raised by a pass's hook once every layer it reads is done: the rest of the forward is waste
+    (a sequential refit of layer l needs layers 0..l only)."""
+
+
+class TeacherPass:
+    """Hooks on a loaded teacher that accumulate sums over the real (non-padding) tokens of the
+    blocks given to `run`; `close` removes them, so one loaded teacher serves pass after pass.
+
+    Used directly (in-process) or inside a Ray actor; `result` returns the running sums, which
+    the driver adds across replicas."""
+
+    def __init__(self, teacher: "LoadedTeacher | str", *, device: str = "auto", dtype: str = "auto",
                  threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
-        self.model, cfg, self.device = load_causal_lm(src, device=device, dtype=dtype, experts_as_weights=True)
-        self.family = get_family(cfg.get("model_type"))
-        self.shape = moe_shape(self.family, self.model.config)
+        if isinstance(teacher, str):
+            teacher = LoadedTeacher.load(teacher, device=device, dtype=dtype)
+        self.teacher = teacher
+        self.model, self.family, self.shape, self.device = teacher.model, teacher.family, teacher.shape, teacher.device
         self._decoder = getattr(self.model, "model", self.model)
-        self.full = full
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens = 0
         self.samples = 0
         self._mask: torch.Tensor | None = None
         self._all_real = True
+        self._handles: list[Any] = []
         self._install_hooks()
 
-    # -- hooks ------------------------------------------------------------------------------
+    def _install_hooks(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
     def _add(self, layer: int, name: str, value: torch.Tensor) -> None:
         """Accumulate in float64 on the model's device; per-batch partial sums may be float32."""
         key = f"layers.{layer}.{name}"
@@ -263,15 +297,53 @@ class Calibrator:
         t = t.reshape(-1, t.shape[-1])
         return t if self._all_real else t[self._mask.to(t.device)]
 
+    @torch.inference_mode()
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 8) -> int:
+        """Accumulate the sums over token blocks; returns the number of tokens counted."""
+        counted = 0
+        dev = self.model.device if hasattr(self.model, "device") else self.device
+        for s in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[s:s + batch_size].to(dev)
+            mask = attention_mask[s:s + batch_size].to(dev)
+            self._mask = mask.reshape(-1).bool()
+            self._all_real = bool(self._mask.all())
+            # the decoder stack only: the sums come from hooks inside it, and the LM head would
+            # materialise [B, S, vocab] logits (5 GB at B=4, S=2048 for Qwen3's 151k vocabulary)
+            try:
+                self._decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+            except StopForward:
+                pass
+            counted += int(mask.sum())
+        self.tokens += counted
+        self.samples += int(input_ids.shape[0])
+        return counted
+
+    def result(self) -> dict[str, Any]:
+        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "tokens": self.tokens, "samples": self.samples}
+
+    def describe(self) -> dict[str, Any]:
+        return self.teacher.describe()
+
+
+class Calibrator(TeacherPass):
+    """The routing (and, with `full`, expert-output) statistics of docs/stats.md."""
+
+    def __init__(self, teacher: "LoadedTeacher | str", *, full: bool = False, **kw: Any):
+        self.full = full
+        super().__init__(teacher, **kw)
+
+    # -- hooks ---------------------------------------------------------------------------
     def _install_hooks(self) -> None:
         layers = _layers(self.model)
         for i in self.shape.moe_layers:
             block = layers[i].mlp
-            getattr(block, self.family.router_module).register_forward_hook(self._router_hook(i))
+            self._handles.append(getattr(block, self.family.router_module).register_forward_hook(self._router_hook(i)))
             if self.full:
-                block.experts.register_forward_pre_hook(self._experts_hook(i, block.experts), with_kwargs=True)
+                self._handles.append(block.experts.register_forward_pre_hook(self._experts_hook(i, block.experts),
+                                                                             with_kwargs=True))
             if self.family.shared_gate:
-                getattr(block, self.family.shared_gate).register_forward_hook(self._shared_gate_hook(i))
+                self._handles.append(getattr(block, self.family.shared_gate).register_forward_hook(
+                    self._shared_gate_hook(i)))
 
     def _router_hook(self, layer: int):
         prob = self.family.router_prob
@@ -329,32 +401,6 @@ class Calibrator:
                     self._add(layer, "out_sum", out.sum(1))
 
         return hook
-
-    # -- driving ----------------------------------------------------------------------------
-    @torch.inference_mode()
-    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 8) -> int:
-        """Accumulate statistics over token blocks; returns the number of tokens counted."""
-        counted = 0
-        dev = self.model.device if hasattr(self.model, "device") else self.device
-        for s in range(0, input_ids.shape[0], batch_size):
-            ids = input_ids[s:s + batch_size].to(dev)
-            mask = attention_mask[s:s + batch_size].to(dev)
-            self._mask = mask.reshape(-1).bool()
-            self._all_real = bool(self._mask.all())
-            # the decoder stack only: statistics come from hooks inside it, and the LM head would
-            # materialise [B, S, vocab] logits (5 GB at B=4, S=2048 for Qwen3's 151k vocabulary)
-            self._decoder(input_ids=ids, attention_mask=mask, use_cache=False)
-            counted += int(mask.sum())
-        self.tokens += counted
-        self.samples += int(input_ids.shape[0])
-        return counted
-
-    def result(self) -> dict[str, Any]:
-        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "tokens": self.tokens, "samples": self.samples}
-
-    def describe(self) -> dict[str, Any]:
-        return {"model_type": self.family.model_type, "num_experts": self.shape.num_experts,
-                "hidden_size": self.shape.hidden_size, "moe_layers": list(self.shape.moe_layers)}
 
 
 def _tokenizer(src: str):
@@ -422,25 +468,47 @@ def _check_token_ids(calib, cfg, src: str) -> None:
                             f"{vocab} entries (vocab_size in config.json): tokenizer and model do not belong together")
 
 
+# The kinds of pass a replica can run: name -> "module:class" of a TeacherPass (imported by name,
+# so an actor needs no other module than this one to be shipped).
+PASSES = {"stats": "moe2dense_ray.calibrate:Calibrator", "refit": "moe2dense_ray.refit:RefitPass"}
+
+
+def _pass_class(kind: str):
+    import importlib
+
+    module, name = PASSES[kind].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 class _Replica:
-    """A Ray actor holding one `Calibrator`. The teacher is loaded by `load`, not in `__init__`, so a
-    failure to load comes back to the driver as that task's exception (a UserError stays one
-    line), not as an actor that died with a traceback in its text."""
+    """One loaded teacher running pass after pass (in this process, or as a Ray actor). The
+    teacher is loaded by `load`, not in `__init__`, so a failure to load comes back to the driver
+    as that task's exception (a UserError stays one line), not as an actor that died with a
+    traceback in its text."""
 
     def __init__(self, threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
-        self.cal: Calibrator | None = None
+        self.teacher: LoadedTeacher | None = None
+        self.current: TeacherPass | None = None
 
-    def load(self, src: str, full: bool, dtype: str) -> dict[str, Any]:
-        self.cal = Calibrator(src, full=full, dtype=dtype)
-        return self.cal.describe()
+    def load(self, src: str, dtype: str) -> dict[str, Any]:
+        self.teacher = LoadedTeacher.load(src, dtype=dtype)
+        return self.teacher.describe()
+
+    def begin(self, kind: str, options: dict[str, Any]) -> None:
+        if self.current is not None:
+            self.current.close()
+        self.current = _pass_class(kind)(self.teacher, **options)
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int) -> int:
-        return self.cal.run(input_ids, attention_mask, batch_size)
+        return self.current.run(input_ids, attention_mask, batch_size)
 
     def result(self) -> dict[str, Any]:
-        return self.cal.result()
+        out = self.current.result()
+        self.current.close()
+        self.current = None
+        return out
 
 
 _RAY_ERROR_KEYS = ("class_name:", "actor_id:", "pid:", "name:", "namespace:", "ip:", "The actor died unexpectedly")
@@ -479,25 +547,47 @@ def _actor_errors() -> Iterator[None]:
         raise UserError(_worker_error(e)) from None
 
 
-def _calibrate_on_ray(src: str, calib, *, workers: int, full: bool, dtype: str, batch_size: int,
-                      gpus_per_worker: float | None, bar, resources: dict[str, float] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """N actors, one teacher replica each; each takes the next part of at most `batch_size` rows.
+class TeacherPool:
+    """N replicas of the teacher, loaded once and kept for every pass over the calibration blocks
+    (`convert --refit` runs the statistics pass and the plan's refit passes on the same replicas).
 
-    The cluster is checked first (an actor that can never be placed would be waited for forever),
-    actors are killed however this ends, and an embedded Ray that this call started is shut down
-    when it fails or is interrupted.
+    `workers=0` is one replica in this process (no Ray); `workers=N` is N Ray actors, each on its
+    own GPU when there is one, each taking the next part of at most `batch_size` blocks. The
+    cluster is checked first (an actor that can never be placed would be waited for forever),
+    actors are killed however the pool ends, and an embedded Ray that the pool started is shut
+    down when it fails or is interrupted.
     """
-    import ray
-    from ray.util import ActorPool
 
-    started = ensure_ray()
-    actors: list[Any] = []
-    ok = False
-    try:
+    def __init__(self, src: str, *, workers: int, dtype: str = "auto", gpus_per_worker: float | None = None,
+                 resources: dict[str, float] | None = None):
+        self.src, self.workers, self.dtype = src, workers, dtype
+        self.gpus_per_worker, self.resources = gpus_per_worker, dict(resources or {})
+        self.describe: dict[str, Any] = {}  # the teacher's shape, once loaded
+        self._actors: list[Any] = []
+        self._local: _Replica | None = None
+        self._started = False
+
+    def __enter__(self) -> "TeacherPool":
+        return self
+
+    def _start(self) -> None:
+        """Load the replicas, at the first pass: the caller's checks of its inputs come first."""
+        if self._local is not None or self._actors:
+            return
+        if self.workers <= 0:
+            self._local = _Replica()
+            self.describe = self._local.load(self.src, self.dtype)
+        else:
+            self._start_actors()
+
+    def _start_actors(self) -> None:
+        import ray
+
+        workers, resources = self.workers, self.resources
+        self._started = ensure_ray()
         res = ray.cluster_resources()
         cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
-        use_gpu = gpus_per_worker if gpus_per_worker is not None else (1 if gpus > 0 else 0)
-        resources = dict(resources or {})
+        use_gpu = self.gpus_per_worker if self.gpus_per_worker is not None else (1 if gpus > 0 else 0)
         need = {"CPU": float(workers), "GPU": workers * float(use_gpu), **{k: workers * v for k, v in resources.items()}}
         if need["CPU"] > cpus:
             advice = f"lower --workers to {int(cpus)} or fewer"
@@ -511,27 +601,61 @@ def _calibrate_on_ray(src: str, calib, *, workers: int, full: bool, dtype: str, 
                           custom_flags="--teacher-resources")
         threads = max(1, int(ray.available_resources().get("CPU", 1)) // workers)
         Actor = ray.remote(_Replica).options(num_cpus=1, num_gpus=use_gpu, resources=resources or None)
-        actors = [Actor.remote(threads) for _ in range(workers)]
+        self._actors = [Actor.remote(threads) for _ in range(workers)]
         with _actor_errors():
-            describe = ray.get([a.load.remote(src, full, dtype) for a in actors])[0]
-            # `shard` copies its rows, so each task ships its own tokens, not the whole set's storage
-            n_parts = -(-calib.num_samples // batch_size)
-            parts = [calib.shard(j, n_parts) for j in range(n_parts)]
-            pool = ActorPool(actors)
-            for counted in pool.map_unordered(lambda a, p: a.run.remote(p.input_ids, p.attention_mask, batch_size),
-                                              parts):
-                bar.update(counted)
-            results = ray.get([a.result.remote() for a in actors])
-        ok = True
-        return results, describe
-    finally:
-        for a in actors:
-            try:
-                ray.kill(a)
-            except Exception:  # noqa: BLE001 - an actor that is already gone
-                pass
-        if started and not ok:
+            self.describe = ray.get([a.load.remote(self.src, self.dtype) for a in self._actors])[0]
+
+    def __exit__(self, kind, value, tb) -> None:
+        if self._actors:
+            import ray
+
+            for a in self._actors:
+                try:
+                    ray.kill(a)
+                except Exception:  # noqa: BLE001 - an actor that is already gone
+                    pass
+            self._actors = []
+        if self._started and kind is not None:
+            import ray
+
             ray.shutdown()
+        if self._local is not None and self._local.current is not None:
+            self._local.current.close()
+
+    def parts(self, calib, batch_size: int) -> list[Any]:
+        """The blocks split into parts of at most `batch_size` rows, put in Ray's object store
+        once when there are actors (a sequential refit sends them again for every layer)."""
+        n_parts = -(-calib.num_samples // batch_size)
+        # `shard` copies its rows, so each task ships its own tokens, not the whole set's storage
+        parts = [calib.shard(j, n_parts) for j in range(n_parts)]
+        self._start()
+        if not self._actors:
+            return parts
+        import ray
+
+        return [(ray.put(p.input_ids), ray.put(p.attention_mask)) for p in parts]
+
+    def run_pass(self, kind: str, options: dict[str, Any], parts: list[Any], batch_size: int,
+                 on_tokens=None) -> list[dict[str, Any]]:
+        """One pass of `kind` over every part; each replica's sums (the caller adds them)."""
+        self._start()
+        if self._local is not None:
+            self._local.begin(kind, options)
+            for p in parts:
+                n = self._local.run(p.input_ids, p.attention_mask, batch_size)
+                if on_tokens:
+                    on_tokens(n)
+            return [self._local.result()]
+        import ray
+        from ray.util import ActorPool
+
+        with _actor_errors():
+            ray.get([a.begin.remote(kind, options) for a in self._actors])
+            pool = ActorPool(self._actors)
+            for n in pool.map_unordered(lambda a, p: a.run.remote(p[0], p[1], batch_size), parts):
+                if on_tokens:
+                    on_tokens(n)
+            return ray.get([a.result.remote() for a in self._actors])
 
 
 def token_blocks(src: str, data: str, cfg, *, samples: int, seq_len: int, seed: int, text_field: str,
@@ -567,13 +691,15 @@ def calibrate(
     allow_pickle: bool = False,
     overwrite: bool = False,
     teacher_resources: dict[str, float] | None = None,
+    pool: "TeacherPool | None" = None,
 ) -> Stats:
     """Calibrate `src` on `data` and return (and, with `out`, save) its statistics.
 
     `workers=0` runs in this process (no Ray); `workers=N>=1` runs N Ray actors, each holding a
     teacher replica on its own GPU when there is one, and adds their sums. Everything that can be
     checked is checked here, before a replica loads the model: the config, the expert tensors, and
-    that the tokenizer's ids fit the model's vocabulary.
+    that the tokenizer's ids fit the model's vocabulary. `pool`: replicas already loaded (and
+    kept for the caller's next pass), instead of a pool of this call's own.
     """
     from .build import inspect_source
 
@@ -594,19 +720,14 @@ def calibrate(
             raise UserError(f"--batch-size must be at least 1, not {batch_size}")
         calib = token_blocks(src, data, cfg, samples=samples, seq_len=seq_len, seed=seed, text_field=text_field)
         t0 = time.time()
-        total = int(calib.num_tokens)
-        bar = Progress(total, "calibrate", unit="tok", enabled=progress)
+        bar = Progress(int(calib.num_tokens), "calibrate", unit="tok", enabled=progress)
         try:
-            if workers <= 0:
-                cal = Calibrator(src, full=full, dtype=dtype)
-                for s in range(0, calib.input_ids.shape[0], batch_size):
-                    bar.update(cal.run(calib.input_ids[s:s + batch_size], calib.attention_mask[s:s + batch_size],
-                                       batch_size))
-                results, describe = [cal.result()], cal.describe()
-            else:
-                results, describe = _calibrate_on_ray(src, calib, workers=workers, full=full, dtype=dtype,
-                                                      batch_size=batch_size, gpus_per_worker=gpus_per_worker, bar=bar,
-                                                      resources=teacher_resources)
+            with (contextlib.nullcontext(pool) if pool is not None else
+                  TeacherPool(src, workers=workers, dtype=dtype, gpus_per_worker=gpus_per_worker,
+                              resources=teacher_resources)) as teachers:
+                results = teachers.run_pass("stats", {"full": full}, teachers.parts(calib, batch_size), batch_size,
+                                            on_tokens=bar.update)
+                describe = teachers.describe
         finally:
             bar.close()
         sums: dict[str, torch.Tensor] = {}

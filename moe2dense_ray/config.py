@@ -184,12 +184,9 @@ class MethodOptions(StageConfig):
         "sum", description="score scaling: a group's score is the sum or the mean of its members'")
 
 
-class CalibrationSettings(StageConfig):
-    """The teacher and the calibration text: what `calibrate` and `convert` both start from."""
+class TeacherRunSettings(StageConfig):
+    """How the teacher is run over calibration blocks: by `calibrate`, and by the refit pass."""
 
-    src: str = positional("MoE checkpoint directory (local or URL)", metavar="SRC")
-    data: str = Field(..., description="calibration text: .txt, .jsonl (field `text`), .parquet, a directory of "
-                      "those, or hf:NAME[:CONFIG] for a Hugging Face dataset", json_schema_extra={"metavar": "DATA"})
     samples: int = Field(64, ge=1, description="number of token blocks (paper: 512)", json_schema_extra={"metavar": "N"})
     seq_len: int = Field(512, ge=2, description="tokens per block (paper: 2048)", json_schema_extra={"metavar": "L"})
     workers: int = Field(1, ge=0, description="Ray actors, one teacher replica each (0 = in this process, no Ray)",
@@ -202,7 +199,42 @@ class CalibrationSettings(StageConfig):
     teacher_resources: Resources = Field({}, description="custom Ray resources per actor, NAME=AMOUNT[,...] (e.g. "
                                          "teacher=1: actors go only to nodes that declare `teacher`)",
                                          json_schema_extra={"metavar": "RES"})
+
+
+class _TeacherAndText(StageConfig):
+    src: str = positional("MoE checkpoint directory (local or URL)", metavar="SRC")
+    data: str = Field(..., description="calibration text: .txt, .jsonl (field `text`), .parquet, a directory of "
+                      "those, or hf:NAME[:CONFIG] for a Hugging Face dataset", json_schema_extra={"metavar": "DATA"})
+
+
+class CalibrationSettings(TeacherRunSettings, _TeacherAndText):  # bases in reverse: SRC and DATA first
+    """The teacher and the calibration text: what `calibrate` and `convert` both start from."""
+
     allow_pickle: bool = Field(False, description="accept pickle (.bin) checkpoints; they can run code when loaded")
+
+
+class RefitSettings(StageConfig):
+    """Reconstruction-aware conversion (docs/refit.md): after selection, grouping and scaling,
+    fit each MoE layer's dense FFN in closed form to reproduce the MoE block's output."""
+
+    refit: Literal["none", "down", "neuron", "group"] = Field(
+        "none", description="fit the student's FFN to the MoE layer's output on calibration tokens: `down` solves "
+        "for the whole down projection (ridge regression), `neuron` / `group` only for one factor per neuron / per "
+        "group (cheaper, fewer degrees of freedom); recorded in the student's plan")
+    refit_mode: Literal["sequential", "parallel"] = Field(
+        "sequential", description="sequential: fit layer l on the inputs the converted layers before it give it "
+        "(one pass per MoE layer, each stopping at its layer); parallel: every layer on the teacher's own "
+        "inputs, in one pass")
+    refit_ridge: float = Field(1e-3, ge=0, allow_inf_nan=False, description="ridge lambda as a fraction of the mean "
+                               "diagonal of the activations' Gram matrix; it pulls the fit toward the plan's own "
+                               "weights (0: plain least squares)", json_schema_extra={"metavar": "R"})
+
+
+class RefitConfig(RefitSettings, TeacherRunSettings):
+    """What a refit runs with: its method, and the teacher run over the calibration text."""
+
+    data: str = Field(..., description="calibration text for the refit")
+    seed: int = Field(0, description="seed for the choice and order of calibration blocks")
 
 
 class CalibrateConfig(CalibrationSettings):
@@ -255,15 +287,33 @@ class BuildOutput(StageConfig):
     allow_pickle: bool = Field(False, description="accept pickle (.bin) checkpoints; they can run code when loaded")
 
 
-class BuildConfig(BuildOutput):
+class BuildConfig(BuildOutput, RefitSettings, TeacherRunSettings):
     """`moe2dense build`."""
 
     src: str = positional("the MoE checkpoint the plan was made for (local or URL)", metavar="SRC")
     plan: str = positional("plan file, or a directory holding moe2dense_plan.json", metavar="PLAN")
+    data: Optional[str] = Field(None, description="calibration text for --refit (as for `calibrate`)",
+                                json_schema_extra={"metavar": "DATA"})
+    seed: int = Field(0, description="seed for the choice and order of the --refit calibration blocks")
+
+    def refit_config(self) -> Optional[RefitConfig]:
+        return _refit_config(self, self.data)
 
 
-class ConvertConfig(BuildOutput, PlanSettings, CalibrationSettings):  # bases in reverse: flags in pipeline order
-    """`moe2dense convert`: calibrate -> plan -> build."""
+def _refit_config(cfg: StageConfig, data: Optional[str]) -> Optional[RefitConfig]:
+    """The refit a stage's settings ask for (None for --refit none); --refit without text is an error."""
+    if cfg.refit == "none":
+        return None
+    if not data:
+        raise UserError("--refit needs calibration text: give --data")
+    return RefitConfig(data=data, **{k: getattr(cfg, k) for k in RefitConfig.model_fields if k != "data"})
+
+
+class ConvertConfig(BuildOutput, RefitSettings, PlanSettings, CalibrationSettings):  # bases in reverse: flags in pipeline order
+    """`moe2dense convert`: calibrate -> plan -> (refit) -> build."""
+
+    def refit_config(self) -> Optional[RefitConfig]:
+        return _refit_config(self, self.data)
 
     stats: Optional[str] = Field(None, description="also keep the calibration statistics here, for later `plan` runs",
                                  json_schema_extra={"metavar": "STATS"})
@@ -271,4 +321,5 @@ class ConvertConfig(BuildOutput, PlanSettings, CalibrationSettings):  # bases in
                                        "methods do not need them")
 
 
-__all__ = ["StageConfig", "MethodOptions", "CalibrateConfig", "PlanConfig", "BuildConfig", "ConvertConfig", "positional"]
+__all__ = ["StageConfig", "MethodOptions", "CalibrateConfig", "PlanConfig", "BuildConfig", "ConvertConfig",
+           "RefitConfig", "positional"]

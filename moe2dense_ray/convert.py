@@ -6,10 +6,11 @@ import contextlib
 from dataclasses import dataclass
 
 from .build import BuildReport, build, inspect_source, read_expert_weights
-from .calibrate import calibrate
-from .config import MethodOptions
+from .calibrate import TeacherPool, calibrate
+from .config import MethodOptions, RefitConfig
 from .outputs import OutputLock, check_output
 from .plan import Plan, check_counts, check_methods, make_plan
+from .refit import refit as fit_ffns
 from .stats import Stats
 
 
@@ -46,12 +47,14 @@ def convert(
     text_field: str = "text",
     options: MethodOptions | None = None,
     teacher_resources: dict[str, float] | None = None,
+    refit: RefitConfig | None = None,
 ) -> ConvertResult:
     """Convert an MoE checkpoint into a dense one in a single call.
 
     Expert-output statistics are collected only when a chosen method needs them (`full_stats`
     None), since they cost a run of every expert on every token. Both outputs are checked against
-    every input (and each other) and locked before calibration starts.
+    every input (and each other) and locked before calibration starts. With `refit`, the plan's
+    FFNs are refitted (`refit.refit`) on the same teacher replicas that calibrated, before build.
     """
     reader, _, _, _, shape = inspect_source(src, allow_pickle=allow_pickle)
     reader.close()
@@ -67,21 +70,26 @@ def convert(
                         stats_out=stats_out, seed=seed, dtype=dtype, max_shard_bytes=max_shard_bytes,
                         overwrite=overwrite, allow_pickle=allow_pickle, batch_size=batch_size, progress=progress,
                         gpus_per_worker=gpus_per_worker, text_field=text_field, options=options,
-                        teacher_resources=teacher_resources)
+                        teacher_resources=teacher_resources, refit=refit)
 
 
 def _convert(src, data, out, *, experts, scoring, grouping, scaling, groups, samples, seq_len, workers, full,
              stats_out, seed, dtype, max_shard_bytes, overwrite, allow_pickle, batch_size, progress,
-             gpus_per_worker, text_field, options, teacher_resources) -> ConvertResult:
-    stats = calibrate(src, data, samples=samples, seq_len=seq_len, workers=workers, full=full,
-                      out=stats_out, overwrite=overwrite, batch_size=batch_size, seed=seed, progress=progress,
-                      gpus_per_worker=gpus_per_worker, text_field=text_field, allow_pickle=allow_pickle,
-                      teacher_resources=teacher_resources)
-    weights = read_expert_weights(src, allow_pickle=allow_pickle) if grouping == "weight" else None
-    plan = make_plan(stats, experts=experts, scoring=scoring, grouping=grouping, scaling=scaling,
-                     groups=groups, seed=seed, expert_weights=weights, options=options)
+             gpus_per_worker, text_field, options, teacher_resources, refit) -> ConvertResult:
+    teacher_dtype = "auto"
+    with (TeacherPool(src, workers=workers, dtype=teacher_dtype, gpus_per_worker=gpus_per_worker,
+                      resources=teacher_resources) if refit is not None else contextlib.nullcontext()) as pool:
+        stats = calibrate(src, data, samples=samples, seq_len=seq_len, workers=workers, full=full,
+                          out=stats_out, overwrite=overwrite, batch_size=batch_size, seed=seed, progress=progress,
+                          gpus_per_worker=gpus_per_worker, text_field=text_field, allow_pickle=allow_pickle,
+                          teacher_resources=teacher_resources, pool=pool)
+        weights = read_expert_weights(src, allow_pickle=allow_pickle) if grouping == "weight" else None
+        plan = make_plan(stats, experts=experts, scoring=scoring, grouping=grouping, scaling=scaling,
+                         groups=groups, seed=seed, expert_weights=weights, options=options)
+        fitted = (fit_ffns(src, plan, refit, dtype=teacher_dtype, allow_pickle=allow_pickle, progress=progress,
+                           pool=pool) if refit is not None else None)
     report = build(src, plan, out, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
-                   allow_pickle=allow_pickle, progress=progress, inputs=(data, stats_out))
+                   allow_pickle=allow_pickle, progress=progress, inputs=(data, stats_out), refit=fitted)
     return ConvertResult(plan, stats, report)
 
 

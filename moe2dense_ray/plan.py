@@ -58,6 +58,9 @@ class Plan:
     options: dict[str, Any] = field(default_factory=lambda: MethodOptions().model_dump())
     layers: list[LayerPlan] = field(default_factory=list)
     version: int = PLAN_VERSION
+    # set in a student's plan when `build --refit` fitted its FFNs: how, on what, and each
+    # layer's relative reconstruction error before and after (None: the plan's weights as they are)
+    refit: dict[str, Any] | None = None
 
     def layer(self, index: int) -> LayerPlan:
         for lp in self.layers:

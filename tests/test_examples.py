@@ -55,8 +55,8 @@ def _help_examples() -> list[list[str]]:
 
 def test_help_examples_run_on_the_bundled_teacher(ray_cluster, tmp_path, monkeypatch):
     commands = _help_examples()
-    assert [c[0] for c in commands] == ["convert", "calibrate", "plan", "build", "distill", "teacher-logits",
-                                        "distill", "eval"]
+    assert [c[0] for c in commands] == ["convert", "calibrate", "plan", "build", "build", "distill",
+                                        "teacher-logits", "distill", "eval"]
     monkeypatch.chdir(tmp_path)  # the examples write under runs/
     for argv in commands:
         argv = [a.replace("moe2dense_ray/assets", str(assets.ASSETS_DIR)) for a in argv]
@@ -67,6 +67,9 @@ def test_help_examples_run_on_the_bundled_teacher(ray_cluster, tmp_path, monkeyp
         assert (plan.scoring, plan.experts, len(plan.layers)) == (scoring, 4, 4)
         assert (tmp_path / "runs" / student / "model.safetensors.index.json").exists() or \
             (tmp_path / "runs" / student / "model.safetensors").exists()
+    refit = load_plan(str(tmp_path / "runs" / "dense-reap-refit")).refit
+    assert (refit["fit"], refit["mode"], refit["tokens"]) == ("down", "sequential", 16 * 256)
+    assert all(lr["error_after"] < lr["error_before"] for lr in refit["layers"])
     evaluated = json.loads((tmp_path / "runs" / "eval-distill-cp.json").read_text())
     assert evaluated["tasks"]["next_line"]["examples"] == 40 and evaluated["perplexity"]["ppl"] > 1
     for run in ("distill-reap", "distill-cp"):  # relative paths reach Ray's workers, which have their own cwd
