@@ -95,7 +95,7 @@ def main() -> None:
                 xlabel="experts kept per layer (K = k, pure pruning)",
                 ylabel="held-out perplexity (before distillation)", reference=("MoE teacher", teacher_ppl),
                 bands={"random (range)": [(r["K"], r["min"], r["max"]) for r in pure if r["scoring"] == "random"]},
-                colors={"random (geo. mean)": "0.4"}, xlog=2)
+                colors={"random (geo. mean)": "0.4", "reap + refit": "black", "do-acp + refit": "tab:olive"}, xlog=2)
     print(f"\n{len(rows)} students in {time.time() - t0:.0f}s; wrote {a.out}/scoring_grid.md/.json/.png")
 
 

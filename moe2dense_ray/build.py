@@ -326,6 +326,9 @@ def _load_config(reader: CheckpointReader):
     d = reader.config_dict()
     mt = d.get("model_type")
     family = get_family(mt)
+    bad = _first_nonfinite(d)
+    if bad is not None:  # json reads NaN and Infinity; a NaN rms_norm_eps would make every output NaN
+        raise UserError(f"{reader.url}/config.json: {bad[0]} is {bad[1]}, not a finite number: the config is broken")
     try:
         cfg = CONFIG_MAPPING[mt].from_dict({k: v for k, v in d.items() if k != "quantization_config"})
     except Exception as e:  # noqa: BLE001 - config classes raise anything for a field of the wrong type
@@ -334,11 +337,43 @@ def _load_config(reader: CheckpointReader):
     return d, family, cfg
 
 
+def _first_nonfinite(obj, where: str = "") -> tuple[str, float] | None:
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (where, obj)
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        found = _first_nonfinite(v, f"{where}.{k}" if where and isinstance(k, str) else
+                                 f"{where}[{k}]" if where else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+def _check_weight_dtypes(reader: CheckpointReader, cfg_dict: dict) -> None:
+    """No weight is stored as integers or booleans: transformers would cast them silently, and the
+    student would be copied from a broken checkpoint. Quantized checkpoints store integers by design."""
+    if cfg_dict.get("quantization_config"):
+        return
+    for k in reader.keys():
+        if not str(reader.key_to_file.get(k, "")).endswith(".safetensors") or k.endswith("position_ids"):
+            continue
+        dt = reader.dtype(k)
+        if not dt.is_floating_point:
+            raise UserError(f"{reader.url}: tensor {k} is stored as {str(dt).replace('torch.', '')}, but the "
+                            f"model's weights are floating point: the checkpoint is broken")
+
+
 def inspect_source(src: str, *, allow_pickle: bool = False) -> tuple[CheckpointReader, dict, Family, object, MoEShape]:
-    """Open a source checkpoint and check it is an MoE of a supported family."""
+    """Open a source checkpoint and check it is an MoE of a supported family, with a finite config
+    and floating-point weights."""
     reader = CheckpointReader(src, allow_pickle=allow_pickle)
-    cfg_dict, family, cfg = _load_config(reader)
-    shape = moe_shape(family, cfg)
+    try:
+        cfg_dict, family, cfg = _load_config(reader)
+        shape = moe_shape(family, cfg)
+        _check_weight_dtypes(reader, cfg_dict)
+    except BaseException:
+        reader.close()
+        raise
     return reader, cfg_dict, family, cfg, shape
 
 

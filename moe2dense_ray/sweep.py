@@ -32,7 +32,7 @@ from pydantic import Field, PositiveFloat, PositiveInt
 from .config import Resources, StageConfig
 from .errors import UserError
 
-PLAN_KEYS = ("scoring", "grouping", "scaling", "experts", "groups", "seed")
+PLAN_KEYS = ("scoring", "grouping", "scaling", "experts", "groups", "seed", "refit")
 DISTILL_KEYS = ("lr", "loss", "ce_weight", "weight_decay", "warmup", "batch_size")
 SPACE_KEYS = PLAN_KEYS + DISTILL_KEYS
 CONFIG_FILE = "sweep.yaml"
@@ -142,6 +142,19 @@ def _plan_args(config: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
+def _refit_config(cfg: SweepConfig, config: dict[str, Any]):
+    """A trial's refit (docs/refit.md) on the sweep's calibration blocks, or None. It runs in the
+    trial's own process, which loads the teacher for it: cheap for small teachers, a reason to
+    refit outside the sweep (`build --refit`) for large ones."""
+    from .config import RefitConfig
+
+    fit = config.get("refit", "none")
+    if fit == "none":
+        return None
+    return RefitConfig(data=cfg.data, samples=cfg.samples, seq_len=cfg.seq_len, text_field=cfg.text_field,
+                       workers=0, refit=fit)
+
+
 def _distill_config(cfg: SweepConfig, config: dict[str, Any], *, student: str, run: str, threads: int | None):
     from .distill.config import DistillConfig
 
@@ -158,6 +171,7 @@ def check_space(cfg: SweepConfig, space: list[dict[str, list[Any]]], num_experts
 
     from .distill.losses import LOSSES
     from .plan import check_counts, check_methods
+    from .refit import FITS
 
     combos = combinations(space)
     for c in combos:
@@ -167,6 +181,8 @@ def check_space(cfg: SweepConfig, space: list[dict[str, list[Any]]], num_experts
             raise UserError(f"{cfg.space}: experts, groups and seed must be integers, got {c}") from None
         check_counts(num_experts, args["experts"], args["groups"])
         check_methods(args["scoring"], args["grouping"], args["scaling"])
+        if c.get("refit", "none") not in ("none", *FITS):
+            raise UserError(f"{cfg.space}: unknown refit {c['refit']!r}; valid: none, {', '.join(FITS)}")
         if c.get("loss", "forward_kl") not in LOSSES:
             raise UserError(f"{cfg.space}: unknown loss {c['loss']!r}; valid: {', '.join(LOSSES)}")
         try:
@@ -197,7 +213,8 @@ def _trial(config: dict[str, Any], *, sweep: dict[str, Any], threads: int | None
     args = _plan_args(config)
     weights = read_expert_weights(cfg.teacher) if args["grouping"] == "weight" else None
     plan = make_plan(Stats.load(f"{cfg.out}/stats"), expert_weights=weights, **args)
-    build(cfg.teacher, plan, f"{trial}/student", progress=False, overwrite=True)  # a restarted trial rebuilds
+    build(cfg.teacher, plan, f"{trial}/student", progress=False, overwrite=True,  # a restarted trial rebuilds
+          refit=_refit_config(cfg, config))
     dcfg = _distill_config(cfg, config, student=f"{trial}/student", run=f"{trial}/run", threads=threads)
     distill(dcfg, progress=False, callbacks=[TuneReportCallback()])
 

@@ -455,3 +455,23 @@ def test_embedded_ray_is_shut_down_on_error_and_on_interrupt(tmp_path):
     assert lines[1] == "AFTER ERROR False []", lines
     assert lines[2] == "INTERRUPTED", lines
     assert lines[3] == "AFTER INTERRUPT False []", lines
+
+
+def _nan_eps(src):
+    _edit_config(src, rms_norm_eps=float("nan"))
+
+
+@pytest.mark.parametrize("case, fragment", [
+    (_integer_weights, "q_proj.weight is stored as int32"),
+    (_nan_eps, "config.json: rms_norm_eps is nan, not a finite number"),
+])
+def test_build_refuses_what_calibrate_refuses(teacher, tmp_path, capsys, case, fragment):
+    """A plan made before the checkpoint broke: `build` must not copy integer weights or a NaN
+    config into a student (it used to)."""
+    plan = tmp_path / "plan.json"
+    assert main(["-q", "calibrate", teacher, "--data", DATA, "--samples", "2", "--seq-len", "16", "--workers", "0",
+                 "--out", str(tmp_path / "stats")]) == 0
+    assert main(["-q", "plan", str(tmp_path / "stats"), "--experts", "4", "--out", str(plan)]) == 0
+    case(teacher)
+    _one_error(capsys, main(["-q", "build", teacher, str(plan), "--out", str(tmp_path / "dense")]), fragment)
+    assert not (tmp_path / "dense").exists()

@@ -12,6 +12,7 @@ import pytest
 from moe2dense_ray import assets
 from moe2dense_ray.cli import main
 from moe2dense_ray.errors import UserError
+from moe2dense_ray.plan import load_plan
 from moe2dense_ray.sweep import SweepConfig, combinations, load_space, sweep, varying_keys
 
 
@@ -27,7 +28,8 @@ def test_bad_spaces_are_one_line_before_any_work(tmp_path, capsys):
              "method.yaml": ("scoring: [cp, nope]\nexperts: 4\n", "nope"),
              "k.yaml": ("scoring: cp\nexperts: [4, 99]\n", "--experts must be between 1 and 16"),
              "lr.yaml": ("scoring: cp\nexperts: 4\nlr: -1\n", "lr"),
-             "loss.yaml": ("scoring: cp\nexperts: 4\nloss: l2\n", "unknown loss 'l2'")}
+             "loss.yaml": ("scoring: cp\nexperts: 4\nloss: l2\n", "unknown loss 'l2'"),
+             "refit.yaml": ("scoring: cp\nexperts: 4\nrefit: [down, all]\n", "unknown refit 'all'")}
     for name, (text, fragment) in cases.items():
         (tmp_path / name).write_text(text)
         code = main(_args(tmp_path / name, tmp_path / "out"))
@@ -38,7 +40,7 @@ def test_bad_spaces_are_one_line_before_any_work(tmp_path, capsys):
 
 def test_sweep_runs_trials_under_asha_writes_a_leaderboard_and_resumes(tmp_path, ray_cluster):
     space = tmp_path / "space.yaml"
-    space.write_text("- {scoring: sf, experts: 4, lr: 0.002, batch_size: 4}\n"  # two grids: nothing crossed
+    space.write_text("- {scoring: sf, experts: 4, lr: 0.002, batch_size: 4, refit: down}\n"  # two grids: nothing crossed
                      "- {scoring: random, experts: 4, seed: 1, lr: 0.002, batch_size: 4}\n")
     out = tmp_path / "sweep"
     assert main(_args(space, out)) == 0
@@ -47,7 +49,7 @@ def test_sweep_runs_trials_under_asha_writes_a_leaderboard_and_resumes(tmp_path,
     trials = sorted(os.listdir(out / "trials"))
     assert len(trials) == 2
     rows = list(csv.DictReader(open(out / "leaderboard.csv")))
-    assert sorted((r["scoring"], r["seed"]) for r in rows) == [("random", "1"), ("sf", "")]
+    assert sorted((r["scoring"], r["seed"], r["refit"]) for r in rows) == [("random", "1", ""), ("sf", "", "down")]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trials"] == 2 and summary["errors"] == 0
     assert summary["tokens_spent"] <= summary["grid_tokens"] == 2 * 2048
@@ -55,9 +57,13 @@ def test_sweep_runs_trials_under_asha_writes_a_leaderboard_and_resumes(tmp_path,
         assert float(r["ppl before"]) > 0 and float(r["ppl after"]) > 0
         stopped = r["stopped early"] == "True"
         assert stopped == (int(r["tokens"]) < 2048)
-        if not stopped:
+        if not stopped and not r["refit"]:  # a refitted student starts near its optimum: 8 steps may not help
             assert float(r["ppl after"]) < float(r["ppl before"])
             assert (out / "trials" / r["trial"] / "run" / "student" / "config.json").exists()
+        refit = load_plan(str(out / "trials" / r["trial"] / "student")).refit
+        assert (refit or {}).get("fit", "") == r["refit"]  # the refit trial built its student refitted
+    fitted, plain = (next(r for r in rows if bool(r["refit"]) == f) for f in (True, False))
+    assert float(fitted["ppl before"]) < 0.5 * float(plain["ppl before"])
     best = min(rows, key=lambda r: float(r["ppl after"]))
     assert summary["best"]["trial"] == best["trial"]
     assert (out / "curves.png").stat().st_size > 1000 and (out / "leaderboard.md").exists()
