@@ -12,7 +12,7 @@ accepts the fused in-memory layout, so checkpoints saved either way convert.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from .errors import UserError
 
@@ -52,8 +52,11 @@ class Family:
     # shared experts: on-disk/in-memory child name, and how their size is derived
     shared_prefix: str | None = None
     shared_gate: str | None = None  # Qwen2-MoE's sigmoid gate on the shared expert
-    # which layers are MoE (the others already carry a dense `mlp`)
-    sparse_rule: Literal["all", "qwen", "deepseek"] = "all"
+    # config changes that make the dense twin's every layer dense, when the twin is the same class
+    # (DeepSeek's `first_k_dense_replace = L`): a function of the number of layers L. Which layers
+    # of the teacher are MoE is not stated here: transformers builds the model (on the meta device)
+    # and the layers holding an `experts` module are the MoE layers.
+    all_dense: Callable[[int], dict[str, Any]] | None = None
     # extra tensors in the MoE block that the student drops (e.g. e_score_correction_bias)
     router_extra_keys: tuple[str, ...] = ()
     # group-limited top-k (DeepSeek): experts split into `n_group` groups, the best `topk_group`
@@ -69,6 +72,10 @@ class Family:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _first_k_dense(layers: int) -> dict[str, Any]:
+    return {"first_k_dense_replace": layers}
+
+
 _QWEN_MOE_KEYS = (
     "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
     "decoder_sparse_step", "mlp_only_layers", "norm_topk_prob", "output_router_logits",
@@ -82,7 +89,7 @@ FAMILIES: dict[str, Family] = {
             model_type="qwen3_moe", dense_model_type="qwen3", dense_architecture="Qwen3ForCausalLM",
             dense_layout="mlp", expert_layout="per_expert",
             experts_attr="num_experts", expert_size_attr="moe_intermediate_size",
-            sparse_rule="qwen", moe_config_keys=_QWEN_MOE_KEYS,
+            moe_config_keys=_QWEN_MOE_KEYS,
             notes="Layers already dense (`mlp_only_layers`) are kept, zero-padded to the student's FFN width.",
         ),
         Family(
@@ -90,7 +97,7 @@ FAMILIES: dict[str, Family] = {
             dense_layout="mlp", expert_layout="per_expert",
             experts_attr="num_experts", expert_size_attr="moe_intermediate_size",
             shared_prefix="shared_expert", shared_gate="shared_expert_gate",
-            sparse_rule="qwen", moe_config_keys=_QWEN_MOE_KEYS,
+            moe_config_keys=_QWEN_MOE_KEYS,
             dense_biases=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),  # Qwen2 has q/k/v biases
             notes="The shared expert's sigmoid gate has no dense equivalent: the student scales the "
             "shared expert by the gate's mean over the calibration tokens.",
@@ -115,7 +122,7 @@ FAMILIES: dict[str, Family] = {
             model_type="deepseek_v2", dense_model_type="deepseek_v2",
             dense_architecture="DeepseekV2ForCausalLM", dense_layout="mlp", expert_layout="per_expert",
             experts_attr="n_routed_experts", expert_size_attr="moe_intermediate_size",
-            shared_prefix="shared_experts", sparse_rule="deepseek", group_topk="by_method",
+            shared_prefix="shared_experts", all_dense=_first_k_dense, group_topk="by_method",
             notes="Every layer becomes dense (`first_k_dense_replace` = layers); the first dense layers "
             "are kept, zero-padded. Shared experts are kept; group-limited top-k and "
             "`routed_scaling_factor` are read from the real router's output.",
@@ -124,11 +131,62 @@ FAMILIES: dict[str, Family] = {
             model_type="deepseek_v3", dense_model_type="deepseek_v3",
             dense_architecture="DeepseekV3ForCausalLM", dense_layout="mlp", expert_layout="per_expert",
             experts_attr="n_routed_experts", expert_size_attr="moe_intermediate_size",
-            router_prob="sigmoid", shared_prefix="shared_experts", sparse_rule="deepseek",
+            router_prob="sigmoid", shared_prefix="shared_experts", all_dense=_first_k_dense,
             router_extra_keys=("gate.e_score_correction_bias",), group_topk="always",
             notes="As deepseek_v2, with a sigmoid router and `e_score_correction_bias` (used for selection, "
             "not for gates). Block-FP8 weights (`weight_scale_inv`) are dequantized to bf16; MTP layers "
             "beyond `num_hidden_layers` are dropped.",
+        ),
+        Family(
+            model_type="glm4_moe", dense_model_type="glm4_moe", dense_architecture="Glm4MoeForCausalLM",
+            dense_layout="mlp", expert_layout="per_expert",
+            experts_attr="n_routed_experts", expert_size_attr="moe_intermediate_size",
+            router_prob="sigmoid", shared_prefix="shared_experts", all_dense=_first_k_dense,
+            router_extra_keys=("gate.e_score_correction_bias",), group_topk="always",
+            notes="GLM-4.5: DeepSeek-V3's router and shared experts; every layer becomes dense.",
+        ),
+        Family(
+            model_type="glm4_moe_lite", dense_model_type="glm4_moe_lite", dense_architecture="Glm4MoeLiteForCausalLM",
+            dense_layout="mlp", expert_layout="per_expert",
+            experts_attr="n_routed_experts", expert_size_attr="moe_intermediate_size",
+            router_prob="sigmoid", shared_prefix="shared_experts",
+            all_dense=lambda n: {"mlp_layer_types": ["dense"] * n},
+            router_extra_keys=("gate.e_score_correction_bias",), group_topk="always",
+            notes="GLM-4.7-Flash: glm4_moe's router with MLA attention; every layer becomes dense.",
+        ),
+        Family(
+            model_type="deepseek_v32", dense_model_type="deepseek_v32", dense_architecture="DeepseekV32ForCausalLM",
+            dense_layout="mlp", expert_layout="per_expert",
+            experts_attr="n_routed_experts", expert_size_attr="moe_intermediate_size",
+            router_prob="sigmoid", shared_prefix="shared_experts",
+            all_dense=lambda n: {"first_k_dense_replace": n, "mlp_layer_types": ["dense"] * n},
+            router_extra_keys=("gate.e_score_correction_bias",), group_topk="always",
+            notes="As deepseek_v3, with the sparse-attention indexer kept as it is; every layer becomes dense.",
+        ),
+        Family(
+            model_type="qwen3_next", dense_model_type="qwen3_next", dense_architecture="Qwen3NextForCausalLM",
+            dense_layout="mlp", expert_layout="per_expert",
+            experts_attr="num_experts", expert_size_attr="moe_intermediate_size",
+            shared_prefix="shared_expert", shared_gate="shared_expert_gate",
+            all_dense=lambda n: {"mlp_only_layers": list(range(n))},
+            notes="Hybrid Gated-DeltaNet and attention layers copied as they are; every layer becomes dense "
+            "(`mlp_only_layers`); the gated shared expert as in qwen2_moe.",
+        ),
+        Family(
+            model_type="qwen3_5_moe_text", dense_model_type="qwen3_5_text", dense_architecture="Qwen3_5ForCausalLM",
+            dense_layout="mlp", expert_layout="per_expert",
+            experts_attr="num_experts", expert_size_attr="moe_intermediate_size",
+            shared_prefix="shared_expert", shared_gate="shared_expert_gate", moe_config_keys=_QWEN_MOE_KEYS,
+            notes="Qwen3.5's text model (hybrid linear attention); the dense Qwen3.5 is its twin; the gated "
+            "shared expert as in qwen2_moe.",
+        ),
+        Family(
+            model_type="ernie4_5_moe", dense_model_type="ernie4_5_moe", dense_architecture="Ernie4_5_MoeForCausalLM",
+            dense_layout="mlp", expert_layout="per_expert",
+            experts_attr="moe_num_experts", expert_size_attr="moe_intermediate_size",
+            shared_prefix="shared_experts", all_dense=lambda n: {"moe_layer_start_index": n},
+            router_extra_keys=("moe_statics.e_score_correction_bias",),
+            notes="ERNIE 4.5: the router's score bias (`moe_statics`) only selects; every layer becomes dense.",
         ),
         Family(
             model_type="gpt_oss", dense_model_type="gpt_oss", dense_architecture="GptOssForCausalLM",
@@ -142,9 +200,16 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# MoE families in transformers that do not fit the dense-FFN construction, and why: `convert`
+# refuses them in one line and `moe2dense families` lists them.
+UNSUPPORTED: dict[str, str] = {}
+
+
 def get_family(model_type: str | None) -> Family:
     if model_type in FAMILIES:
         return FAMILIES[model_type]
+    if model_type in UNSUPPORTED:
+        raise UserError(f"{model_type} cannot be converted: {UNSUPPORTED[model_type]}")
     if model_type in {f.dense_model_type for f in FAMILIES.values()} | {"llama", "gemma", "gemma2", "phi3"}:
         raise UserError(f"this is a dense {model_type} model, not a Mixture-of-Experts: nothing to convert")
     raise UserError(
@@ -178,29 +243,17 @@ def moe_shape(family: Family, config: Any) -> MoEShape:
     n = int(config.num_hidden_layers)
     if not 0 < n <= MAX_LAYERS:  # a corrupt count would make every per-layer list unbounded
         raise UserError(f"the {family.model_type} config has num_hidden_layers={n}, not 1..{MAX_LAYERS}")
-    if family.sparse_rule == "qwen":
-        only = set(getattr(config, "mlp_only_layers", None) or [])
-        step = int(getattr(config, "decoder_sparse_step", 1) or 1)
-        moe_layers = tuple(i for i in range(n) if i not in only and (i + 1) % step == 0)
-    elif family.sparse_rule == "deepseek":
-        first = int(getattr(config, "first_k_dense_replace", 0) or 0)
-        moe_layers = tuple(range(first, n))
-    else:
-        moe_layers = tuple(range(n))
-    shared = 0
-    if family.shared_prefix == "shared_expert":
-        shared = int(config.shared_expert_intermediate_size)
-    elif family.shared_prefix == "shared_experts":
-        shared = int(config.n_shared_experts or 0) * int(config.moe_intermediate_size)
-    dense_size = int(getattr(config, "intermediate_size", 0) or 0) if len(moe_layers) < n else 0
     num_experts = getattr(config, family.experts_attr, None)
-    if not num_experts or not moe_layers:
+    if not num_experts:
         raise UserError(f"the {family.model_type} config describes no MoE layers: not an MoE model")
     E, top_k = _count(config, family.experts_attr), _count(config, "num_experts_per_tok")
     if top_k > E:
         raise UserError(f"the {family.model_type} config routes each token to num_experts_per_tok={top_k} "
                         f"experts, but there are only {E} ({family.experts_attr}): the config is broken")
     _check_groups(family, config, E, top_k)
+    moe_layers, dense_size, shared = _layer_kinds(config, family.shared_prefix)
+    if not moe_layers:
+        raise UserError(f"the {family.model_type} config describes no MoE layers: not an MoE model")
     return MoEShape(
         num_layers=n,
         hidden_size=_count(config, "hidden_size"),
@@ -211,6 +264,42 @@ def moe_shape(family: Family, config: Any) -> MoEShape:
         dense_size=dense_size,
         moe_layers=moe_layers,
     )
+
+
+def _layer_kinds(config: Any, shared_prefix: str | None) -> tuple[tuple[int, ...], int, int]:
+    """The MoE layers as transformers builds them, the widest already-dense FFN (0 if none) and
+    the width of the shared experts (0 if none).
+
+    The model is built on the meta device (no memory, whatever its size): every family's rule for
+    which layers are sparse (`mlp_only_layers`, `first_k_dense_replace`, `mlp_layer_types`,
+    `moe_layer_start_index`, ...) is transformers' own, not restated here."""
+    import torch
+
+    key = (config.to_json_string(use_diff=False), shared_prefix)
+    if key not in _LAYER_KINDS:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+        except Exception as e:  # noqa: BLE001 - a config transformers cannot build a model from
+            raise UserError(f"transformers cannot build a {config.model_type} model from this config: "
+                            f"{' '.join(str(e).split())[:300]}") from None
+        moe, dense, shared = [], 0, 0
+        for i, layer in enumerate(getattr(model, "model", model).layers):
+            block = getattr(layer, "mlp", None)
+            if block is not None and hasattr(block, "experts"):
+                moe.append(i)
+                extra = getattr(block, shared_prefix, None) if shared_prefix else None
+                if extra is not None:
+                    shared = int(extra.gate_proj.weight.shape[0])
+            elif block is not None and hasattr(block, "gate_proj"):
+                dense = max(dense, int(block.gate_proj.weight.shape[0]))
+        _LAYER_KINDS[key] = (tuple(moe), dense, shared)
+    return _LAYER_KINDS[key]
+
+
+_LAYER_KINDS: dict[tuple[str, str | None], tuple[tuple[int, ...], int, int]] = {}
 
 
 def _count(config: Any, name: str) -> int:
@@ -268,8 +357,8 @@ def dense_config_dict(
     for k in family.moe_config_keys:
         d.pop(k, None)
     d["intermediate_size"] = dense_width(shape, routed_size)
-    if family.sparse_rule == "deepseek":
-        d["first_k_dense_replace"] = shape.num_layers
+    if family.all_dense is not None:
+        d.update(family.all_dense(shape.num_layers))
     return d
 
 
@@ -283,4 +372,7 @@ def supported_families_table() -> str:
     for f in FAMILIES.values():
         student = f.dense_architecture + (" (1 expert)" if f.dense_layout == "one_expert" else "")
         rows.append(f"| {f.model_type} | {student} | `{f.experts_attr}` | {f.notes} |")
+    if UNSUPPORTED:
+        rows += ["", "Not supported (`convert` refuses them, saying why):", "", "| family | why |", "|---|---|"]
+        rows += [f"| {name} | {why} |" for name, why in sorted(UNSUPPORTED.items())]
     return "\n".join(rows)

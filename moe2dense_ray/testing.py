@@ -31,6 +31,27 @@ TINY: dict[str, dict[str, Any]] = {
                         qk_rope_head_dim=4, v_head_dim=8, qk_nope_head_dim=4, n_group=2, topk_group=1,
                         routed_scaling_factor=2.5, norm_topk_prob=True, num_hidden_layers=3, num_key_value_heads=4,
                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "glm4_moe": dict(moe_intermediate_size=8, intermediate_size=24, n_routed_experts=6, num_experts_per_tok=2,
+                     n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                     norm_topk_prob=True, num_hidden_layers=3, head_dim=8, use_qk_norm=True),
+    "glm4_moe_lite": dict(moe_intermediate_size=8, intermediate_size=24, n_routed_experts=6, num_experts_per_tok=2,
+                          n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=1.8, norm_topk_prob=True,
+                          num_hidden_layers=3, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16,
+                          qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8),
+    "deepseek_v32": dict(moe_intermediate_size=8, intermediate_size=24, n_routed_experts=6, num_experts_per_tok=2,
+                         n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, norm_topk_prob=True,
+                         num_hidden_layers=3, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16,
+                         qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, index_topk=8, index_n_heads=2,
+                         index_head_dim=8),
+    "qwen3_next": dict(moe_intermediate_size=8, intermediate_size=24, shared_expert_intermediate_size=12,
+                       num_experts=6, num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=4, head_dim=8,
+                       mlp_only_layers=[1], linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                       linear_value_head_dim=8),
+    "qwen3_5_moe_text": dict(moe_intermediate_size=8, shared_expert_intermediate_size=12, num_experts=6,
+                             num_experts_per_tok=2, num_hidden_layers=4, head_dim=8, linear_num_key_heads=2,
+                             linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8),
+    "ernie4_5_moe": dict(moe_intermediate_size=8, intermediate_size=24, moe_num_experts=6, moe_k=2,
+                         moe_num_shared_experts=1, num_hidden_layers=3, moe_layer_start_index=1),
     "gpt_oss": dict(intermediate_size=8, num_local_experts=6, num_experts_per_tok=2, head_dim=8,
                     layer_types=["sliding_attention", "full_attention"], sliding_window=16,
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
@@ -45,8 +66,8 @@ def tiny_config(model_type: str, *, uniform_router: bool = False, **overrides: A
 
     kw = {**_COMMON, **TINY[model_type], **overrides}
     if uniform_router:
-        E = next(kw[a] for a in ("num_experts", "num_local_experts", "n_routed_experts") if a in kw)
-        kw["num_experts_per_tok"] = E
+        E = next(kw[a] for a in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts") if a in kw)
+        kw["moe_k" if "moe_k" in kw else "num_experts_per_tok"] = E
         if "n_group" in kw:
             kw["n_group"], kw["topk_group"] = 1, 1
     return AutoConfig.for_model(model_type, **kw)
@@ -72,7 +93,8 @@ def make_tiny_moe(model_type: str, path: str | None = None, *, uniform_router: b
                 p.normal_(0.0, scale)
         if uniform_router:
             for name, p in model.named_parameters():
-                if ".mlp.gate." in name or ".mlp.router." in name or "shared_expert_gate" in name:
+                if ".mlp.gate." in name or ".mlp.router." in name or "shared_expert_gate" in name \
+                        or "e_score_correction_bias" in name:
                     p.zero_()
             for name, b in model.named_buffers():
                 if "e_score_correction_bias" in name:

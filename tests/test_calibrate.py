@@ -112,7 +112,10 @@ def test_padding_never_counts_in_any_family(family, tmp_path, tokenizer):
     """A right-padded batch gives the same sums as its rows run alone without padding: padded
     positions neither count nor (causal attention) change the real tokens' statistics."""
     src = tmp_path / "t"
-    make_tiny_moe(family, str(src), tokenizer=tokenizer)
+    model = make_tiny_moe(family, str(src), tokenizer=tokenizer)
+    # transformers' chunked Gated-DeltaNet layers give padded and unpadded rows that differ by ~3e-4
+    # in the logits themselves; a counted padding token would move the sums by ~5%
+    rtol = 2e-3 if "linear_attention" in (getattr(model.config, "layer_types", None) or ()) else 1e-4
     ids = torch.randint(3, 96, (3, 10), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
@@ -126,4 +129,4 @@ def test_padding_never_counts_in_any_family(family, tmp_path, tokenizer):
     assert alone.tokens == batched.tokens == int(mask.sum())
     assert batched.sums.keys() == alone.sums.keys()
     for key, got in batched.sums.items():
-        torch.testing.assert_close(got, alone.sums[key], rtol=1e-4, atol=1e-5, msg=f"{family} {key}")
+        torch.testing.assert_close(got, alone.sums[key], rtol=rtol, atol=1e-5, msg=f"{family} {key}")
