@@ -144,10 +144,13 @@ class ExpertReader:
                 self._check(ku, self.r.get(ku), (I, H)).float(),
                 self._check(kd, self.r.get(kd), (H, I)).float(),
             )
-        fused = f"{p}.experts.gate_up_proj"
-        if fused in self.r:  # transformers' in-memory layout saved as is
+        # transformers' in-memory layout saved as is, or the family's own fused names on disk
+        for gate_up, down_key in dict.fromkeys((("experts.gate_up_proj", "experts.down_proj"), self.f.fused_keys)):
+            fused = f"{p}.{gate_up}"
+            if fused not in self.r:
+                continue
             gu = self._row(fused, e, (E, 2 * I, H)).float()
-            down = self._row(f"{p}.experts.down_proj", e, (E, H, I)).float()
+            down = self._row(f"{p}.{down_key}", e, (E, H, I)).float()
             return Expert(gu[:I], gu[I:], down)
         if f"{p}.experts.{E}.{g}.weight" not in self.r and e >= E:
             raise UserError(f"layer {layer} has no expert {e}")
@@ -504,7 +507,8 @@ def build(
                 steps.append(zeros(f"{key}.bias", reader.shape(f"{key}.weight")[0],
                                    out_dtype or reader.dtype(f"{key}.weight")))
         if i in moe_set:
-            ffn_dtype = _source_dtype(reader, keys, f"model.layers.{i}.{experts.moe_prefix(i)}.experts.")
+            block = f"model.layers.{i}.{experts.moe_prefix(i)}."
+            ffn_dtype = _source_dtype(reader, keys, [f"{block}experts."] + [block + k for k in family.fused_keys])
         else:
             ffn_dtype = reader.dtype(_key_of(reader, f"model.layers.{i}.mlp.gate_proj.weight"))
         steps.append(ffn(i, out_dtype or ffn_dtype))
@@ -538,9 +542,10 @@ def build(
     )
 
 
-def _source_dtype(reader: CheckpointReader, layer_keys: list[str], prefix: str) -> torch.dtype:
-    """The dtype the student's FFN is written in: the teacher's expert dtype (bf16 for MXFP4)."""
-    keys = [k for k in layer_keys if k.startswith(prefix)]
+def _source_dtype(reader: CheckpointReader, layer_keys: list[str], prefixes: list[str]) -> torch.dtype:
+    """The dtype the student's FFN is written in: the teacher's expert dtype (bf16 for MXFP4), not
+    its router's (often kept in float32)."""
+    keys = [k for k in layer_keys if k.startswith(tuple(prefixes))]
     if any(k.endswith("_blocks") for k in keys):
         return torch.bfloat16
     for k in keys:

@@ -336,7 +336,7 @@ class Calibrator(TeacherPass):
     def _install_hooks(self) -> None:
         layers = _layers(self.model)
         for i in self.shape.moe_layers:
-            block = layers[i].mlp
+            block = getattr(layers[i], self.family.moe_module)
             self._handles.append(getattr(block, self.family.router_module).register_forward_hook(self._router_hook(i)))
             if self.full:
                 self._handles.append(block.experts.register_forward_pre_hook(self._experts_hook(i, block.experts),

@@ -44,9 +44,12 @@ class Family:
     expert_size_attr: str  # intermediate size of one routed expert
     # on-disk prefix of the MoE block, and the module names in memory (for calibration hooks)
     moe_prefix: str = "mlp"
+    moe_module: str = "mlp"  # the MoE block's name in a decoder layer, in memory
     router_module: str = "gate"  # child of the MoE block in memory
     router_key: str = "gate"  # on disk, relative to moe_prefix
     expert_keys: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # where experts are fused on disk ([E, 2I, H] gate then up; [E, H, I]), relative to moe_prefix
+    fused_keys: tuple[str, str] = ("experts.gate_up_proj", "experts.down_proj")
     # the router's probability over all experts, used by PP / CP statistics
     router_prob: Literal["softmax", "sigmoid"] = "softmax"
     # shared experts: on-disk/in-memory child name, and how their size is derived
@@ -189,6 +192,17 @@ FAMILIES: dict[str, Family] = {
             notes="ERNIE 4.5: the router's score bias (`moe_statics`) only selects; every layer becomes dense.",
         ),
         Family(
+            model_type="granitemoe", dense_model_type="granite", dense_architecture="GraniteForCausalLM",
+            dense_layout="mlp", expert_layout="per_expert",
+            experts_attr="num_local_experts", expert_size_attr="intermediate_size",
+            moe_prefix="block_sparse_moe", moe_module="block_sparse_moe", router_module="router",
+            fused_keys=("input_linear.weight", "output_linear.weight"),
+            moe_config_keys=("num_local_experts", "num_experts_per_tok", "output_router_logits",
+                             "router_aux_loss_coef"),
+            notes="Granite's embedding, attention, residual and logit multipliers are kept by the dense Granite; "
+            "experts are fused on disk (`input_linear`, `output_linear`).",
+        ),
+        Family(
             model_type="gpt_oss", dense_model_type="gpt_oss", dense_architecture="GptOssForCausalLM",
             dense_layout="one_expert", expert_layout="interleaved_biased",
             experts_attr="num_local_experts", expert_size_attr="intermediate_size",
@@ -251,7 +265,7 @@ def moe_shape(family: Family, config: Any) -> MoEShape:
         raise UserError(f"the {family.model_type} config routes each token to num_experts_per_tok={top_k} "
                         f"experts, but there are only {E} ({family.experts_attr}): the config is broken")
     _check_groups(family, config, E, top_k)
-    moe_layers, dense_size, shared = _layer_kinds(config, family.shared_prefix)
+    moe_layers, dense_size, shared = _layer_kinds(config, family.moe_module, family.shared_prefix)
     if not moe_layers:
         raise UserError(f"the {family.model_type} config describes no MoE layers: not an MoE model")
     return MoEShape(
@@ -266,7 +280,7 @@ def moe_shape(family: Family, config: Any) -> MoEShape:
     )
 
 
-def _layer_kinds(config: Any, shared_prefix: str | None) -> tuple[tuple[int, ...], int, int]:
+def _layer_kinds(config: Any, moe_module: str, shared_prefix: str | None) -> tuple[tuple[int, ...], int, int]:
     """The MoE layers as transformers builds them, the widest already-dense FFN (0 if none) and
     the width of the shared experts (0 if none).
 
@@ -275,7 +289,7 @@ def _layer_kinds(config: Any, shared_prefix: str | None) -> tuple[tuple[int, ...
     `moe_layer_start_index`, ...) is transformers' own, not restated here."""
     import torch
 
-    key = (config.to_json_string(use_diff=False), shared_prefix)
+    key = (config.to_json_string(use_diff=False), moe_module, shared_prefix)
     if key not in _LAYER_KINDS:
         from transformers import AutoModelForCausalLM
 
@@ -287,19 +301,19 @@ def _layer_kinds(config: Any, shared_prefix: str | None) -> tuple[tuple[int, ...
                             f"{' '.join(str(e).split())[:300]}") from None
         moe, dense, shared = [], 0, 0
         for i, layer in enumerate(getattr(model, "model", model).layers):
-            block = getattr(layer, "mlp", None)
+            block = getattr(layer, moe_module, None)
             if block is not None and hasattr(block, "experts"):
                 moe.append(i)
                 extra = getattr(block, shared_prefix, None) if shared_prefix else None
                 if extra is not None:
                     shared = int(extra.gate_proj.weight.shape[0])
-            elif block is not None and hasattr(block, "gate_proj"):
-                dense = max(dense, int(block.gate_proj.weight.shape[0]))
+            elif hasattr(getattr(layer, "mlp", None), "gate_proj"):
+                dense = max(dense, int(layer.mlp.gate_proj.weight.shape[0]))
         _LAYER_KINDS[key] = (tuple(moe), dense, shared)
     return _LAYER_KINDS[key]
 
 
-_LAYER_KINDS: dict[tuple[str, str | None], tuple[tuple[int, ...], int, int]] = {}
+_LAYER_KINDS: dict[tuple[str, str, str | None], tuple[tuple[int, ...], int, int]] = {}
 
 
 def _count(config: Any, name: str) -> int:

@@ -132,7 +132,7 @@ class RefitPass(TeacherPass):
         biased = self.family.expert_layout == "interleaved_biased"
         last = max(self.collect) if self.collect else None
         for i in sorted(set(self.collect) | set(self.replaced)):
-            block = layers[i].mlp
+            block = getattr(layers[i], self.family.moe_module)
             ffn = plan_ffn(self.plan, i, reader)
             ffn = Expert(*(t.to(dev, torch.float32) if isinstance(t, torch.Tensor) else t
                            for t in (ffn.gate, ffn.up, ffn.down, ffn.gate_bias, ffn.up_bias, ffn.down_bias)))

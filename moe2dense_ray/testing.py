@@ -52,6 +52,8 @@ TINY: dict[str, dict[str, Any]] = {
                              linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8),
     "ernie4_5_moe": dict(moe_intermediate_size=8, intermediate_size=24, moe_num_experts=6, moe_k=2,
                          moe_num_shared_experts=1, num_hidden_layers=3, moe_layer_start_index=1),
+    "granitemoe": dict(intermediate_size=8, num_local_experts=6, num_experts_per_tok=2, embedding_multiplier=2.0,
+                       attention_multiplier=0.3, residual_multiplier=0.5, logits_scaling=2.0),
     "gpt_oss": dict(intermediate_size=8, num_local_experts=6, num_experts_per_tok=2, head_dim=8,
                     layer_types=["sliding_attention", "full_attention"], sliding_window=16,
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
@@ -93,7 +95,7 @@ def make_tiny_moe(model_type: str, path: str | None = None, *, uniform_router: b
                 p.normal_(0.0, scale)
         if uniform_router:
             for name, p in model.named_parameters():
-                if ".mlp.gate." in name or ".mlp.router." in name or "shared_expert_gate" in name \
+                if ".mlp.gate." in name or ".router." in name or "shared_expert_gate" in name \
                         or "e_score_correction_bias" in name:
                     p.zero_()
             for name, b in model.named_buffers():

@@ -47,7 +47,7 @@ def _duplicate_dropped_experts(model, plan: Plan) -> None:
     K = plan.experts
     with torch.no_grad():
         for lp in plan.layers:
-            ex = model.model.layers[lp.layer].mlp.experts
+            ex = getattr(model.model.layers[lp.layer], get_family(plan.model_type).moe_module).experts
             for e in range(K, plan.num_experts):
                 ex.gate_up_proj[e] = ex.gate_up_proj[e % K]
                 if hasattr(ex, "gate_up_proj_bias"):
