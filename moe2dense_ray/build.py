@@ -231,9 +231,13 @@ def ffn_tensors(family: Family, layer: int, ffn: Expert, dtype: torch.dtype) -> 
                 f"{p}.{family.router_key}.weight": ffn.gate.new_zeros(1, H, dtype=dtype),
                 f"{p}.{family.router_key}.bias": ffn.gate.new_zeros(1, dtype=dtype)}
     g, u, d = family.expert_keys
-    return {f"{p}.experts.0.{g}.weight": ffn.gate.to(dtype), f"{p}.experts.0.{u}.weight": ffn.up.to(dtype),
-            f"{p}.experts.0.{d}.weight": ffn.down.to(dtype),
-            f"{p}.{family.router_key}.weight": ffn.gate.new_zeros(1, H, dtype=dtype)}
+    p = f"model.layers.{layer}.{family.moe_prefix}"  # a one-expert student is stored as its family stores MoEs
+    out = {f"{p}.experts.0.{g}.weight": ffn.gate.to(dtype), f"{p}.experts.0.{u}.weight": ffn.up.to(dtype),
+           f"{p}.experts.0.{d}.weight": ffn.down.to(dtype),
+           f"{p}.{family.router_key}.weight": ffn.gate.new_zeros(1, H, dtype=dtype)}
+    for key in family.router_extra_keys:  # e.g. a score-correction bias: zero for the one expert
+        out[f"{p}.{key}"] = ffn.gate.new_zeros(1, dtype=torch.float32)
+    return out
 
 
 def _meta_ffn(family: Family, width: int, hidden: int) -> Expert:
@@ -296,7 +300,10 @@ def _as_loaded(specs: list[TensorSpec], family: Family) -> dict[str, tuple[int, 
     g, u, d = family.expert_keys
     out: dict[str, tuple[int, ...]] = {}
     fused: dict[str, dict[str, list[tuple[int, ...]]]] = {}
+    on_disk, in_memory = f".{family.moe_prefix}.", f".{family.moe_module}."
     for spec in specs:
+        if on_disk != in_memory and on_disk in spec.name:  # Mixtral-style `block_sparse_moe` is `mlp` in memory
+            spec = TensorSpec(spec.name.replace(on_disk, in_memory, 1), spec.shape, spec.dtype)
         m = _PER_EXPERT.match(spec.name)
         if m is None or m.group(3) not in (g, u, d):
             out[spec.name] = spec.shape

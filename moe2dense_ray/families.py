@@ -42,6 +42,7 @@ class Family:
     # config attribute names (read through the transformers config class, so defaults apply)
     experts_attr: str
     expert_size_attr: str  # intermediate size of one routed expert
+    top_k_attr: str = "num_experts_per_tok"  # experts each token is routed to
     # on-disk prefix of the MoE block, and the module names in memory (for calibration hooks)
     moe_prefix: str = "mlp"
     moe_module: str = "mlp"  # the MoE block's name in a decoder layer, in memory
@@ -203,6 +204,59 @@ FAMILIES: dict[str, Family] = {
             "experts are fused on disk (`input_linear`, `output_linear`).",
         ),
         Family(
+            model_type="dots1", dense_model_type="dots1", dense_architecture="Dots1ForCausalLM",
+            dense_layout="mlp", expert_layout="per_expert",
+            experts_attr="n_routed_experts", expert_size_attr="moe_intermediate_size",
+            router_prob="sigmoid", shared_prefix="shared_experts", all_dense=_first_k_dense,
+            router_extra_keys=("gate.e_score_correction_bias",),
+            notes="dots.llm1: DeepSeek-V3's router and shared experts with Qwen3 attention; every layer becomes dense.",
+        ),
+        Family(
+            model_type="exaone_moe", dense_model_type="exaone_moe", dense_architecture="ExaoneMoeForCausalLM",
+            dense_layout="mlp", expert_layout="per_expert",
+            experts_attr="num_experts", expert_size_attr="moe_intermediate_size",
+            router_prob="sigmoid", shared_prefix="shared_experts",
+            all_dense=lambda n: {"mlp_layer_types": ["dense"] * n, "first_k_dense_replace": n},
+            notes="EXAONE-MoE: DeepSeek-V3-style router; every layer becomes dense (`mlp_layer_types`).",
+        ),
+        Family(
+            model_type="afmoe", dense_model_type="afmoe", dense_architecture="AfmoeForCausalLM",
+            dense_layout="mlp", expert_layout="per_expert",
+            experts_attr="num_experts", expert_size_attr="moe_intermediate_size", router_module="router",
+            router_prob="sigmoid", shared_prefix="shared_experts", all_dense=lambda n: {"num_dense_layers": n},
+            notes="AFMoE (Arcee Trinity): sigmoid router with an expert bias; every layer becomes dense.",
+        ),
+        Family(
+            model_type="hunyuan_v1_moe", dense_model_type="hunyuan_v1_dense",
+            dense_architecture="HunYuanDenseV1ForCausalLM", dense_layout="mlp", expert_layout="per_expert",
+            experts_attr="num_experts", expert_size_attr="intermediate_size", top_k_attr="moe_topk",
+            shared_prefix="shared_mlp", moe_config_keys=("num_experts", "moe_topk", "moe_intermediate_size",
+                                                         "num_shared_expert", "use_mixed_mlp_moe"),
+            notes="Hunyuan-A13B: the ungated shared MLP is kept; the dense Hunyuan is its twin.",
+        ),
+        Family(
+            model_type="flex_olmo", dense_model_type="flex_olmo", dense_architecture="FlexOlmoForCausalLM",
+            dense_layout="one_expert", expert_layout="per_expert",
+            experts_attr="num_experts", expert_size_attr="intermediate_size",
+            notes="FlexOlmo: the student is a FlexOlmo with one expert (Olmo2 attention and post-norms).",
+        ),
+        Family(
+            model_type="minimax", dense_model_type="minimax", dense_architecture="MiniMaxForCausalLM",
+            dense_layout="one_expert", expert_layout="per_expert",
+            experts_attr="num_local_experts", expert_size_attr="intermediate_size",
+            moe_prefix="block_sparse_moe", expert_keys=("w1", "w3", "w2"),
+            notes="MiniMax-Text-01: hybrid lightning and softmax attention copied as they are; no dense twin in "
+            "transformers, so the student is a MiniMax with one expert.",
+        ),
+        Family(
+            model_type="minimax_m2", dense_model_type="minimax_m2", dense_architecture="MiniMaxM2ForCausalLM",
+            dense_layout="one_expert", expert_layout="per_expert",
+            experts_attr="num_local_experts", expert_size_attr="intermediate_size", router_prob="sigmoid",
+            moe_prefix="block_sparse_moe", expert_keys=("w1", "w3", "w2"),
+            router_extra_keys=("e_score_correction_bias",),
+            notes="MiniMax-M2: sigmoid router with a score bias; the student is a MiniMax-M2 with one expert.",
+        ),
+        Family(
             model_type="gpt_oss", dense_model_type="gpt_oss", dense_architecture="GptOssForCausalLM",
             dense_layout="one_expert", expert_layout="interleaved_biased",
             experts_attr="num_local_experts", expert_size_attr="intermediate_size",
@@ -260,9 +314,9 @@ def moe_shape(family: Family, config: Any) -> MoEShape:
     num_experts = getattr(config, family.experts_attr, None)
     if not num_experts:
         raise UserError(f"the {family.model_type} config describes no MoE layers: not an MoE model")
-    E, top_k = _count(config, family.experts_attr), _count(config, "num_experts_per_tok")
+    E, top_k = _count(config, family.experts_attr), _count(config, family.top_k_attr)
     if top_k > E:
-        raise UserError(f"the {family.model_type} config routes each token to num_experts_per_tok={top_k} "
+        raise UserError(f"the {family.model_type} config routes each token to {family.top_k_attr}={top_k} "
                         f"experts, but there are only {E} ({family.experts_attr}): the config is broken")
     _check_groups(family, config, E, top_k)
     moe_layers, dense_size, shared = _layer_kinds(config, family.moe_module, family.shared_prefix)
@@ -365,7 +419,7 @@ def dense_config_dict(
     d["architectures"] = [family.dense_architecture]
     if family.dense_layout == "one_expert":
         d[family.experts_attr] = 1
-        d["num_experts_per_tok"] = 1
+        d[family.top_k_attr] = 1
         d[family.expert_size_attr] = routed_size
         return d
     for k in family.moe_config_keys:

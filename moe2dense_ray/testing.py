@@ -54,6 +54,21 @@ TINY: dict[str, dict[str, Any]] = {
                          moe_num_shared_experts=1, num_hidden_layers=3, moe_layer_start_index=1),
     "granitemoe": dict(intermediate_size=8, num_local_experts=6, num_experts_per_tok=2, embedding_multiplier=2.0,
                        attention_multiplier=0.3, residual_multiplier=0.5, logits_scaling=2.0),
+    "dots1": dict(moe_intermediate_size=8, intermediate_size=24, n_routed_experts=6, num_experts_per_tok=2,
+                  n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.0,
+                  norm_topk_prob=True, num_hidden_layers=3, head_dim=8),
+    "exaone_moe": dict(moe_intermediate_size=8, intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+                       num_shared_experts=1, head_dim=8, num_hidden_layers=3, first_k_dense_replace=1,
+                       layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                       mlp_layer_types=["dense", "sparse", "sparse"]),
+    "afmoe": dict(moe_intermediate_size=8, intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+                  num_shared_experts=1, num_dense_layers=1, head_dim=8, num_hidden_layers=3,
+                  layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+    "hunyuan_v1_moe": dict(intermediate_size=8, num_experts=6, moe_topk=2, head_dim=8),
+    "flex_olmo": dict(intermediate_size=8, num_experts=6, num_experts_per_tok=2, pad_token_id=1),
+    "minimax": dict(intermediate_size=8, num_local_experts=6, num_experts_per_tok=2, head_dim=8, num_hidden_layers=3,
+                    layer_types=["full_attention", "linear_attention", "full_attention"]),
+    "minimax_m2": dict(intermediate_size=8, num_local_experts=6, num_experts_per_tok=2, head_dim=8),
     "gpt_oss": dict(intermediate_size=8, num_local_experts=6, num_experts_per_tok=2, head_dim=8,
                     layer_types=["sliding_attention", "full_attention"], sliding_window=16,
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
@@ -69,7 +84,7 @@ def tiny_config(model_type: str, *, uniform_router: bool = False, **overrides: A
     kw = {**_COMMON, **TINY[model_type], **overrides}
     if uniform_router:
         E = next(kw[a] for a in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts") if a in kw)
-        kw["moe_k" if "moe_k" in kw else "num_experts_per_tok"] = E
+        kw[next((a for a in ("moe_k", "moe_topk") if a in kw), "num_experts_per_tok")] = E
         if "n_group" in kw:
             kw["n_group"], kw["topk_group"] = 1, 1
     return AutoConfig.for_model(model_type, **kw)
@@ -96,10 +111,10 @@ def make_tiny_moe(model_type: str, path: str | None = None, *, uniform_router: b
         if uniform_router:
             for name, p in model.named_parameters():
                 if ".mlp.gate." in name or ".router." in name or "shared_expert_gate" in name \
-                        or "e_score_correction_bias" in name:
+                        or "e_score_correction_bias" in name or "expert_bias" in name:
                     p.zero_()
             for name, b in model.named_buffers():
-                if "e_score_correction_bias" in name:
+                if "e_score_correction_bias" in name or "expert_bias" in name:
                     b.zero_()
     model.eval()
     if path is not None:

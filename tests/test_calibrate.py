@@ -129,4 +129,5 @@ def test_padding_never_counts_in_any_family(family, tmp_path, tokenizer):
     assert alone.tokens == batched.tokens == int(mask.sum())
     assert batched.sums.keys() == alone.sums.keys()
     for key, got in batched.sums.items():
-        torch.testing.assert_close(got, alone.sums[key], rtol=rtol, atol=1e-5, msg=f"{family} {key}")
+        scale = float(alone.sums[key].abs().max())  # float32 partial sums: noise grows with the sum's size
+        torch.testing.assert_close(got, alone.sums[key], rtol=rtol, atol=1e-5 + 1e-6 * scale, msg=f"{family} {key}")

@@ -83,3 +83,16 @@ def test_selected_experts_are_copied_with_plan_scales(tmp_path, tokenizer, corpu
     for key in r.keys():
         if ".mlp." not in key:
             assert torch.equal(r.get(key), t_state[key]), key
+
+
+def test_the_readme_family_table_is_the_generated_one():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "families_table.py")
+    spec = importlib.util.spec_from_file_location("families_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with open(module.README) as f:
+        text = f.read()
+    assert module.render(text) == text, "README.md's family table is stale: run python scripts/families_table.py"
