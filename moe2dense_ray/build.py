@@ -181,9 +181,9 @@ class ExpertReader:
         return Expert(gu[:, 0::2].T, gu[:, 1::2].T, down.T, gu_b[0::2], gu_b[1::2], dn_b)
 
     def mlp(self, prefix: str, width: int | None = None) -> Expert:
-        """A plain dense SwiGLU block stored as `{prefix}.{gate,up,down}_proj.weight`."""
+        """A plain dense SwiGLU block stored as `{prefix}.{gate,up,down}.weight` (the family's names)."""
         H = self.s.hidden_size
-        keys = [f"{prefix}.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")]
+        keys = [f"{prefix}.{n}.weight" for n in self.f.dense_keys]
         ts = [self.r.get(k) for k in keys]
         I = ts[0].shape[0] if width is None else width
         self._check(keys[0], ts[0], (I, H))
@@ -210,10 +210,11 @@ def ffn_tensors(family: Family, layer: int, ffn: Expert, dtype: torch.dtype) -> 
     Called on meta tensors too, which gives the output's names, shapes and dtypes before
     anything is read (the writer's layout and the completeness check come from the same code).
     """
-    p = f"model.layers.{layer}.mlp"
+    p = f"model.layers.{layer}.{family.dense_prefix}"
     if family.dense_layout == "mlp":
-        return {f"{p}.gate_proj.weight": ffn.gate.to(dtype), f"{p}.up_proj.weight": ffn.up.to(dtype),
-                f"{p}.down_proj.weight": ffn.down.to(dtype)}
+        g, u, d = family.dense_keys
+        return {f"{p}.{g}.weight": ffn.gate.to(dtype), f"{p}.{u}.weight": ffn.up.to(dtype),
+                f"{p}.{d}.weight": ffn.down.to(dtype)}
     H = ffn.gate.shape[1]
     if family.expert_layout == "interleaved_biased":
         W = ffn.width
@@ -495,7 +496,8 @@ def build(
 
     def layer_ffn(i: int) -> Expert:
         if i not in moe_set:
-            return concat_ffn([(experts.mlp(f"model.layers.{i}.mlp", width=shape.dense_size), 1.0)], width)
+            return concat_ffn([(experts.mlp(f"model.layers.{i}.{family.dense_prefix}", width=shape.dense_size), 1.0)],
+                              width)
         ffn = plan_ffn(plan, i, experts, width=width)
         if refit is not None:
             refit.apply(i, ffn)
@@ -506,7 +508,7 @@ def build(
     steps = [copy(key) for key in other]
     for i in range(shape.num_layers):
         keys = by_layer.get(i, [])
-        ffn_prefix = f"{experts.moe_prefix(i)}." if i in moe_set else "mlp."
+        ffn_prefix = f"{experts.moe_prefix(i)}." if i in moe_set else f"{family.dense_prefix}."
         steps += [copy(key) for key in keys if not _LAYER_KEY.match(key).group(2).startswith(ffn_prefix)]
         for proj in family.dense_biases:  # zero biases for projections the dense twin always has
             key = f"model.layers.{i}.{proj}"
@@ -517,7 +519,7 @@ def build(
             block = f"model.layers.{i}.{experts.moe_prefix(i)}."
             ffn_dtype = _source_dtype(reader, keys, [f"{block}experts."] + [block + k for k in family.fused_keys])
         else:
-            ffn_dtype = reader.dtype(_key_of(reader, f"model.layers.{i}.mlp.gate_proj.weight"))
+            ffn_dtype = reader.dtype(_key_of(reader, f"model.layers.{i}.{family.dense_prefix}.{family.dense_keys[0]}.weight"))
         steps.append(ffn(i, out_dtype or ffn_dtype))
     dense_cfg = dense_config_dict(family, cfg_dict, shape, routed)
     if out_dtype is not None:

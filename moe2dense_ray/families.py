@@ -49,6 +49,10 @@ class Family:
     router_module: str = "gate"  # child of the MoE block in memory
     router_key: str = "gate"  # on disk, relative to moe_prefix
     expert_keys: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # the dense FFN's module name and its (gate, up, down) names, in the teacher's dense layers and
+    # in the student (on disk and in memory alike)
+    dense_prefix: str = "mlp"
+    dense_keys: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     # where experts are fused on disk ([E, 2I, H] gate then up; [E, H, I]), relative to moe_prefix
     fused_keys: tuple[str, str] = ("experts.gate_up_proj", "experts.down_proj")
     # the router's probability over all experts, used by PP / CP statistics
@@ -257,6 +261,25 @@ FAMILIES: dict[str, Family] = {
             notes="MiniMax-M2: sigmoid router with a score bias; the student is a MiniMax-M2 with one expert.",
         ),
         Family(
+            model_type="lfm2_moe", dense_model_type="lfm2_moe", dense_architecture="Lfm2MoeForCausalLM",
+            dense_layout="mlp", expert_layout="per_expert",
+            experts_attr="num_experts", expert_size_attr="moe_intermediate_size", router_prob="sigmoid",
+            moe_prefix="feed_forward", moe_module="feed_forward", dense_prefix="feed_forward",
+            expert_keys=("w1", "w3", "w2"), dense_keys=("w1", "w3", "w2"), router_extra_keys=("expert_bias",),
+            all_dense=lambda n: {"num_dense_layers": n},
+            notes="LFM2-MoE: short-convolution and attention layers copied as they are; sigmoid router with an "
+            "expert bias; every layer becomes dense (`num_dense_layers`).",
+        ),
+        Family(
+            model_type="jamba", dense_model_type="jamba", dense_architecture="JambaForCausalLM",
+            dense_layout="mlp", expert_layout="per_expert",
+            experts_attr="num_experts", expert_size_attr="intermediate_size", router_module="router",
+            moe_prefix="feed_forward", moe_module="feed_forward", dense_prefix="feed_forward",
+            all_dense=lambda n: {"num_experts": 1},
+            notes="Jamba: Mamba and attention layers copied as they are; every layer becomes dense (`num_experts` "
+            "1), already-dense layers kept.",
+        ),
+        Family(
             model_type="gpt_oss", dense_model_type="gpt_oss", dense_architecture="GptOssForCausalLM",
             dense_layout="one_expert", expert_layout="interleaved_biased",
             experts_attr="num_local_experts", expert_size_attr="intermediate_size",
@@ -319,7 +342,7 @@ def moe_shape(family: Family, config: Any) -> MoEShape:
         raise UserError(f"the {family.model_type} config routes each token to {family.top_k_attr}={top_k} "
                         f"experts, but there are only {E} ({family.experts_attr}): the config is broken")
     _check_groups(family, config, E, top_k)
-    moe_layers, dense_size, shared = _layer_kinds(config, family.moe_module, family.shared_prefix)
+    moe_layers, dense_size, shared = _layer_kinds(config, family)
     if not moe_layers:
         raise UserError(f"the {family.model_type} config describes no MoE layers: not an MoE model")
     return MoEShape(
@@ -334,7 +357,7 @@ def moe_shape(family: Family, config: Any) -> MoEShape:
     )
 
 
-def _layer_kinds(config: Any, moe_module: str, shared_prefix: str | None) -> tuple[tuple[int, ...], int, int]:
+def _layer_kinds(config: Any, family: "Family") -> tuple[tuple[int, ...], int, int]:
     """The MoE layers as transformers builds them, the widest already-dense FFN (0 if none) and
     the width of the shared experts (0 if none).
 
@@ -343,7 +366,7 @@ def _layer_kinds(config: Any, moe_module: str, shared_prefix: str | None) -> tup
     `moe_layer_start_index`, ...) is transformers' own, not restated here."""
     import torch
 
-    key = (config.to_json_string(use_diff=False), moe_module, shared_prefix)
+    key = (config.to_json_string(use_diff=False), family.model_type)
     if key not in _LAYER_KINDS:
         from transformers import AutoModelForCausalLM
 
@@ -355,19 +378,20 @@ def _layer_kinds(config: Any, moe_module: str, shared_prefix: str | None) -> tup
                             f"{' '.join(str(e).split())[:300]}") from None
         moe, dense, shared = [], 0, 0
         for i, layer in enumerate(getattr(model, "model", model).layers):
-            block = getattr(layer, moe_module, None)
+            block = getattr(layer, family.moe_module, None)
             if block is not None and hasattr(block, "experts"):
                 moe.append(i)
-                extra = getattr(block, shared_prefix, None) if shared_prefix else None
+                extra = getattr(block, family.shared_prefix, None) if family.shared_prefix else None
                 if extra is not None:
-                    shared = int(extra.gate_proj.weight.shape[0])
-            elif hasattr(getattr(layer, "mlp", None), "gate_proj"):
-                dense = max(dense, int(layer.mlp.gate_proj.weight.shape[0]))
+                    shared = int(getattr(extra, family.dense_keys[0]).weight.shape[0])
+            elif hasattr(getattr(layer, family.dense_prefix, None), family.dense_keys[0]):
+                ffn = getattr(layer, family.dense_prefix)
+                dense = max(dense, int(getattr(ffn, family.dense_keys[0]).weight.shape[0]))
         _LAYER_KINDS[key] = (tuple(moe), dense, shared)
     return _LAYER_KINDS[key]
 
 
-_LAYER_KINDS: dict[tuple[str, str, str | None], tuple[tuple[int, ...], int, int]] = {}
+_LAYER_KINDS: dict[tuple[str, str], tuple[tuple[int, ...], int, int]] = {}
 
 
 def _count(config: Any, name: str) -> int:

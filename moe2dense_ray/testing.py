@@ -69,6 +69,11 @@ TINY: dict[str, dict[str, Any]] = {
     "minimax": dict(intermediate_size=8, num_local_experts=6, num_experts_per_tok=2, head_dim=8, num_hidden_layers=3,
                     layer_types=["full_attention", "linear_attention", "full_attention"]),
     "minimax_m2": dict(intermediate_size=8, num_local_experts=6, num_experts_per_tok=2, head_dim=8),
+    "lfm2_moe": dict(moe_intermediate_size=8, intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+                     num_dense_layers=1, num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"]),
+    "jamba": dict(intermediate_size=8, num_experts=6, num_experts_per_tok=2, num_hidden_layers=4,
+                  attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                  use_mamba_kernels=False, mamba_d_state=4, mamba_expand=2, mamba_dt_rank=4),
     "gpt_oss": dict(intermediate_size=8, num_local_experts=6, num_experts_per_tok=2, head_dim=8,
                     layer_types=["sliding_attention", "full_attention"], sliding_window=16,
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
@@ -109,8 +114,12 @@ def make_tiny_moe(model_type: str, path: str | None = None, *, uniform_router: b
             if p.ndim >= 2 or "bias" in name:
                 p.normal_(0.0, scale)
         if uniform_router:
+            from .families import get_family
+
+            family = get_family(model_type)
+            router = f".{family.moe_module}.{family.router_module}."
             for name, p in model.named_parameters():
-                if ".mlp.gate." in name or ".router." in name or "shared_expert_gate" in name \
+                if router in name or "shared_expert_gate" in name \
                         or "e_score_correction_bias" in name or "expert_bias" in name:
                     p.zero_()
             for name, b in model.named_buffers():
