@@ -293,7 +293,32 @@ FAMILIES: dict[str, Family] = {
 
 # MoE families in transformers that do not fit the dense-FFN construction, and why: `convert`
 # refuses them in one line and `moe2dense families` lists them.
-UNSUPPORTED: dict[str, str] = {}
+_MULTIMODAL = ("a multimodal model: its MoE is the text model inside vision (or audio) towers; convert a text-only "
+               "checkpoint of it")
+UNSUPPORTED: dict[str, str] = {
+    "llama4": "Llama 4 scales each expert's *input* by its router score (sigmoid of the top-k logit), so no "
+    "constant can stand for the gate: a SwiGLU of a scaled input is not the scaled SwiGLU",
+    "llama4_text": "Llama 4 scales each expert's *input* by its router score (sigmoid of the top-k logit), so no "
+    "constant can stand for the gate: a SwiGLU of a scaled input is not the scaled SwiGLU",
+    "gemma4": _MULTIMODAL,
+    "gemma4_text": "Gemma 4's MoE block runs beside its dense MLP on a differently normalised input, with "
+    "per-expert output scales; it has no single FFN to concatenate experts into",
+    "phimoe": "PhiMoE's SparseMixer routing needs at least two experts, so a one-expert PhiMoE cannot be the "
+    "student, and no dense class in transformers shares its attention and LayerNorms with biases",
+    "dbrx": "DBRX's router returns only its logits and renormalises by a p-norm, and its experts are fused "
+    "into one tensor per projection in a layout of its own",
+    "jetmoe": "JetMoE also routes its attention heads (mixture-of-attention experts), which no dense "
+    "attention can hold",
+    "longcat_flash": "LongCat-Flash routes tokens to zero (identity) experts and runs two dense MLPs per layer "
+    "beside a shortcut MoE",
+    "nemotron_h": "Nemotron-H's experts are ungated (squared-ReLU) MLPs, not SwiGLU",
+    "switch_transformers": "an encoder-decoder model whose experts are ungated (ReLU) MLPs",
+    "nllb_moe": "an encoder-decoder model whose experts are ungated (ReLU) MLPs",
+    "mistral4": "transformers builds Mistral 4 only inside its multimodal model, not as a causal LM",
+    "qwen3_5_moe": "the multimodal Qwen3.5: convert its text model (model_type qwen3_5_moe_text)",
+    **{name: _MULTIMODAL for name in ("qwen3_vl_moe", "qwen3_omni_moe", "ernie4_5_vl_moe", "glm4v_moe", "aria",
+                                      "deepseek_ocr2", "hy_v4_vl", "minimax_m3_vl")},
+}
 
 
 def get_family(model_type: str | None) -> Family:

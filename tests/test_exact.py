@@ -96,3 +96,24 @@ def test_the_readme_family_table_is_the_generated_one():
     with open(module.README) as f:
         text = f.read()
     assert module.render(text) == text, "README.md's family table is stale: run python scripts/families_table.py"
+
+
+def test_an_unsupported_family_is_refused_in_one_line_that_says_why(tmp_path, tokenizer, corpus, capsys):
+    from transformers import AutoConfig
+
+    from moe2dense_ray.cli import main
+    from moe2dense_ray.families import UNSUPPORTED
+
+    cfg = AutoConfig.for_model("jetmoe", vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                               intermediate_size=8, kv_channels=8)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "jetmoe")
+    tokenizer.save_pretrained(tmp_path / "jetmoe")
+    code = main(["-q", "convert", str(tmp_path / "jetmoe"), "--data", corpus, "--experts", "2", "--workers", "0",
+                 "--out", str(tmp_path / "dense")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"error: jetmoe cannot be converted: {UNSUPPORTED['jetmoe']}"], err
+    assert not (tmp_path / "dense").exists()
+    assert main(["families"]) == 0
+    listed = capsys.readouterr().out
+    assert f"| jetmoe | {UNSUPPORTED['jetmoe']} |" in listed and "| qwen3_next |" in listed
