@@ -76,6 +76,8 @@ class Family:
     # attention projections whose bias the dense twin always has, though the MoE may not (written
     # as zeros, which changes nothing), relative to `model.layers.{i}.`
     dense_biases: tuple[str, ...] = ()
+    # a setting of this family that the construction cannot reproduce: config -> why, or None
+    refuse: Callable[[Any], str | None] | None = None
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -280,6 +282,31 @@ FAMILIES: dict[str, Family] = {
             "1), already-dense layers kept.",
         ),
         Family(
+            model_type="solar_open", dense_model_type="llama", dense_architecture="LlamaForCausalLM",
+            dense_layout="mlp", expert_layout="per_expert",
+            experts_attr="n_routed_experts", expert_size_attr="moe_intermediate_size", router_prob="sigmoid",
+            shared_prefix="shared_experts", router_extra_keys=("gate.e_score_correction_bias",),
+            moe_config_keys=("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_shared_experts",
+                             "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor",
+                             "num_local_experts"),
+            notes="Solar Open: DeepSeek-V3's router and shared experts on Llama attention; Llama is its twin.",
+        ),
+        Family(
+            model_type="cohere2_moe", dense_model_type="cohere2", dense_architecture="Cohere2ForCausalLM",
+            dense_layout="mlp", expert_layout="per_expert",
+            experts_attr="num_experts", expert_size_attr="intermediate_size", shared_prefix="shared_experts",
+            moe_config_keys=("num_experts", "num_experts_per_tok", "num_shared_experts", "norm_topk_prob",
+                             "shared_expert_combination_strategy", "expert_selection_fn", "mlp_layer_types",
+                             "prefix_dense_intermediate_size", "prefix_dense_sliding_window_pattern",
+                             "output_router_logits", "router_aux_loss_coef"),
+            refuse=lambda c: ("its shared experts are averaged with the routed ones "
+                              "(shared_expert_combination_strategy: average), which the dense FFN does not "
+                              "reproduce yet" if getattr(c, "num_shared_experts", 0) and
+                              getattr(c, "shared_expert_combination_strategy", "sum") == "average" else None),
+            notes="Command A MoE: parallel attention and FFN; the dense Cohere2 is its twin. Shared experts are "
+            "supported when summed (`shared_expert_combination_strategy: sum`).",
+        ),
+        Family(
             model_type="gpt_oss", dense_model_type="gpt_oss", dense_architecture="GptOssForCausalLM",
             dense_layout="one_expert", expert_layout="interleaved_biased",
             experts_attr="num_local_experts", expert_size_attr="intermediate_size",
@@ -359,6 +386,9 @@ def moe_shape(family: Family, config: Any) -> MoEShape:
     n = int(config.num_hidden_layers)
     if not 0 < n <= MAX_LAYERS:  # a corrupt count would make every per-layer list unbounded
         raise UserError(f"the {family.model_type} config has num_hidden_layers={n}, not 1..{MAX_LAYERS}")
+    why = family.refuse(config) if family.refuse else None
+    if why:
+        raise UserError(f"this {family.model_type} model cannot be converted: {why}")
     num_experts = getattr(config, family.experts_attr, None)
     if not num_experts:
         raise UserError(f"the {family.model_type} config describes no MoE layers: not an MoE model")

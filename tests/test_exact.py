@@ -117,3 +117,14 @@ def test_an_unsupported_family_is_refused_in_one_line_that_says_why(tmp_path, to
     assert main(["families"]) == 0
     listed = capsys.readouterr().out
     assert f"| jetmoe | {UNSUPPORTED['jetmoe']} |" in listed and "| qwen3_next |" in listed
+
+
+def test_a_family_setting_the_construction_cannot_reproduce_is_refused():
+    from moe2dense_ray.errors import UserError
+    from moe2dense_ray.families import moe_shape
+    from moe2dense_ray.testing import tiny_config
+
+    family = get_family("cohere2_moe")
+    assert moe_shape(family, tiny_config("cohere2_moe")).shared_size == 8  # summed shared experts: fine
+    with pytest.raises(UserError, match="cannot be converted: its shared experts are averaged"):
+        moe_shape(family, tiny_config("cohere2_moe", shared_expert_combination_strategy="average"))
