@@ -114,6 +114,16 @@ class ExpertReader:
     def _prefix(self, layer: int) -> str:
         return f"model.layers.{layer}.{self.moe_prefix(layer)}"
 
+    def _on_disk(self, key: str) -> str:
+        """`key` as this reader holds it: in-memory names are renamed to on-disk ones where
+        transformers' mapping says so and the reader lacks the in-memory name."""
+        if key in self.r:
+            return key
+        for disk, memory in self.f.disk_renames:
+            if memory in key and key.replace(memory, disk, 1) in self.r:
+                return key.replace(memory, disk, 1)
+        return key
+
     def _check(self, key: str, t: torch.Tensor, want: tuple[int, ...]) -> torch.Tensor:
         if tuple(t.shape) != tuple(want):
             raise UserError(
@@ -183,7 +193,7 @@ class ExpertReader:
     def mlp(self, prefix: str, width: int | None = None) -> Expert:
         """A plain dense SwiGLU block stored as `{prefix}.{gate,up,down}.weight` (the family's names)."""
         H = self.s.hidden_size
-        keys = [f"{prefix}.{n}.weight" for n in self.f.dense_keys]
+        keys = [self._on_disk(f"{prefix}.{n}.weight") for n in self.f.dense_keys]
         ts = [self.r.get(k) for k in keys]
         I = ts[0].shape[0] if width is None else width
         self._check(keys[0], ts[0], (I, H))

@@ -347,12 +347,14 @@ class Calibrator(TeacherPass):
 
     def _router_hook(self, layer: int):
         prob = self.family.router_prob
+        attr = self.family.gate_scale_attr
+        gate_scale = float(getattr(self.model.config, attr, 1.0) or 1.0) if attr else 1.0
 
         def hook(module, args, output):
             # float32 per batch (cheap), float64 across batches (exact enough for any corpus)
             l = self._select(output[0]).float()
             idx = self._select(output[2])
-            g = self._select(output[1]).float()
+            g = self._select(output[1]).float() * gate_scale
             p = torch.sigmoid(l) if prob == "sigmoid" else torch.softmax(l, dim=-1)
             sel = torch.zeros_like(l).scatter_(1, idx, 1.0)
             gate = torch.zeros_like(l).scatter_(1, idx, g)

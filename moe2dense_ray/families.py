@@ -11,7 +11,9 @@ accepts the fused in-memory layout, so checkpoints saved either way convert.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+import re
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal
 
 from .errors import UserError
@@ -43,18 +45,24 @@ class Family:
     experts_attr: str
     expert_size_attr: str  # intermediate size of one routed expert
     top_k_attr: str = "num_experts_per_tok"  # experts each token is routed to
-    # on-disk prefix of the MoE block, and the module names in memory (for calibration hooks)
-    moe_prefix: str = "mlp"
-    moe_module: str = "mlp"  # the MoE block's name in a decoder layer, in memory
+    # the MoE block's name in a decoder layer in memory (calibration hooks), and on disk (None:
+    # as transformers' checkpoint-conversion mapping renames it, else the same)
+    moe_module: str = "mlp"
+    moe_prefix: str | None = None
     router_module: str = "gate"  # child of the MoE block in memory
     router_key: str = "gate"  # on disk, relative to moe_prefix
-    expert_keys: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # each routed expert's (gate, up, down) names on disk; None: from transformers' mapping
+    expert_keys: tuple[str, str, str] | None = None
     # the dense FFN's module name and its (gate, up, down) names, in the teacher's dense layers and
     # in the student (on disk and in memory alike)
     dense_prefix: str = "mlp"
     dense_keys: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
-    # where experts are fused on disk ([E, 2I, H] gate then up; [E, H, I]), relative to moe_prefix
-    fused_keys: tuple[str, str] = ("experts.gate_up_proj", "experts.down_proj")
+    # where experts are fused on disk ([E, 2I, H] gate then up; [E, H, I]), relative to moe_prefix;
+    # None: from transformers' mapping, else transformers' in-memory names
+    fused_keys: tuple[str, str] | None = None
+    # other (on-disk, in-memory) name pieces, from transformers' mapping (Laguna's `shared_expert.`
+    # is `shared_experts.` in memory)
+    disk_renames: tuple[tuple[str, str], ...] = ()
     # the router's probability over all experts, used by PP / CP statistics
     router_prob: Literal["softmax", "sigmoid"] = "softmax"
     # shared experts: on-disk/in-memory child name, and how their size is derived
@@ -76,6 +84,9 @@ class Family:
     # attention projections whose bias the dense twin always has, though the MoE may not (written
     # as zeros, which changes nothing), relative to `model.layers.{i}.`
     dense_biases: tuple[str, ...] = ()
+    # a config attribute by which the MoE block multiplies its routed output after the router's
+    # gates (Laguna's `moe_routed_scaling_factor`): calibration counts it as part of every gate
+    gate_scale_attr: str | None = None
     # a setting of this family that the construction cannot reproduce: config -> why, or None
     refuse: Callable[[Any], str | None] | None = None
     notes: str = ""
@@ -116,7 +127,6 @@ FAMILIES: dict[str, Family] = {
             model_type="mixtral", dense_model_type="mistral", dense_architecture="MistralForCausalLM",
             dense_layout="mlp", expert_layout="per_expert",
             experts_attr="num_experts", expert_size_attr="intermediate_size",
-            moe_prefix="block_sparse_moe", expert_keys=("w1", "w3", "w2"),
             moe_config_keys=("num_local_experts", "num_experts_per_tok", "router_jitter_noise",
                              "output_router_logits", "router_aux_loss_coef"),
             notes="Mistral is Mixtral's dense twin. Checkpoints saved from transformers' fused modules "
@@ -202,8 +212,7 @@ FAMILIES: dict[str, Family] = {
             model_type="granitemoe", dense_model_type="granite", dense_architecture="GraniteForCausalLM",
             dense_layout="mlp", expert_layout="per_expert",
             experts_attr="num_local_experts", expert_size_attr="intermediate_size",
-            moe_prefix="block_sparse_moe", moe_module="block_sparse_moe", router_module="router",
-            fused_keys=("input_linear.weight", "output_linear.weight"),
+            moe_module="block_sparse_moe", router_module="router",
             moe_config_keys=("num_local_experts", "num_experts_per_tok", "output_router_logits",
                              "router_aux_loss_coef"),
             notes="Granite's embedding, attention, residual and logit multipliers are kept by the dense Granite; "
@@ -250,7 +259,6 @@ FAMILIES: dict[str, Family] = {
             model_type="minimax", dense_model_type="minimax", dense_architecture="MiniMaxForCausalLM",
             dense_layout="one_expert", expert_layout="per_expert",
             experts_attr="num_local_experts", expert_size_attr="intermediate_size",
-            moe_prefix="block_sparse_moe", expert_keys=("w1", "w3", "w2"),
             notes="MiniMax-Text-01: hybrid lightning and softmax attention copied as they are; no dense twin in "
             "transformers, so the student is a MiniMax with one expert.",
         ),
@@ -258,7 +266,6 @@ FAMILIES: dict[str, Family] = {
             model_type="minimax_m2", dense_model_type="minimax_m2", dense_architecture="MiniMaxM2ForCausalLM",
             dense_layout="one_expert", expert_layout="per_expert",
             experts_attr="num_local_experts", expert_size_attr="intermediate_size", router_prob="sigmoid",
-            moe_prefix="block_sparse_moe", expert_keys=("w1", "w3", "w2"),
             router_extra_keys=("e_score_correction_bias",),
             notes="MiniMax-M2: sigmoid router with a score bias; the student is a MiniMax-M2 with one expert.",
         ),
@@ -266,8 +273,8 @@ FAMILIES: dict[str, Family] = {
             model_type="lfm2_moe", dense_model_type="lfm2_moe", dense_architecture="Lfm2MoeForCausalLM",
             dense_layout="mlp", expert_layout="per_expert",
             experts_attr="num_experts", expert_size_attr="moe_intermediate_size", router_prob="sigmoid",
-            moe_prefix="feed_forward", moe_module="feed_forward", dense_prefix="feed_forward",
-            expert_keys=("w1", "w3", "w2"), dense_keys=("w1", "w3", "w2"), router_extra_keys=("expert_bias",),
+            moe_module="feed_forward", dense_prefix="feed_forward", dense_keys=("w1", "w3", "w2"),
+            router_extra_keys=("expert_bias",),
             all_dense=lambda n: {"num_dense_layers": n},
             notes="LFM2-MoE: short-convolution and attention layers copied as they are; sigmoid router with an "
             "expert bias; every layer becomes dense (`num_dense_layers`).",
@@ -276,8 +283,7 @@ FAMILIES: dict[str, Family] = {
             model_type="jamba", dense_model_type="jamba", dense_architecture="JambaForCausalLM",
             dense_layout="mlp", expert_layout="per_expert",
             experts_attr="num_experts", expert_size_attr="intermediate_size", router_module="router",
-            moe_prefix="feed_forward", moe_module="feed_forward", dense_prefix="feed_forward",
-            all_dense=lambda n: {"num_experts": 1},
+            moe_module="feed_forward", dense_prefix="feed_forward", all_dense=lambda n: {"num_experts": 1},
             notes="Jamba: Mamba and attention layers copied as they are; every layer becomes dense (`num_experts` "
             "1), already-dense layers kept.",
         ),
@@ -305,6 +311,15 @@ FAMILIES: dict[str, Family] = {
                               getattr(c, "shared_expert_combination_strategy", "sum") == "average" else None),
             notes="Command A MoE: parallel attention and FFN; the dense Cohere2 is its twin. Shared experts are "
             "supported when summed (`shared_expert_combination_strategy: sum`).",
+        ),
+        Family(
+            model_type="laguna", dense_model_type="laguna", dense_architecture="LagunaForCausalLM",
+            dense_layout="mlp", expert_layout="per_expert",
+            experts_attr="num_experts", expert_size_attr="moe_intermediate_size", router_prob="sigmoid",
+            shared_prefix="shared_experts", gate_scale_attr="moe_routed_scaling_factor",
+            all_dense=lambda n: {"mlp_layer_types": ["dense"] * n},
+            notes="Laguna: sigmoid router with a score bias and optional soft-capping; its routed scaling is applied "
+            "by the block and counted in the gates; every layer becomes dense.",
         ),
         Family(
             model_type="gpt_oss", dense_model_type="gpt_oss", dense_architecture="GptOssForCausalLM",
@@ -349,14 +364,76 @@ UNSUPPORTED: dict[str, str] = {
 
 
 def get_family(model_type: str | None) -> Family:
+    """The family's row, completed with what transformers' checkpoint-conversion mapping says about
+    its on-disk names (see `disk_layout`)."""
     if model_type in FAMILIES:
-        return FAMILIES[model_type]
+        return _completed(model_type)
     if model_type in UNSUPPORTED:
         raise UserError(f"{model_type} cannot be converted: {UNSUPPORTED[model_type]}")
     if model_type in {f.dense_model_type for f in FAMILIES.values()} | {"llama", "gemma", "gemma2", "phi3"}:
         raise UserError(f"this is a dense {model_type} model, not a Mixture-of-Experts: nothing to convert")
     raise UserError(
         f"unsupported model family {model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
+    )
+
+
+def _unescape(pattern: str) -> str:
+    return re.sub(r"\\(.)", r"\1", pattern)
+
+
+@functools.cache
+def disk_layout(model_type: str) -> dict[str, Any]:
+    """What transformers' checkpoint-conversion mapping for `model_type` says about its MoE
+    checkpoints on disk: the MoE block's on-disk name (`moe_prefix`), each expert's projection
+    names (`expert_keys`), fused expert tensors' names (`fused_keys`) and other renamings
+    (`disk_renames`). Only what the mapping states is returned; a row's own values come first."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    out: dict[str, Any] = {}
+    per_expert: dict[str, tuple[str, ...]] = {}
+    fused: dict[str, str] = {}
+    renames: list[tuple[str, str]] = []
+    for t in get_checkpoint_conversion_mapping(model_type) or []:
+        sources = [_unescape(p) for p in getattr(t, "source_patterns", None) or ()]
+        targets = [_unescape(p) for p in getattr(t, "target_patterns", None) or ()]
+        if len(targets) != 1 or not sources:
+            continue
+        target, kind = targets[0], type(t).__name__
+        which = "gate_up" if target.endswith("experts.gate_up_proj") else \
+            "down" if target.endswith("experts.down_proj") else None
+        if kind == "WeightConverter" and which:
+            names = [re.search(r"experts\.\*\.(\w+)\.weight$", p) for p in sources]
+            if all(names):
+                per_expert[which] = tuple(m.group(1) for m in names)
+        elif kind == "WeightRenaming" and which and len(sources) == 1:
+            fused[which] = sources[0]
+        elif kind == "WeightRenaming" and len(sources) == 1:
+            block = re.fullmatch(r"\.?(\w+)\.", sources[0]), re.fullmatch(r"\.?(\w+)\.", target)
+            if all(block):
+                out["moe_prefix"] = block[0].group(1)
+            else:
+                renames.append((sources[0], target))
+    if len(per_expert.get("gate_up", ())) == 2 and len(per_expert.get("down", ())) == 1:
+        out["expert_keys"] = (*per_expert["gate_up"], per_expert["down"][0])
+    if "gate_up" in fused and "down" in fused:
+        # relative to the block: `block_sparse_moe.input_linear.weight` -> `input_linear.weight`
+        out["fused_keys"] = tuple(name.split(".", 1)[1] if name.count(".") > 1 else name
+                                  for name in (fused["gate_up"], fused["down"]))
+    if renames:
+        out["disk_renames"] = tuple(renames)
+    return out
+
+
+@functools.cache
+def _completed(model_type: str) -> Family:
+    row = FAMILIES[model_type]
+    known = disk_layout(model_type)
+    return replace(
+        row,
+        moe_prefix=row.moe_prefix or known.get("moe_prefix") or row.moe_module,
+        expert_keys=row.expert_keys or known.get("expert_keys") or ("gate_proj", "up_proj", "down_proj"),
+        fused_keys=row.fused_keys or known.get("fused_keys") or ("experts.gate_up_proj", "experts.down_proj"),
+        disk_renames=row.disk_renames or known.get("disk_renames", ()),
     )
 
 
