@@ -356,6 +356,8 @@ UNSUPPORTED: dict[str, str] = {
     "nemotron_h": "Nemotron-H's experts are ungated (squared-ReLU) MLPs, not SwiGLU",
     "switch_transformers": "an encoder-decoder model whose experts are ungated (ReLU) MLPs",
     "nllb_moe": "an encoder-decoder model whose experts are ungated (ReLU) MLPs",
+    "granitemoeshared": "not yet: its shared MLP sits beside the MoE block in the decoder layer, fused on disk "
+    "(`shared_mlp.input_linear`), and is not yet folded into the dense FFN (granitemoe without it is supported)",
     "mistral4": "transformers builds Mistral 4 only inside its multimodal model, not as a causal LM",
     "qwen3_5_moe": "the multimodal Qwen3.5: convert its text model (model_type qwen3_5_moe_text)",
     **{name: _MULTIMODAL for name in ("qwen3_vl_moe", "qwen3_omni_moe", "ernie4_5_vl_moe", "glm4v_moe", "aria",
