@@ -111,6 +111,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small budgets, to check the script runs")
     ap.add_argument("--out", default="docs/results")
     ap.add_argument("--work", default="runs/bench_distill")
+    ap.add_argument("--quality-from", metavar="JSON", help="take the quality rows from an earlier run's "
+                    "distill.json and only measure throughput (a re-measure on an otherwise idle machine)")
     a = ap.parse_args()
     if a.quick:
         a.budgets, a.overlap_tokens = [40_000], 40_000
@@ -140,6 +142,13 @@ def main() -> None:
     overlap["vs_plain_loop"] = overlap["streamed_tok_per_s"] / plain
     print(json.dumps(overlap, indent=1))
 
+    if a.quality_from:
+        with open(a.quality_from) as f:
+            earlier = json.load(f)
+        _write(a.out, overlap, earlier["runs"], earlier["teacher_ppl"], time.time() - t_start,
+               quality_from=a.quality_from)
+        return
+
     # quality per budget
     runs = []
     variants = [("KD, expert init", reap, {}) for _ in a.budgets]
@@ -168,7 +177,8 @@ def _teacher_ppl() -> float:
     return model_perplexity(assets.teacher_path(), heldout_blocks(assets.teacher_path(), assets.heldout_path(), 40, 256))
 
 
-def _write(out: str, overlap: dict, runs: list[dict], teacher_ppl: float, seconds: float) -> None:
+def _write(out: str, overlap: dict, runs: list[dict], teacher_ppl: float, seconds: float,
+           quality_from: str | None = None) -> None:
     from moe2dense_ray.report import markdown_table
 
     lines = [f"Bundled teacher (held-out perplexity {teacher_ppl:.2f} on the first 40 blocks of 256 tokens of "
@@ -187,6 +197,8 @@ def _write(out: str, overlap: dict, runs: list[dict], teacher_ppl: float, second
              f"streamed / plain loop: **{overlap['vs_plain_loop']:.2f}** (goal >= 0.8); the training worker "
              f"waited for the teacher {100 * overlap['streamed_teacher_wait']:.1f}% of the time.", "",
              "## Quality", "",
+             *([f"(Rows from an earlier run, {quality_from}: this run measured throughput only.)", ""]
+               if quality_from else []),
              markdown_table([{"student": r["variant"], "tokens": r["tokens"], "ppl before": r["before_ppl"],
                               "ppl after": r["val_ppl"], "x teacher": r["val_ppl"] / teacher_ppl,
                               "KL to teacher": r["val_kl"], "tok/s": r["tok_per_s"]} for r in runs],

@@ -308,10 +308,10 @@ _PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight$")
 def _as_loaded(specs: list[TensorSpec], family: Family) -> dict[str, tuple[int, ...]]:
     """Names and shapes as transformers holds them in memory, where the per-expert tensors of an
     MoE-layout student (`experts.0.{gate,up,down}`) are fused into `gate_up_proj`/`down_proj`."""
-    g, u, d = family.expert_keys
+    g, u, d = family.expert_keys or ("gate_proj", "up_proj", "down_proj")  # a bare row: prune-dense's dense model
     out: dict[str, tuple[int, ...]] = {}
     fused: dict[str, dict[str, list[tuple[int, ...]]]] = {}
-    on_disk, in_memory = f".{family.moe_prefix}.", f".{family.moe_module}."
+    on_disk, in_memory = f".{family.moe_prefix or family.moe_module}.", f".{family.moe_module}."
     for spec in specs:
         if on_disk != in_memory and on_disk in spec.name:  # Mixtral-style `block_sparse_moe` is `mlp` in memory
             spec = TensorSpec(spec.name.replace(on_disk, in_memory, 1), spec.shape, spec.dtype)

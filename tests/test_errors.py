@@ -65,10 +65,10 @@ def test_dense_model_is_refused(tmp_path, corpus, capsys):
 def test_unsupported_family(tmp_path, teacher, corpus, capsys):
     src = _copy(teacher, tmp_path / "weird")
     cfg = json.loads((src / "config.json").read_text())
-    cfg["model_type"] = "jamba"
+    cfg["model_type"] = "mamba"
     (src / "config.json").write_text(json.dumps(cfg))
     code = main(_convert(src, corpus, tmp_path / "out"))
-    _assert_clean_error(capsys, code, "unsupported model family 'jamba'", tmp_path / "out")
+    _assert_clean_error(capsys, code, "unsupported model family 'mamba'", tmp_path / "out")
 
 
 @pytest.mark.parametrize("k", ["0", "7"])
