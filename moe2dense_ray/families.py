@@ -93,6 +93,13 @@ class Family:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# DeepSeek-V3's MoE, which several families reuse: sigmoid router with a score-correction bias
+# (used to select, not in the gates), group-limited top-k, shared experts
+_V3_ROUTING: dict[str, Any] = dict(
+    experts_attr="n_routed_experts", expert_size_attr="moe_intermediate_size", router_prob="sigmoid",
+    shared_prefix="shared_experts", router_extra_keys=("gate.e_score_correction_bias",), group_topk="always")
+
+
 def _first_k_dense(layers: int) -> dict[str, Any]:
     return {"first_k_dense_replace": layers}
 
@@ -150,9 +157,7 @@ FAMILIES: dict[str, Family] = {
         Family(
             model_type="deepseek_v3", dense_model_type="deepseek_v3",
             dense_architecture="DeepseekV3ForCausalLM", dense_layout="mlp", expert_layout="per_expert",
-            experts_attr="n_routed_experts", expert_size_attr="moe_intermediate_size",
-            router_prob="sigmoid", shared_prefix="shared_experts", all_dense=_first_k_dense,
-            router_extra_keys=("gate.e_score_correction_bias",), group_topk="always",
+            all_dense=_first_k_dense, **_V3_ROUTING,
             notes="As deepseek_v2, with a sigmoid router and `e_score_correction_bias` (used for selection, "
             "not for gates). Block-FP8 weights (`weight_scale_inv`) are dequantized to bf16; MTP layers "
             "beyond `num_hidden_layers` are dropped.",
@@ -160,27 +165,19 @@ FAMILIES: dict[str, Family] = {
         Family(
             model_type="glm4_moe", dense_model_type="glm4_moe", dense_architecture="Glm4MoeForCausalLM",
             dense_layout="mlp", expert_layout="per_expert",
-            experts_attr="n_routed_experts", expert_size_attr="moe_intermediate_size",
-            router_prob="sigmoid", shared_prefix="shared_experts", all_dense=_first_k_dense,
-            router_extra_keys=("gate.e_score_correction_bias",), group_topk="always",
+            all_dense=_first_k_dense, **_V3_ROUTING,
             notes="GLM-4.5: DeepSeek-V3's router and shared experts; every layer becomes dense.",
         ),
         Family(
             model_type="glm4_moe_lite", dense_model_type="glm4_moe_lite", dense_architecture="Glm4MoeLiteForCausalLM",
             dense_layout="mlp", expert_layout="per_expert",
-            experts_attr="n_routed_experts", expert_size_attr="moe_intermediate_size",
-            router_prob="sigmoid", shared_prefix="shared_experts",
-            all_dense=lambda n: {"mlp_layer_types": ["dense"] * n},
-            router_extra_keys=("gate.e_score_correction_bias",), group_topk="always",
+            all_dense=lambda n: {"mlp_layer_types": ["dense"] * n}, **_V3_ROUTING,
             notes="GLM-4.7-Flash: glm4_moe's router with MLA attention; every layer becomes dense.",
         ),
         Family(
             model_type="deepseek_v32", dense_model_type="deepseek_v32", dense_architecture="DeepseekV32ForCausalLM",
             dense_layout="mlp", expert_layout="per_expert",
-            experts_attr="n_routed_experts", expert_size_attr="moe_intermediate_size",
-            router_prob="sigmoid", shared_prefix="shared_experts",
-            all_dense=lambda n: {"first_k_dense_replace": n, "mlp_layer_types": ["dense"] * n},
-            router_extra_keys=("gate.e_score_correction_bias",), group_topk="always",
+            all_dense=lambda n: {"first_k_dense_replace": n, "mlp_layer_types": ["dense"] * n}, **_V3_ROUTING,
             notes="As deepseek_v3, with the sparse-attention indexer kept as it is; every layer becomes dense.",
         ),
         Family(
