@@ -139,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "except --src for weight grouping).")
     PlanConfig.add_arguments(pl)
     b = sub.add_parser("build", help="apply a plan to a checkpoint, streaming it into a dense model",
-                       description="Stream SRC tensor by tensor into the dense checkpoint described by PLAN.")
+                       description="Stream SRC tensor by tensor into the dense checkpoint described by PLAN.\n\n"
+                       "With --refit, each dense FFN is first fitted to its MoE layer's output on calibration "
+                       "text (--data, --samples, --seq-len, --workers: as for `calibrate`), in closed form; see "
+                       "docs/refit.md.", formatter_class=argparse.RawDescriptionHelpFormatter)
     BuildConfig.add_arguments(b)
     from .prune import PruneConfig
 

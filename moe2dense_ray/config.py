@@ -287,14 +287,19 @@ class BuildOutput(StageConfig):
     allow_pickle: bool = Field(False, description="accept pickle (.bin) checkpoints; they can run code when loaded")
 
 
-class BuildConfig(BuildOutput, RefitSettings, TeacherRunSettings):
-    """`moe2dense build`."""
-
+class _BuildInputs(StageConfig):
     src: str = positional("the MoE checkpoint the plan was made for (local or URL)", metavar="SRC")
     plan: str = positional("plan file, or a directory holding moe2dense_plan.json", metavar="PLAN")
+
+
+class _RefitText(StageConfig):
     data: Optional[str] = Field(None, description="calibration text for --refit (as for `calibrate`)",
                                 json_schema_extra={"metavar": "DATA"})
     seed: int = Field(0, description="seed for the choice and order of the --refit calibration blocks")
+
+
+class BuildConfig(TeacherRunSettings, _RefitText, RefitSettings, BuildOutput, _BuildInputs):  # flags: reverse order
+    """`moe2dense build`."""
 
     def refit_config(self) -> Optional[RefitConfig]:
         return _refit_config(self, self.data)
