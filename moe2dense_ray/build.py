@@ -24,7 +24,7 @@ import torch
 from .checkpoint import TOKENIZER_FILES, CheckpointReader, CheckpointWriter, TensorSpec, copy_aux_files
 from .errors import UserError
 from .families import Family, MoEShape, dense_config_dict, dense_width, get_family, moe_shape
-from .plan import PLAN_FILE, Plan
+from .plan import PLAN_FILE, Plan, first_nonfinite_json
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -347,27 +347,16 @@ def _load_config(reader: CheckpointReader):
     d = reader.config_dict()
     mt = d.get("model_type")
     family = get_family(mt)
-    bad = _first_nonfinite(d)
+    bad = first_nonfinite_json(d)
     if bad is not None:  # json reads NaN and Infinity; a NaN rms_norm_eps would make every output NaN
-        raise UserError(f"{reader.url}/config.json: {bad[0]} is {bad[1]}, not a finite number: the config is broken")
+        where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in bad[0]).lstrip(".")
+        raise UserError(f"{reader.url}/config.json: {where} is {bad[1]}, not a finite number: the config is broken")
     try:
         cfg = CONFIG_MAPPING[mt].from_dict({k: v for k, v in d.items() if k != "quantization_config"})
     except Exception as e:  # noqa: BLE001 - config classes raise anything for a field of the wrong type
         why = " ".join(str(e).split()) or type(e).__name__
         raise UserError(f"{reader.url}/config.json is not a valid {mt} config: {why[:300]}") from None
     return d, family, cfg
-
-
-def _first_nonfinite(obj, where: str = "") -> tuple[str, float] | None:
-    if isinstance(obj, float):
-        return None if math.isfinite(obj) else (where, obj)
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
-    for k, v in items:
-        found = _first_nonfinite(v, f"{where}.{k}" if where and isinstance(k, str) else
-                                 f"{where}[{k}]" if where else str(k))
-        if found is not None:
-            return found
-    return None
 
 
 def _check_weight_dtypes(reader: CheckpointReader, cfg_dict: dict) -> None:

@@ -87,7 +87,7 @@ class Plan:
         if d["version"] != PLAN_VERSION or isinstance(d["version"], bool):
             raise UserError(f"{where}: plan version {d['version']!r} is not supported (this moe2dense reads "
                             f"version {PLAN_VERSION}); make the plan again with `moe2dense plan`")
-        bad = _first_nonfinite(d)
+        bad = first_nonfinite_json(d)
         if bad is not None:
             loc, value = bad
             raise UserError(f"{where}: {_describe(loc, d)} is {_json_number(value)} (not a finite number)")
@@ -184,13 +184,13 @@ def _check_keys(d: dict[str, Any], where: str) -> None:
                 check(lp, LayerPlan, (), f"{_describe(('layers', i), d)}: ")
 
 
-def _first_nonfinite(obj: Any, loc: tuple = ()) -> tuple[tuple, float] | None:
+def first_nonfinite_json(obj: Any, loc: tuple = ()) -> tuple[tuple, float] | None:
     """Where the first NaN or infinity in parsed JSON is (json.loads accepts NaN and Infinity)."""
     if isinstance(obj, float):
         return None if math.isfinite(obj) else (loc, obj)
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
     for key, value in items:
-        found = _first_nonfinite(value, (*loc, key))
+        found = first_nonfinite_json(value, (*loc, key))
         if found is not None:
             return found
     return None
