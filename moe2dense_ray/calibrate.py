@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -234,6 +234,9 @@ class LoadedTeacher:
     family: Family
     shape: MoEShape
     device: str
+    # what passes derive from the teacher and reuse across passes (a sequential refit's student
+    # FFNs: built once per layer, not once per layer and pass)
+    cache: dict[Any, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, src: str, *, device: str = "auto", dtype: str = "auto") -> "LoadedTeacher":

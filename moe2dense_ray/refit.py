@@ -131,11 +131,15 @@ class RefitPass(TeacherPass):
         dev = next(self.model.parameters()).device
         biased = self.family.expert_layout == "interleaved_biased"
         last = max(self.collect) if self.collect else None
+        plan_key = hash(self.plan.to_json())
         for i in sorted(set(self.collect) | set(self.replaced)):
             block = getattr(layers[i], self.family.moe_module)
-            ffn = plan_ffn(self.plan, i, reader)
-            ffn = Expert(*(t.to(dev, torch.float32) if isinstance(t, torch.Tensor) else t
-                           for t in (ffn.gate, ffn.up, ffn.down, ffn.gate_bias, ffn.up_bias, ffn.down_bias)))
+            ffn = self.teacher.cache.get((plan_key, i))
+            if ffn is None:  # built once per replica, kept for the passes after (sequential mode)
+                ffn = plan_ffn(self.plan, i, reader)
+                ffn = Expert(*(t.to(dev, torch.float32) if isinstance(t, torch.Tensor) else t
+                               for t in (ffn.gate, ffn.up, ffn.down, ffn.gate_bias, ffn.up_bias, ffn.down_bias)))
+                self.teacher.cache[(plan_key, i)] = ffn
             if i in self.replaced:
                 set_down_t(ffn, self.replaced[i].to(dev, torch.float32))
             stash: dict[str, torch.Tensor] = {}
