@@ -306,8 +306,9 @@ _PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight$")
 
 
 def _as_loaded(specs: list[TensorSpec], family: Family) -> dict[str, tuple[int, ...]]:
-    """Names and shapes as transformers holds them in memory, where the per-expert tensors of an
-    MoE-layout student (`experts.0.{gate,up,down}`) are fused into `gate_up_proj`/`down_proj`."""
+    """Names and shapes as transformers holds them in memory: renamed as its checkpoint-conversion
+    mapping renames them, and the per-expert tensors of an MoE-layout student
+    (`experts.0.{gate,up,down}`) fused into `gate_up_proj`/`down_proj`."""
     g, u, d = family.expert_keys or ("gate_proj", "up_proj", "down_proj")  # a bare row: prune-dense's dense model
     out: dict[str, tuple[int, ...]] = {}
     fused: dict[str, dict[str, list[tuple[int, ...]]]] = {}
@@ -315,6 +316,9 @@ def _as_loaded(specs: list[TensorSpec], family: Family) -> dict[str, tuple[int, 
     for spec in specs:
         if on_disk != in_memory and on_disk in spec.name:  # Mixtral-style `block_sparse_moe` is `mlp` in memory
             spec = TensorSpec(spec.name.replace(on_disk, in_memory, 1), spec.shape, spec.dtype)
+        for disk, memory in family.disk_renames:  # transformers' other renamings (MiMo's attention sinks)
+            if disk in spec.name:
+                spec = TensorSpec(spec.name.replace(disk, memory, 1), spec.shape, spec.dtype)
         m = _PER_EXPERT.match(spec.name)
         if m is None or m.group(3) not in (g, u, d):
             out[spec.name] = spec.shape

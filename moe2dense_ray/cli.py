@@ -11,7 +11,7 @@ import warnings
 from .errors import UserError
 
 _DESCRIPTION = """\
-moe2dense converts a trained Mixture-of-Experts language model (26 families: Qwen3-MoE,
+moe2dense converts a trained Mixture-of-Experts language model (27 families: Qwen3-MoE,
 Qwen3-Next, DeepSeek-V3, GLM-4.5, GPT-OSS, MiniMax, ...; `moe2dense families`) into a standard
 dense model that loads with AutoModelForCausalLM.from_pretrained. Experts are scored on calibration text, the best K per
 layer are selected, grouped into k blocks, concatenated into one dense FFN and scaled

@@ -232,6 +232,14 @@ FAMILIES: dict[str, Family] = {
             notes="EXAONE-MoE: DeepSeek-V3-style router; every layer becomes dense (`mlp_layer_types`).",
         ),
         Family(
+            model_type="mimo_v2_flash", dense_model_type="mimo_v2_flash", dense_architecture="MiMoV2FlashForCausalLM",
+            dense_layout="mlp", expert_layout="per_expert",
+            experts_attr="n_routed_experts", expert_size_attr="moe_intermediate_size", router_prob="sigmoid",
+            all_dense=lambda n: {"mlp_layer_types": ["dense"] * n},
+            notes="MiMo-V2-Flash: sigmoid router with a score bias, no shared expert, attention sinks on its "
+            "sliding-window layers; every layer becomes dense.",
+        ),
+        Family(
             model_type="afmoe", dense_model_type="afmoe", dense_architecture="AfmoeForCausalLM",
             dense_layout="mlp", expert_layout="per_expert",
             experts_attr="num_experts", expert_size_attr="moe_intermediate_size", router_module="router",
