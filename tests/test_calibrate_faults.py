@@ -365,8 +365,11 @@ def test_ray_errors_become_one_line(ray_cluster):
     a = Fine.remote()
     ray.get(a.ping.remote())
     ray.kill(a)
+    deadline = time.time() + 30
     with pytest.raises(ray.exceptions.RayActorError) as e:
-        ray.get(a.ping.remote())
+        while time.time() < deadline:  # ray.kill is asynchronous: a call sent at once may still be served
+            ray.get(a.ping.remote())
+            time.sleep(0.1)
     line = _worker_error(e.value)
     assert line.startswith("a calibration worker died: ") and "\n" not in line and "class_name" not in line
 
