@@ -105,8 +105,8 @@ class StageConfig(BaseModel):
             if not field.is_required() and field.default not in (None, False, {}):
                 help_text += f" (default {field.default})"
             kw: dict[str, Any] = dict(help=help_text, default=argparse.SUPPRESS)
-            if kind is bool:  # a switch; one that is on by default gets a --no- form
-                kw["action"] = argparse.BooleanOptionalAction if field.default else "store_true"
+            if kind is bool:  # a switch; one that is on (or decided later, None) by default gets a --no- form
+                kw["action"] = argparse.BooleanOptionalAction if field.default is not False else "store_true"
             else:
                 kw["type"] = _checked(kind, field)
                 if choices:

@@ -20,43 +20,67 @@ def load_model(path: str, dtype: torch.dtype = torch.float32):
 
 
 @torch.no_grad()  # not inference_mode: under ZeRO-3 the model trains on after this
+def heldout_sums(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, batch_size: int = 8,
+                 targets=None, loss: str = "forward_kl", temperature: float = 1.0,
+                 keep: torch.Tensor | None = None) -> dict[str, float]:
+    """The sums behind `heldout_metrics` (next-token NLL and its count; with `targets`, the
+    distillation loss and its count), so that several ranks' shares add up before the means.
+
+    One forward of the model's body per batch, then the LM head a chunk of rows at a time
+    (`distill.losses.chunked_loss`): no [tokens x vocabulary] tensor, at any vocabulary. Blocks
+    whose `keep` is False are run but not counted (a rank's padding, so that every rank makes the
+    same forward calls, as ZeRO-3 requires).
+    """
+    from .distill.codec import SparseTarget
+    from .distill.losses import chunked_loss
+    from .lm_head import LMHead
+
+    head = LMHead(model)
+    dev = next(head.model.parameters()).device
+    S = input_ids.shape[1]
+    out = {"nll": 0.0, "tokens": 0, "kd": 0.0, "kd_tokens": 0}
+    for s in range(0, input_ids.shape[0], batch_size):
+        ids = input_ids[s:s + batch_size].to(dev).long()
+        mask = attention_mask[s:s + batch_size].to(dev).long()
+        hidden = head.hidden(ids, mask)
+        if keep is not None:
+            mask = mask * keep[s:s + batch_size].to(dev).long().unsqueeze(1)
+        part = None
+        if targets is not None:
+            rows = slice(s * S, (s + ids.shape[0]) * S)
+            part = SparseTarget(targets.ids[rows], targets.logprobs[rows],
+                                None if targets.weights is None else targets.weights[rows]).to(dev)
+        sums = chunked_loss(head.logits, hidden, ids, mask, part, loss=loss, temperature=temperature, ce=True,
+                            rows=head.rows())
+        out["nll"] += float(sums.ce)
+        out["tokens"] += sums.ce_tokens
+        if part is not None:
+            out["kd"] += float(sums.kd)
+            out["kd_tokens"] += sums.tokens
+    return out
+
+
+def metrics_of(sums: dict[str, float], *, kl: bool) -> dict[str, float]:
+    """Perplexity (and mean distillation loss) from `heldout_sums`' sums."""
+    if sums["tokens"] == 0:
+        from .errors import UserError
+
+        raise UserError("no tokens to evaluate")
+    out = {"ppl": math.exp(sums["nll"] / sums["tokens"]), "tokens": int(sums["tokens"])}
+    if kl:
+        out["kl"] = sums["kd"] / max(sums["kd_tokens"], 1)
+    return out
+
+
 def heldout_metrics(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, batch_size: int = 8,
                     targets=None, loss: str = "forward_kl", temperature: float = 1.0) -> dict[str, float]:
     """Perplexity over the non-padding next-token predictions of the given blocks, and, given the
     teacher's `targets` for the same blocks (a `distill.codec.SparseTarget` over all their
     positions), the mean distillation loss to the teacher, in one forward pass per batch.
     """
-    nll, count, kd, kd_count = 0.0, 0, 0.0, 0
-    dev = next(model.parameters()).device
-    S = input_ids.shape[1]
-    for s in range(0, input_ids.shape[0], batch_size):
-        ids = input_ids[s:s + batch_size].to(dev).long()
-        mask = attention_mask[s:s + batch_size].to(dev).long()
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-        target = ids[:, 1:]
-        valid = (mask[:, 1:] * mask[:, :-1]).bool()
-        loss_sum = torch.nn.functional.cross_entropy(logits[:, :-1][valid], target[valid], reduction="sum")
-        nll += float(loss_sum)
-        count += int(valid.sum())
-        if targets is not None:
-            from .distill.codec import SparseTarget
-            from .distill.losses import LOSSES
-
-            rows = slice(s * S, (s + ids.shape[0]) * S)
-            part = SparseTarget(targets.ids[rows], targets.logprobs[rows],
-                                None if targets.weights is None else targets.weights[rows]).to(dev)
-            per_token = LOSSES.get(loss)(logits.reshape(-1, logits.shape[-1]), part, temperature)
-            real = mask.reshape(-1).bool()
-            kd += float(per_token[real].sum())
-            kd_count += int(real.sum())
-    if count == 0:
-        from .errors import UserError
-
-        raise UserError("no tokens to evaluate")
-    out = {"ppl": math.exp(nll / count), "tokens": count}
-    if targets is not None:
-        out["kl"] = kd / max(kd_count, 1)
-    return out
+    sums = heldout_sums(model, input_ids, attention_mask, batch_size=batch_size, targets=targets, loss=loss,
+                        temperature=temperature)
+    return metrics_of(sums, kl=targets is not None)
 
 
 def perplexity(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, batch_size: int = 8) -> float:
@@ -117,4 +141,4 @@ def students(teacher: str, stats, configs: dict[str, dict[str, Any]], out_dir: s
         bar.close()
 
 
-__all__ = ["load_model", "heldout_metrics", "perplexity", "heldout_blocks", "model_perplexity", "students"]
+__all__ = ["load_model", "heldout_metrics", "heldout_sums", "metrics_of", "perplexity", "heldout_blocks", "model_perplexity", "students"]

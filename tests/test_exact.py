@@ -18,6 +18,7 @@ from moe2dense_ray.calibrate import calibrate
 from moe2dense_ray.checkpoint import CheckpointReader
 from moe2dense_ray.families import get_family
 from moe2dense_ray.plan import PLAN_FILE, make_plan
+from moe2dense_ray.lm_head import LMHead
 from moe2dense_ray.testing import FAMILY_NAMES, make_tiny_moe
 
 
@@ -44,6 +45,10 @@ def test_uniform_router_all_experts_is_exact(model_type, tmp_path, tokenizer, co
     assert t.abs().max() > 0.1, "the teacher's logits are too small for this test to mean anything"
     diff = (t - s).abs().max().item()
     assert diff < 1e-4, f"{model_type}: max |teacher - student| = {diff}"
+    # both split into body and LM head give their own logits: the chunked teacher service and
+    # student loss (lm_head.py) are exact for every family, on both sides
+    for model in (teacher, student):
+        LMHead(model).check()
     # generate works on the student and the tokenizer came along
     out = student.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 7)

@@ -89,6 +89,9 @@ class DistillConfig(TeacherStreamConfig):
     worker_resources: Resources = Field({}, description="custom Ray resources per training worker, "
                                         "NAME=AMOUNT[,...] (e.g. student=1: workers go only to nodes that declare "
                                         "`student`)", json_schema_extra={"metavar": "RES"})
+    activation_checkpointing: Optional[bool] = Field(None, description="keep only each layer's input in the "
+                                                     "forward pass and recompute the rest in backward (default: "
+                                                     "on when training on GPUs)")
     threads: Optional[PositiveInt] = Field(None, description="torch threads per training worker (default: the "
                                            "node's cores / --workers: the teacher leaves them idle much of the time)",
                                            json_schema_extra={"metavar": "N"})

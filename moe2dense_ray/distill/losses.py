@@ -29,9 +29,12 @@ gradients stay finite; the floor changes no value by more than that float.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .codec import SparseTarget
 
@@ -128,4 +131,79 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {"forward_kl": forward_kl, "rev
 """Loss functions by name; `jsd` takes ``beta=`` (bind it with functools.partial). A plain dict, not
 methods.registry.Registry: a loss needs no calibration statistics, and callers index it."""
 
-__all__ = ["LOSSES", "forward_kl", "jsd", "masked_mean", "reverse_kl"]
+
+
+# ---- the student side: a micro-batch's loss from hidden states, a chunk of rows at a time ------------
+
+
+@dataclass
+class LossSums:
+    """Sums over one batch's tokens, so that chunks, batches and ranks add up before any mean.
+
+    `kd` sums the per-token loss over real tokens (`tokens` of them); `ce` sums the next-token
+    cross-entropy over positions whose token and successor are real (`ce_tokens`). Both are
+    tensors that carry gradients when computed with them; `ce` is zero when not asked for.
+    """
+
+    kd: torch.Tensor
+    tokens: int
+    ce: torch.Tensor
+    ce_tokens: int
+
+    def means(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kd / max(self.tokens, 1), self.ce / max(self.ce_tokens, 1)
+
+
+def next_token_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, S] -> [B, S] labels: the next token where it and this one are real, else -100."""
+    labels = torch.full_like(input_ids, -100)
+    valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
+    labels[:, :-1] = torch.where(valid, input_ids[:, 1:], -100)
+    return labels
+
+
+def chunked_loss(logits_of: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, target: SparseTarget | None, *, loss: str = "forward_kl",
+                 temperature: float = 1.0, ce: bool = False, rows: int) -> LossSums:
+    """The KD and CE sums of a batch from its final hidden states [B, S, H], `rows` tokens at a time.
+
+    `logits_of` maps hidden rows to logits (`lm_head.LMHead.logits`); `target` holds one row per
+    token of the batch (B * S rows), or None for cross-entropy alone. Each chunk's logits, softmax
+    and loss live only while that chunk is computed: under autograd every chunk is checkpointed
+    and recomputed in backward, so training holds [rows x vocabulary] at a time, never
+    [tokens x vocabulary]. The sums equal those of the whole batch's logits up to float rounding
+    (the chunks only reorder additions), and so do their gradients.
+    """
+    H = hidden.shape[-1]
+    h = hidden.reshape(-1, H)
+    real = attention_mask.reshape(-1).bool()
+    labels = next_token_labels(input_ids, attention_mask).reshape(-1)
+    fn = LOSSES[loss] if target is not None else None
+    if target is not None and target.ids.shape[0] != h.shape[0]:
+        raise ValueError(f"the target has {target.ids.shape[0]} rows for {h.shape[0]} tokens")
+
+    def part(h_c, real_c, labels_c, ids_c, logp_c, w_c):
+        logits = logits_of(h_c)
+        kd_c = torch.zeros((), dtype=torch.float32, device=h_c.device)
+        if fn is not None:
+            per_token = fn(logits, SparseTarget(ids_c, logp_c, w_c), temperature)
+            kd_c = torch.where(real_c, per_token, 0).sum()
+        ce_c = F.cross_entropy(logits.float(), labels_c, ignore_index=-100, reduction="sum") if ce \
+            else torch.zeros((), dtype=torch.float32, device=h_c.device)
+        return kd_c, ce_c
+
+    n = h.shape[0]
+    recompute = torch.is_grad_enabled() and hidden.requires_grad and n > rows
+    kd = ce_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        args = (h[s:e], real[s:e], labels[s:e],
+                *((target.ids[s:e], target.logprobs[s:e], None if target.weights is None else target.weights[s:e])
+                  if target is not None else (None, None, None)))
+        kd_c, ce_c = checkpoint(part, *args, use_reentrant=False) if recompute else part(*args)
+        kd, ce_sum = kd + kd_c, ce_sum + ce_c
+    return LossSums(kd, int(real.sum()), ce_sum, int((labels != -100).sum()))
+
+
+__all__ = ["LOSSES", "LossSums", "chunked_loss", "forward_kl", "jsd", "masked_mean", "next_token_labels",
+           "reverse_kl"]

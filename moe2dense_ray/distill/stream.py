@@ -67,33 +67,47 @@ class TeacherService:
     """One teacher replica (a Ray Data actor): a batch of blocks gains the teacher's `t_*` columns.
 
     The replica is loaded once per actor (bf16 on its GPUs, sharded over them when it holds
-    several; fp32 on CPU). Columns come back shaped [blocks, seq_len, ...] so a row stays a block.
+    several; fp32 on CPU). Its body runs once per batch; the LM head, the softmax and the codec
+    then run a chunk of rows at a time (`lm_head.rows_per_chunk`), so beyond the model's own
+    activations the replica holds one chunk's logits, never the batch's [tokens x vocabulary].
+    Columns come back shaped [blocks, seq_len, ...] so a row stays a block.
     """
 
     def __init__(self, teacher: str, *, codec: str, top_k: int, draws: int, temperature: float, seed: int,
                  threads: int | None = None):
         from ..calibrate import load_causal_lm
+        from ..lm_head import LMHead
         from .codec import CODECS
 
         if threads:
             torch.set_num_threads(threads)
         self.model, _, self.device = load_causal_lm(teacher)
+        self.head = LMHead(self.model)
+        self.head.check()
+        self.rows = self.head.rows()
         self.codec = CODECS[codec]
         self.opts = dict(k=draws if codec == "sampled" else top_k, temperature=temperature)
         self.seed = seed
+
+    def _encode(self, hidden: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, np.ndarray]:
+        """Rows of hidden states [N, H] -> the codec's columns [N, ...], a chunk of rows at a time."""
+        parts = [self.codec.encode(self.head.logits(hidden[s:s + self.rows]), generator=generator, **self.opts)
+                 for s in range(0, hidden.shape[0], self.rows)]
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=self.device)
         mask = torch.as_tensor(batch["attention_mask"], dtype=torch.long, device=self.device)
         B, S = ids.shape
-        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-        if not self.codec.seeded:  # top-k is deterministic: the whole batch in one call (on a GPU the
-            return {**batch, **self.codec.encode(logits, **self.opts)}  # per-block loop was 50-96% of the time)
+        hidden = self.head.hidden(ids, mask)
+        if not self.codec.seeded:  # top-k is deterministic: the whole batch's rows in one sequence of chunks
+            cols = self._encode(hidden.reshape(B * S, -1))  # (on a GPU a per-block loop was 50-96% of the time)
+            return {**batch, **{k: v.reshape(B, S, *v.shape[1:]) for k, v in cols.items()}}
         per_block = []
         for i in range(B):  # per block: the sampled codec draws from a generator seeded by its index
-            gen = torch.Generator(device=logits.device).manual_seed(self.seed * 1_000_003 + int(batch["block_index"][i]))
-            per_block.append(self.codec.encode(logits[i], generator=gen, **self.opts))
+            gen = torch.Generator(device=hidden.device).manual_seed(self.seed * 1_000_003 + int(batch["block_index"][i]))
+            per_block.append(self._encode(hidden[i], gen))
         out = dict(batch)
         for name in per_block[0]:
             out[name] = np.stack([cols[name] for cols in per_block])

@@ -82,22 +82,39 @@ def decode_target(codec: str, columns: dict[str, np.ndarray]):
 
 
 def batch_loss(model, batch: dict[str, np.ndarray], cfg, device) -> tuple[torch.Tensor, float, float]:
-    """(loss, kd, ce) of one micro-batch: (1 - w) * KD + w * CE, both averaged over real tokens."""
-    from .losses import LOSSES, masked_mean
+    """(loss, kd, ce) of one micro-batch: (1 - w) * KD + w * CE, both averaged over real tokens.
 
+    The body runs once; the LM head, the softmax and both losses run a chunk of rows at a time
+    (`losses.chunked_loss`), so the micro-batch never holds [tokens x vocabulary].
+    """
+    from ..lm_head import LMHead
+    from .losses import chunked_loss
+
+    head = model if isinstance(model, LMHead) else LMHead(model)
     ids, mask = _to_torch(batch, device)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    V = logits.shape[-1]
     target = decode_target(cfg.codec, batch).to(device)
-    per_token = LOSSES.get(cfg.loss)(logits.reshape(-1, V), target, cfg.temperature)
-    kd = masked_mean(per_token, mask.reshape(-1))
-    loss = kd
-    ce = torch.zeros(())
-    if cfg.ce_weight > 0:
-        valid = (mask[:, 1:] * mask[:, :-1]).bool()
-        ce = torch.nn.functional.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:][valid])
-        loss = (1 - cfg.ce_weight) * kd + cfg.ce_weight * ce
+    sums = chunked_loss(head.logits, head.hidden(ids, mask), ids, mask, target, loss=cfg.loss,
+                        temperature=cfg.temperature, ce=cfg.ce_weight > 0, rows=head.rows())
+    kd, ce = sums.means()
+    loss = kd if cfg.ce_weight == 0 else (1 - cfg.ce_weight) * kd + cfg.ce_weight * ce
     return loss, float(kd.detach()), float(ce.detach())
+
+
+def _val_share(val: dict[str, np.ndarray], rank: int, world: int, codec: str):
+    """This rank's share of the validation blocks: (input_ids, attention_mask, keep, teacher target).
+
+    Every rank gets the same number of blocks (ceil(n / world)), a short share padded with block 0
+    marked `keep` False, so all ranks make the same forward calls (ZeRO-3 gathers weights
+    collectively) and padding is not counted.
+    """
+    n = len(val["input_ids"])
+    per = -(-n // world)
+    rows = list(range(rank * per, min(n, (rank + 1) * per)))
+    keep = [True] * len(rows) + [False] * (per - len(rows))
+    rows += [0] * (per - len(rows))
+    cols = {k: np.asarray(v)[rows] for k, v in val.items()}
+    return (torch.as_tensor(cols["input_ids"]), torch.as_tensor(cols["attention_mask"]), torch.as_tensor(keep),
+            decode_target(codec, cols))
 
 
 def _write_metrics(run: str, row: dict[str, Any]) -> None:
@@ -161,7 +178,8 @@ def train_func(config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from transformers import get_cosine_schedule_with_warmup
 
-    from ..evaluate import heldout_metrics, load_model
+    from ..evaluate import heldout_sums, load_model, metrics_of
+    from ..lm_head import LMHead
     from .config import DistillConfig
     from .export import export_student
 
@@ -176,6 +194,10 @@ def train_func(config: dict[str, Any]) -> None:
     device = torch.device(f"cuda:{ctx.get_local_rank()}" if cuda else "cpu")
 
     model = load_model(cfg.student).train()  # fp32 master weights; bf16 compute on GPUs via DeepSpeed
+    if cfg.activation_checkpointing if cfg.activation_checkpointing is not None else cuda:
+        # keep each layer's input only, recompute the rest in backward: activations of a 3B student
+        # at 8k tokens a micro-batch would otherwise outgrow its weights and optimizer state
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup * steps), steps)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -192,17 +214,25 @@ def train_func(config: dict[str, Any]) -> None:
     trained = np.asarray(sorted(state["trained"]), dtype=np.int64)
     resumed_from = step
 
+    head = LMHead(engine)
+    head.check()  # the split model (body, then the head a chunk at a time) gives the model's own logits
     val = config.get("val")
-    val_targets = decode_target(cfg.codec, val) if val else None
+    val_share = _val_share(val, rank, world, cfg.codec) if val else None
 
     def validate() -> dict[str, float]:
         if not val:
             return {}
         engine.eval()
-        # forward KL whatever the training loss: the one divergence every run reports alike
-        m = heldout_metrics(engine, torch.as_tensor(val["input_ids"]), torch.as_tensor(val["attention_mask"]),
-                            targets=val_targets, loss="forward_kl", temperature=cfg.temperature)
+        ids, mask, keep, targets = val_share
+        # forward KL whatever the training loss: the one divergence every run reports alike.
+        # Each rank validates its share, in micro-batches, and the sums are added over ranks.
+        sums = heldout_sums(engine, ids, mask, batch_size=cfg.batch_size, keep=keep, targets=targets,
+                            loss="forward_kl", temperature=cfg.temperature)
         engine.train()
+        totals = torch.tensor([sums["nll"], sums["tokens"], sums["kd"], sums["kd_tokens"]], dtype=torch.float64,
+                              device=device)
+        dist.all_reduce(totals)
+        m = metrics_of(dict(zip(("nll", "tokens", "kd", "kd_tokens"), totals.tolist())), kl=True)
         return {"val_ppl": m["ppl"], "val_kl": m["kl"]}
 
     shard = ray.train.get_dataset_shard(f"train_{rank}")
