@@ -21,6 +21,7 @@ raises `UserError` with a one-line message that names the file and, where it hel
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import json
 import logging
@@ -79,7 +80,7 @@ def load_texts(source: str, *, text_field: str = "text", split: str = "train") -
     """
     if source.startswith(HF_PREFIX):
         return _hf_texts(source, text_field=text_field, split=split)
-    fs, files = _resolve_files(source)
+    fs, files = resolve_files(source)
     return _iter_files(fs, files, text_field)
 
 
@@ -168,7 +169,7 @@ def _supported_list() -> str:
     return ".txt, .jsonl, .json or .parquet (text formats optionally .gz/.bz2/.xz), a directory, a glob, or hf:DATASET"
 
 
-def _resolve_files(source: str) -> tuple[AbstractFileSystem, list[str]]:
+def resolve_files(source: str) -> tuple[AbstractFileSystem, list[str]]:
     """The readable files behind a path, URL, directory or glob, in a stable (sorted) order.
 
     Directories and globs silently skip hidden files (`.DS_Store`, `_SUCCESS`) and files of other
@@ -219,22 +220,146 @@ def _display(fs: AbstractFileSystem, path: str) -> str:
 
 def _iter_files(fs: AbstractFileSystem, files: list[str], text_field: str) -> Iterator[str]:
     for path in files:
-        fmt, compression = _split_ext(path)
-        name = _display(fs, path)
-        if is_local(fs) and not stat.S_ISREG(os.stat(path).st_mode):
-            raise UserError(f"{name} is not a regular file")  # a device (/dev/zero) would be read forever
-        try:
+        yield from file_docs(fs, path, text_field)
+
+
+def file_docs(fs: AbstractFileSystem, path: str, text_field: str, start: int = 0,
+              end: int | None = None) -> Iterator[str]:
+    """The documents of one file, or of its lines that start in bytes [start, end) (`splittable`
+    files only: a line belongs to the range its first byte lies in, so ranges that tile a file
+    read every line once)."""
+    fmt, compression = _split_ext(path)
+    name = _display(fs, path)
+    ranged = start > 0 or end is not None
+    if ranged:
+        if not splittable(path):
+            raise ValueError(f"{name} cannot be read in byte ranges")
+        name = f"{name} [bytes {start}:{end}]"
+    if is_local(fs) and not stat.S_ISREG(os.stat(path).st_mode):
+        raise UserError(f"{name} is not a regular file")  # a device (/dev/zero) would be read forever
+    try:
+        if fmt == "parquet":
+            yield from _parquet_docs(fs, path, name, text_field)
+        elif ranged:
+            lines = _range_lines(fs, path, start, end, _READ_CHUNK if fmt == "txt" else MAX_JSON_LINE + 1)
+            yield from (_txt_docs(lines) if fmt == "txt" else _json_docs(lines, name, text_field))
+        elif fmt == "txt":
+            with _open_text(fs, path, compression) as f:
+                yield from _txt_docs(iter(lambda: f.readline(_READ_CHUNK), ""))
+        elif fmt == "json" and _starts_with_bracket(fs, path, compression):
+            yield from _json_array_docs(fs, path, compression, name, text_field)
+        else:
+            with _open_text(fs, path, compression) as f:
+                yield from _json_docs(iter(lambda: f.readline(MAX_JSON_LINE + 1), ""), name, text_field)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{name} is not UTF-8 text: {e.reason} at byte {e.start}") from e
+    except (OSError, EOFError) as e:
+        # truncated/corrupt gzip, permission denied, a remote read failing...
+        raise UserError(f"cannot read {name}: {e}") from e
+
+
+def splittable(path: str) -> bool:
+    """Whether a file can be read in byte ranges: uncompressed text and JSON lines."""
+    fmt, compression = _split_ext(path)
+    return compression is None and fmt in ("txt", "jsonl")
+
+
+def _range_lines(fs: AbstractFileSystem, path: str, start: int, end: int | None, limit: int) -> Iterator[str]:
+    """The lines of a file that start in bytes [start, end), decoded as they are read.
+
+    A range that starts inside a line skips it (the range before owns it); a range's last line
+    may run past `end`. Long lines come in pieces of at most `limit` bytes, as `readline` with a
+    limit gives them from a whole file; Windows line ends read as "\\n", as text mode reads them.
+    """
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8-sig" if start == 0 else "utf-8")()
+    with fs.open(path, "rb") as f:
+        pos = start
+        if start > 0:
+            f.seek(start - 1)
+            pos -= 1
+            while True:  # the rest of the line holding byte start-1 (just its newline if it ends there)
+                piece = f.readline(_READ_CHUNK)
+                pos += len(piece)
+                if not piece or piece.endswith(b"\n"):
+                    break
+        at_line_start = True
+        while end is None or pos < end or not at_line_start:
+            piece = f.readline(limit)
+            if not piece:
+                break
+            pos += len(piece)
+            at_line_start = piece.endswith(b"\n")
+            if piece.endswith(b"\r\n"):
+                piece = piece[:-2] + b"\n"
+            yield decoder.decode(piece)
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
+
+
+class _CountingReader(io.RawIOBase):
+    """A raw byte stream that counts what is read from it (a compressed file's position)."""
+
+    def __init__(self, f):
+        self.f, self.count = f, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.f.read(len(b))
+        b[:len(data)] = data
+        self.count += len(data)
+        return len(data)
+
+
+def sample_density(fs: AbstractFileSystem, path: str, tokenizer: PreTrainedTokenizerBase, text_field: str,
+                   chars: int) -> tuple[float, int | None]:
+    """(tokens per byte of the file as stored, the exact token count if the file holds under `chars`
+    characters of text) from its first documents: what the file will pack into, without reading it.
+
+    Tokens are counted as `pack_rows` frames documents; bytes are those read from storage for
+    them (compressed bytes for a compressed file; the text column's share for Parquet).
+    """
+    fmt, compression = _split_ext(path)
+    name = _display(fs, path)
+    size = max(1, fs.size(path))
+    sample: list[str] = []
+    n = 0
+    with fs.open(path, "rb") as raw:
+        counting = _CountingReader(raw)
+        if fmt == "parquet":
+            docs: Iterator[str] = _parquet_docs(fs, path, name, text_field)
+        else:
+            from fsspec.compression import compr
+
+            stream = compr[compression](io.BufferedReader(counting), mode="rb") if compression else counting
+            text = io.TextIOWrapper(io.BufferedReader(stream) if not compression else stream, encoding="utf-8-sig")
             if fmt == "txt":
-                yield from _txt_docs(fs, path, compression)
-            elif fmt == "parquet":
-                yield from _parquet_docs(fs, path, name, text_field)
+                docs = _txt_docs(iter(lambda: text.readline(_READ_CHUNK), ""))
+            elif fmt == "json" and _starts_with_bracket(fs, path, compression):
+                docs = _json_array_docs(fs, path, compression, name, text_field)
             else:
-                yield from _json_docs(fs, path, compression, name, text_field, fmt == "json")
-        except UnicodeDecodeError as e:
-            raise UserError(f"{name} is not UTF-8 text: {e.reason} at byte {e.start}") from e
-        except (OSError, EOFError) as e:
-            # truncated/corrupt gzip, permission denied, a remote read failing...
-            raise UserError(f"cannot read {name}: {e}") from e
+                docs = _json_docs(iter(lambda: text.readline(MAX_JSON_LINE + 1), ""), name, text_field)
+        for doc in docs:
+            sample.append(doc)
+            n += len(doc)
+            if n >= chars:
+                break
+        whole = n < chars
+        used = counting.count
+    tokens = sum(real for _, real in pack_rows(iter(sample), tokenizer, seq_len=1 << 12, blocks=1 << 62))
+    if whole:
+        return tokens / size, tokens
+    if fmt == "parquet":  # the share of the rows the sample read
+        import pyarrow.parquet as pq
+
+        with fs.open(path, "rb") as f:
+            rows = pq.ParquetFile(f).metadata.num_rows
+        return tokens * rows / max(1, len(sample)) / size, None
+    return tokens / max(1, used), None
 
 
 def _open_text(fs: AbstractFileSystem, path: str, compression: str | None) -> TextIO:
@@ -242,27 +367,23 @@ def _open_text(fs: AbstractFileSystem, path: str, compression: str | None) -> Te
     return fs.open(path, "rt", compression=compression, encoding="utf-8-sig")
 
 
-def _txt_docs(fs: AbstractFileSystem, path: str, compression: str | None) -> Iterator[str]:
+def _txt_docs(lines: Iterable[str]) -> Iterator[str]:
     """Paragraphs separated by blank lines; internal newlines are kept (they carry meaning in code/poetry)."""
-    with _open_text(fs, path, compression) as f:
-        lines: list[str] = []
-        size = 0
-        while True:
-            line = f.readline(_READ_CHUNK)
-            if not line:
-                break
-            if not line.strip():
-                if lines:
-                    yield "".join(lines).rstrip("\n")
-                    lines, size = [], 0
-                continue
-            lines.append(line)
-            size += len(line)
-            if size >= MAX_DOC_CHARS:
-                yield "".join(lines).rstrip("\n")
-                lines, size = [], 0
-        if lines:
-            yield "".join(lines).rstrip("\n")
+    buf: list[str] = []
+    size = 0
+    for line in lines:
+        if not line.strip():
+            if buf:
+                yield "".join(buf).rstrip("\n")
+                buf, size = [], 0
+            continue
+        buf.append(line)
+        size += len(line)
+        if size >= MAX_DOC_CHARS:
+            yield "".join(buf).rstrip("\n")
+            buf, size = [], 0
+    if buf:
+        yield "".join(buf).rstrip("\n")
 
 
 def _check_text(value: Any, where: str, text_field: str) -> str | None:
@@ -272,34 +393,29 @@ def _check_text(value: Any, where: str, text_field: str) -> str | None:
     raise UserError(f"{where}: field {text_field!r} is a {type(value).__name__}, not a string")
 
 
-def _json_docs(fs: AbstractFileSystem, path: str, compression: str | None, name: str, text_field: str,
-               maybe_array: bool) -> Iterator[str]:
-    """JSON lines; a `.json` file whose first character is `[` is read as one JSON array instead."""
-    if maybe_array:
-        with _open_text(fs, path, compression) as f:
-            head = f.read(4096).lstrip()
-        if head.startswith("["):
-            yield from _json_array_docs(fs, path, compression, name, text_field)
-            return
+def _starts_with_bracket(fs: AbstractFileSystem, path: str, compression: str | None) -> bool:
+    """A `.json` file whose first character is `[` is one JSON array, not JSON lines."""
     with _open_text(fs, path, compression) as f:
-        for lineno in itertools.count(1):
-            line = f.readline(MAX_JSON_LINE + 1)
-            if not line:
-                break
-            if len(line) > MAX_JSON_LINE:  # one record never needs this much: a corrupt or endless file
-                raise UserError(f"{name}:{lineno}: line {lineno} is longer than {MAX_JSON_LINE >> 20} M characters")
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{name}:{lineno}: malformed JSON on line {lineno}: {e.msg} (column {e.colno})") from e
-            if not isinstance(obj, dict):
-                raise UserError(f"{name}:{lineno}: line {lineno} is a JSON {type(obj).__name__}, not an object "
-                                f"with a {text_field!r} field")
-            text = _row_text(obj, f"{name}:{lineno}: line {lineno}", text_field)
-            if text:
-                yield text
+        return f.read(4096).lstrip().startswith("[")
+
+
+def _json_docs(lines: Iterable[str], name: str, text_field: str) -> Iterator[str]:
+    """JSON lines (each read with a limit of MAX_JSON_LINE + 1 characters)."""
+    for lineno, line in enumerate(lines, 1):
+        if len(line) > MAX_JSON_LINE:  # one record never needs this much: a corrupt or endless file
+            raise UserError(f"{name}:{lineno}: line {lineno} is longer than {MAX_JSON_LINE >> 20} M characters")
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{name}:{lineno}: malformed JSON on line {lineno}: {e.msg} (column {e.colno})") from e
+        if not isinstance(obj, dict):
+            raise UserError(f"{name}:{lineno}: line {lineno} is a JSON {type(obj).__name__}, not an object "
+                            f"with a {text_field!r} field")
+        text = _row_text(obj, f"{name}:{lineno}: line {lineno}", text_field)
+        if text:
+            yield text
 
 
 def _json_array_docs(fs: AbstractFileSystem, path: str, compression: str | None, name: str,
@@ -449,51 +565,33 @@ def _special_affixes(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], lis
     return [], []
 
 
-def calibration_blocks(
-    source: str,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    samples: int,
-    seq_len: int,
-    seed: int = 0,
-    text_field: str = "text",
-    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-) -> CalibrationSet:
-    """Up to `samples` blocks of exactly `seq_len` tokens from `source`, packed LM-style.
+def pack_rows(docs: Iterator[str], tokenizer: PreTrainedTokenizerBase, *, seq_len: int, blocks: int,
+              pad_last: bool = True) -> Iterator[tuple[list[int], int]]:
+    """Up to `blocks` rows of `seq_len` token ids packed from `docs`, as (ids, real tokens) pairs.
 
-    Documents (in a seeded buffered shuffle; `shuffle_buffer <= 1` keeps file order) are tokenized
-    with the tokenizer's own special-token convention (BOS for Llama-style tokenizers, nothing for
-    Qwen-style ones), followed by EOS when the tokenizer has one, concatenated and cut into blocks.
-    Packing wastes no compute on padding and matches how the model was trained. Reading stops as
-    soon as the blocks are full. If the text runs out first, the last partial block is padded
-    (`attention_mask` 0) and fewer than `samples` rows may be returned.
+    Documents are tokenized with the tokenizer's own special-token convention (BOS for
+    Llama-style tokenizers, nothing for Qwen-style ones), followed by EOS when the tokenizer has
+    one, concatenated and cut into rows: packing wastes no compute on padding and matches how the
+    model was trained. Rows come as soon as they are full, and `docs` is read only as far as the
+    rows need. If the text runs out first, the last partial row comes padded (real < seq_len)
+    when `pad_last`, and is dropped otherwise.
     """
-    if samples < 1:
-        raise UserError(f"--samples must be at least 1 (got {samples})")
-    if seq_len < 2:
-        raise UserError(f"--seq-len must be at least 2 (got {seq_len}): next-token statistics need two tokens")
     eos = tokenizer.eos_token_id
     special = set(tokenizer.all_special_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
-    need = samples * seq_len
-
     prefix, suffix = _special_affixes(tokenizer)
-    docs = _shuffled(load_texts(source, text_field=text_field), shuffle_buffer, seed,
-                     max_chars=max(need * _SHUFFLE_CHARS_PER_TOKEN, MAX_DOC_CHARS))
-    rows: list[list[int]] = []
+    made = 0
     buf: list[int] = []
-    n_docs = 0
     pending = ""  # the rest of a document cut at the previous round's budget
     started = False  # whether the current document has emitted tokens (and so its prefix) yet
-    while len(rows) < samples:
-        budget = (need - len(rows) * seq_len - len(buf)) * _CHARS_PER_TOKEN_GUESS
+    while made < blocks:
+        budget = ((blocks - made) * seq_len - len(buf)) * _CHARS_PER_TOKEN_GUESS
         pieces: list[tuple[str, bool, bool]] = []  # (text, starts a document, ends it)
         while len(pieces) < _TOKENIZE_BATCH and budget > 0:
             first = not pending
             doc = pending or next(docs, None)
             if doc is None:
                 break
-            n_docs += int(first)
             k = _cut_point(doc, budget)
             pieces.append((doc[:k], first, k == len(doc)))
             pending = doc[k:]
@@ -513,22 +611,64 @@ def calibration_blocks(
                 if eos is not None and (not buf or buf[-1] != eos):
                     buf.append(eos)
             start = 0  # cut with an offset and compact once: deleting per row is quadratic on a long document
-            while len(buf) - start >= seq_len and len(rows) < samples:
-                rows.append(buf[start:start + seq_len])
+            while len(buf) - start >= seq_len and made < blocks:
+                yield buf[start:start + seq_len], seq_len
+                made += 1
                 start += seq_len
             del buf[:start]
-            if len(rows) == samples:
-                break
+            if made == blocks:
+                return
+    if buf and made < blocks and pad_last:
+        yield buf + [pad] * (seq_len - len(buf)), len(buf)
 
-    mask = [[1] * seq_len for _ in rows]
-    if buf and len(rows) < samples:
-        mask.append([1] * len(buf) + [0] * (seq_len - len(buf)))
-        rows.append(buf + [pad] * (seq_len - len(buf)))
+
+def calibration_blocks(
+    source: str,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    samples: int,
+    seq_len: int,
+    seed: int = 0,
+    text_field: str = "text",
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+) -> CalibrationSet:
+    """Up to `samples` blocks of exactly `seq_len` tokens from `source`, packed LM-style (`pack_rows`).
+
+    Documents come in a seeded buffered shuffle (`shuffle_buffer <= 1` keeps file order). Reading
+    stops as soon as the blocks are full. If the text runs out first, the last partial block is
+    padded (`attention_mask` 0) and fewer than `samples` rows may be returned.
+    """
+    if samples < 1:
+        raise UserError(f"--samples must be at least 1 (got {samples})")
+    if seq_len < 2:
+        raise UserError(f"--seq-len must be at least 2 (got {seq_len}): next-token statistics need two tokens")
+    need = samples * seq_len
+    counted = _Counted(_shuffled(load_texts(source, text_field=text_field), shuffle_buffer, seed,
+                                 max_chars=max(need * _SHUFFLE_CHARS_PER_TOKEN, MAX_DOC_CHARS)))
+    rows, mask = [], []
+    for ids, real in pack_rows(counted, tokenizer, seq_len=seq_len, blocks=samples):
+        rows.append(ids)
+        mask.append([1] * real + [0] * (seq_len - real))
     if not rows:
-        what = "no documents" if n_docs == 0 else f"{n_docs} document(s) but 0 tokens"
+        what = "no documents" if counted.n == 0 else f"{counted.n} document(s) but 0 tokens"
         raise UserError(f"the calibration set from {source} is empty: it has {what} "
                         f"(text field {text_field!r})")
     return CalibrationSet(torch.tensor(rows, dtype=torch.long), torch.tensor(mask, dtype=torch.long))
 
 
-__all__ = ["CalibrationSet", "calibration_blocks", "load_texts", "FORMATS", "MAX_DOC_CHARS"]
+class _Counted:
+    """An iterator that counts what it hands out (documents read, for the message of an empty set)."""
+
+    def __init__(self, it: Iterator[str]):
+        self.it, self.n = it, 0
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        item = next(self.it)
+        self.n += 1
+        return item
+
+
+__all__ = ["CalibrationSet", "calibration_blocks", "file_docs", "load_texts", "pack_rows", "resolve_files", "sample_density", "splittable", "FORMATS", "MAX_DOC_CHARS"]

@@ -175,12 +175,12 @@ def _final_state(run) -> dict:
 
 def test_worker_and_teacher_killed_mid_run_recover(ray_cluster, student, tmp_path):
     run = tmp_path / "run"
-    # steps big enough (8 x 128 tokens) that the watcher acts mid-run, and the teacher is still streaming
+    # the teacher replica is killed as soon as it streams (step 0), the worker mid-run (8 x 128 tokens a step)
     cfg = _cfg(student, run, seq_len=128, batch_size=8, tokens=8 * 128 * 24, max_failures=2)
-    watcher = _kill_during(run, [(1, "TeacherService"), (10, "RayTrainWorker")])
+    watcher = _kill_during(run, [(0, "TeacherService"), (10, "RayTrainWorker")])
     r = distill(cfg, progress=False)
     watcher.join(timeout=5)
-    assert watcher.killed == [(1, "TeacherService"), (10, "RayTrainWorker")]
+    assert watcher.killed == [(0, "TeacherService"), (10, "RayTrainWorker")]
     assert r.steps == 24
     _check_exact_steps(run, 24, cfg.checkpoint_every, blocks=8, seq_len=128)
     assert AutoModelForCausalLM.from_pretrained(run / "student") is not None
@@ -204,12 +204,15 @@ def test_stopped_run_resumes_from_its_checkpoint(ray_cluster, student, tmp_path,
 
 def test_offline_stream_gives_the_online_loss(ray_cluster, student, tmp_path):
     """The teacher-logits stream holds exactly what the teacher service computes online."""
+    from moe2dense_ray.calibrate import _tokenizer
+    from moe2dense_ray.distill.blocks import text_blocks
     from moe2dense_ray.distill.losses import LOSSES
-    from moe2dense_ray.distill.run import _blocks_for, _columns
-    from moe2dense_ray.distill.stream import Blocks, blocks_dataset, read_stream, teacher_stream
+    from moe2dense_ray.distill.run import _columns, _text
+    from moe2dense_ray.distill.stream import blocks_dataset, read_stream, teacher_stream
     from moe2dense_ray.distill.train import decode_target
 
     model = AutoModelForCausalLM.from_pretrained(student).eval()
+    tok = _tokenizer(assets.teacher_path())
     for codec in ("topk", "sampled"):
         logits = tmp_path / f"logits-{codec}"
         tcfg = TeacherLogitsConfig(teacher=assets.teacher_path(), data=DATA, tokens=4 * 64 * 4, seq_len=64,
@@ -217,10 +220,14 @@ def test_offline_stream_gives_the_online_loss(ray_cluster, student, tmp_path):
         meta = teacher_logits(tcfg, progress=False)
         assert meta["blocks"] == 18 and (logits / "stream.json").exists()
         offline = _columns(read_stream(str(logits)))
-        val, train = _blocks_for(tcfg, assets.teacher_path())
-        both = Blocks(np.concatenate([val.index, train.index]), np.concatenate([val.input_ids, train.input_ids]),
-                      np.concatenate([val.attention_mask, train.attention_mask]))
-        online = _columns(teacher_stream(blocks_dataset(both), teacher=assets.teacher_path(), cfg=tcfg))
+        assert list(offline["block_index"]) == list(range(18))
+        # online: the validation blocks packed by the driver, the rest by Ray Data tasks, in two ranges
+        val, plan, lo, end = _text(tcfg, tok)
+        parts = [blocks_dataset(val), text_blocks(plan, tok, lo=lo, hi=10), text_blocks(plan, tok, lo=10, hi=end)]
+        online = {}
+        for part in parts:
+            cols = _columns(teacher_stream(part, teacher=assets.teacher_path(), cfg=tcfg))
+            online = {k: np.concatenate([online[k], v]) if k in online else v for k, v in cols.items()}
         assert sorted(online) == sorted(offline)
         losses = []
         for cols in (online, offline):
@@ -240,9 +247,12 @@ def test_offline_stream_gives_the_online_loss(ray_cluster, student, tmp_path):
     assert sorted(_final_state(run)["trained"]) == list(range(2, 18))  # both ranks' blocks, each once
 
 
-def test_a_stream_of_many_files_trains_the_same_student_twice(ray_cluster, student, tmp_path):
+def test_a_stream_of_many_files_trains_the_same_student_twice(ray_cluster, student, tmp_path, monkeypatch):
     """The blocks reach the worker in stream order whatever order Ray Data's read tasks finish in,
     so a rerun is the same run: every step's loss and every validation agree exactly."""
+    from moe2dense_ray.distill import blocks
+
+    monkeypatch.setattr(blocks, "SHARD_BYTES", 2048)  # the text in several shards, packed by several tasks
     logits = tmp_path / "logits"
     teacher_logits(TeacherLogitsConfig(teacher=assets.teacher_path(), data=DATA, tokens=40 * 64, seq_len=64,
                                        val_blocks=2, out=str(logits), teacher_batch=2, top_k=16), progress=False)

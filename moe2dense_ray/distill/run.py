@@ -21,8 +21,8 @@ from ..errors import UserError
 from ..outputs import OutputLock, start_directory
 from ..progress import Progress
 from .config import DistillConfig, TeacherLogitsConfig, TeacherStreamConfig
-from .stream import (Blocks, blocks_dataset, pack_blocks, read_stream, read_stream_meta, select_blocks,
-                     stream_meta, teacher_stream, write_stream)
+from .stream import (blocks_dataset, pack_blocks, read_stream, read_stream_meta, select_blocks, stream_meta,
+                     teacher_stream, write_stream)
 from .train import METRICS_FILE, TRAINED_FILE, train_func
 
 CONFIG_FILE = "distill.yaml"
@@ -117,7 +117,7 @@ def _check_resources(cfg: TeacherStreamConfig, *, workers: int = 0, cpus_per_wor
     worker_res = dict(worker_resources or {}) if workers else {}
     teacher_res = dict(cfg.teacher_resources) if teacher else {}
     need = {"CPU": workers * cpus_per_worker + (cfg.teacher_workers * cfg.cpus_per_teacher if teacher else 0)
-            + 0.1 * pipelines,
+            + 0.2 * pipelines,
             "GPU": (workers if gpu_cluster else 0) + (cfg.teacher_workers * teacher_gpus if teacher else 0)}
     for res_, n in ((worker_res, workers), (teacher_res, cfg.teacher_workers)):
         for k, v in res_.items():
@@ -140,53 +140,60 @@ def _columns(ds) -> dict[str, np.ndarray]:
 # -- teacher-logits -------------------------------------------------------------------------------
 
 
-def _blocks_for(cfg: TeacherStreamConfig, teacher: str, *, val_data: str | None = None) -> tuple[Blocks, Blocks]:
-    """(validation, training) blocks: validation takes indices 0..V-1, training continues from V."""
-    from ..calibrate import _tokenizer
+def _text(cfg: TeacherStreamConfig, tok, *, val_data: str | None = None):
+    """(validation blocks, the plan of the training text, its first and end index).
 
-    tok = _tokenizer(teacher)
+    Validation takes indices 0..V-1: the first V blocks of `val_data` in file order when given,
+    else the first V blocks of DATA's plan, packed here (they are few). Training blocks continue
+    from there and are packed on the cluster as they are needed (`blocks.text_blocks`).
+    """
+    from .blocks import local_blocks, plan_text
+
     n = cfg.tokens // cfg.seq_len
     if n < 1:
         raise UserError(f"--tokens {cfg.tokens} is less than one block of --seq-len {cfg.seq_len}")
     V = cfg.val_blocks
+    opts = dict(seq_len=cfg.seq_len, seed=cfg.seed, text_field=cfg.text_field)
     if val_data:
-        val = pack_blocks(val_data, tok, blocks=V, seq_len=cfg.seq_len, seed=cfg.seed, text_field=cfg.text_field,
-                          shuffle=False)
-        train = pack_blocks(cfg.data, tok, blocks=n, seq_len=cfg.seq_len, seed=cfg.seed,
-                            text_field=cfg.text_field, first_index=len(val))
+        val = pack_blocks(val_data, tok, blocks=V, shuffle=False, **opts)
+        plan = plan_text(cfg.data, tok, blocks=n, first_index=len(val), **opts)
     else:
-        both = pack_blocks(cfg.data, tok, blocks=V + n, seq_len=cfg.seq_len, seed=cfg.seed, text_field=cfg.text_field)
-        val, train = both.take(slice(0, V)), both.take(slice(V, None))
-    if len(train) < n:
+        plan = plan_text(cfg.data, tok, blocks=V + n, **opts)
+        val = local_blocks(plan, tok, lo=0, hi=min(V, plan.blocks))
+    lo, end = len(val), plan.first + plan.blocks
+    if end - lo < n:
         import warnings
 
-        warnings.warn(f"{cfg.data} holds only {train.tokens} tokens after the validation blocks: "
-                      f"streaming {len(train)} blocks, not the {n} asked for", stacklevel=3)
-    if len(train) == 0:
+        warnings.warn(f"{cfg.data} holds about {max(0, end - lo) * cfg.seq_len} tokens after the validation blocks: "
+                      f"streaming {max(0, end - lo)} blocks, not the {n} asked for", stacklevel=3)
+    if end <= lo:
         raise UserError(f"{cfg.data} has no text left for training after {len(val)} validation blocks")
-    return val, train
+    return val, plan, lo, end
 
 
 def teacher_logits(cfg: TeacherLogitsConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run the teacher over DATA once and write its stream to LOGITS (Parquet + stream.json)."""
+    from ..calibrate import _tokenizer
     from ..cluster import ensure_ray
+    from .blocks import text_blocks
 
     cfg = _absolute_paths(cfg)
     teacher_cfg = _read_config(cfg.teacher, "teacher")
     check_output(cfg.out, what="logits", overwrite=cfg.overwrite, sources=(cfg.teacher, cfg.data))
-    val, train = _blocks_for(cfg, cfg.teacher)
+    tok = _tokenizer(cfg.teacher)
+    val, plan, lo, end = _text(cfg, tok)
     ensure_ray()
     _check_resources(cfg)
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = progress  # blocks through the teacher
     t0 = time.time()
-    both = Blocks(np.concatenate([val.index, train.index]), np.concatenate([val.input_ids, train.input_ids]),
-                  np.concatenate([val.attention_mask, train.attention_mask]))
-    meta = stream_meta(cfg, teacher=cfg.teacher, vocab_size=int(teacher_cfg["vocab_size"]), blocks=len(both),
-                       tokens=train.tokens, tokenizer=tokenizer_digest(cfg.teacher))
+    meta = stream_meta(cfg, teacher=cfg.teacher, vocab_size=int(teacher_cfg["vocab_size"]), blocks=end,
+                       tokens=(end - lo) * cfg.seq_len, tokenizer=tokenizer_digest(cfg.teacher))
     meta["val_blocks"] = len(val)
-    write_stream(teacher_stream(blocks_dataset(both), teacher=cfg.teacher, cfg=cfg), cfg.out, meta,
+    blocks = blocks_dataset(val).union(text_blocks(plan, tok, lo=lo, hi=end, rows=cfg.teacher_batch)) if len(val) \
+        else text_blocks(plan, tok, lo=lo, hi=end, rows=cfg.teacher_batch)
+    write_stream(teacher_stream(blocks, teacher=cfg.teacher, cfg=cfg), cfg.out, meta,
                  overwrite=cfg.overwrite, sources=(cfg.teacher,))
     meta["seconds"] = round(time.time() - t0, 2)
     return meta
@@ -249,16 +256,23 @@ def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None
         datasets = {f"train_{r}": select_blocks(stream, lo=V, hi=hi, world=cfg.workers, rank=r,
                                                  trained_file=trained_file) for r in range(cfg.workers)}
     else:
-        val_blocks, train = _blocks_for(cfg, cfg.teacher, val_data=cfg.val_data)
-        steps = len(train) // per_step
-        train = train.take(slice(0, steps * per_step))
+        from ..calibrate import _tokenizer
+        from .blocks import rank_range, text_blocks
+
+        tok = _tokenizer(cfg.teacher)
+        val_blocks, plan, lo, end = _text(cfg, tok, val_data=cfg.val_data)
+        steps = min(n_train, end - lo) // per_step
+        if steps < 1:
+            raise UserError(f"{cfg.data} holds {end - lo} training blocks of {cfg.seq_len} tokens, fewer than one "
+                            f"optimizer step uses ({per_step})")
         val = _columns(teacher_stream(blocks_dataset(val_blocks), teacher=cfg.teacher, cfg=cfg, replicas=1))
         trained_file = f"{cfg.out}/{TRAINED_FILE}"
         datasets = {}
         for r in range(cfg.workers):
-            mine = train.take(slice(r, None, cfg.workers))
-            ds = select_blocks(blocks_dataset(mine), lo=int(mine.index[0]), trained_file=trained_file)
-            datasets[f"train_{r}"] = teacher_stream(ds, teacher=cfg.teacher, cfg=cfg,
+            a, b = rank_range(lo, lo + steps * per_step, cfg.workers, r)
+            datasets[f"train_{r}"] = teacher_stream(text_blocks(plan, tok, lo=a, hi=b, trained_file=trained_file,
+                                                                rows=cfg.teacher_batch),
+                                                    teacher=cfg.teacher, cfg=cfg,
                                                     replicas=cfg.teacher_workers // cfg.workers)
 
     with OutputLock(cfg.out):  # one run at a time writes RUN

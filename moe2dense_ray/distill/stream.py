@@ -133,11 +133,13 @@ def teacher_stream(ds, *, teacher: str, cfg, replicas: int | None = None):
     )
 
 
-def select_blocks(ds, *, lo: int = 0, hi: int | None = None, world: int = 1, rank: int = 0,
-                  trained_file: str | None = None):
-    """Blocks with `lo <= index < hi` whose position from `lo` is `rank` modulo `world`, minus
-    those that `trained_file` lists as trained (placed before the teacher, they cost nothing)."""
-    return ds.map_batches(_select, fn_kwargs=dict(lo=lo, hi=hi, world=world, rank=rank, trained_file=trained_file),
+def select_blocks(ds, *, lo: int = 0, hi: int, world: int = 1, rank: int = 0, trained_file: str | None = None):
+    """Rank `rank`'s blocks of lo <= index < hi (`blocks.rank_range`: a contiguous equal share),
+    minus those that `trained_file` lists as trained (placed before the teacher, they cost nothing)."""
+    from .blocks import rank_range
+
+    a, b = rank_range(lo, hi, world, rank)
+    return ds.map_batches(_select, fn_kwargs=dict(lo=a, hi=b, trained_file=trained_file),
                           batch_format="numpy", num_cpus=0.1)
 
 
@@ -160,12 +162,9 @@ def read_trained(trained_file: str) -> np.ndarray:
     return cached[1]
 
 
-def _select(batch: dict[str, np.ndarray], *, lo: int, hi: int | None, world: int, rank: int,
-            trained_file: str | None) -> dict[str, np.ndarray]:
+def _select(batch: dict[str, np.ndarray], *, lo: int, hi: int, trained_file: str | None) -> dict[str, np.ndarray]:
     idx = batch["block_index"]
-    keep = (idx >= lo) & ((idx - lo) % world == rank)
-    if hi is not None:
-        keep &= idx < hi
+    keep = (idx >= lo) & (idx < hi)
     if trained_file:
         keep &= ~np.isin(idx, read_trained(trained_file))
     return {k: v[keep] for k, v in batch.items()}
