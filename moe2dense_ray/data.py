@@ -48,6 +48,12 @@ FORMATS: dict[str, str] = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".n
 
 HF_PREFIX = "hf:"
 
+
+def is_hub_dataset(source: str) -> bool:
+    """`hf:NAME[:CONFIG[:SPLIT]]`, streamed with `datasets`; not `hf://...`, a path on the hub's
+    filesystem (its files read like any others, e.g. a dataset's Parquet shards)."""
+    return source.startswith(HF_PREFIX) and not source.startswith("hf://")
+
 # A document longer than this is yielded in pieces by the .txt reader, so that a corpus stored as one
 # enormous paragraph (no blank lines) never has to sit in memory whole.
 MAX_DOC_CHARS = 1 << 20
@@ -78,7 +84,7 @@ def load_texts(source: str, *, text_field: str = "text", split: str = "train") -
     call, not at the first `next()`), while documents are read lazily. `split` is only used for
     `hf:` datasets; files have no splits.
     """
-    if source.startswith(HF_PREFIX):
+    if is_hub_dataset(source):
         return _hf_texts(source, text_field=text_field, split=split)
     fs, files = resolve_files(source)
     return _iter_files(fs, files, text_field)
@@ -225,21 +231,21 @@ def _iter_files(fs: AbstractFileSystem, files: list[str], text_field: str) -> It
 
 def file_docs(fs: AbstractFileSystem, path: str, text_field: str, start: int = 0,
               end: int | None = None) -> Iterator[str]:
-    """The documents of one file, or of its lines that start in bytes [start, end) (`splittable`
-    files only: a line belongs to the range its first byte lies in, so ranges that tile a file
-    read every line once)."""
+    """The documents of one file, or of one of its `pieces`: the lines that start in bytes
+    [start, end) of text or JSON lines (a line belongs to the range its first byte lies in, so
+    ranges that tile a file read every line once), or row groups [start, end) of Parquet."""
     fmt, compression = _split_ext(path)
     name = _display(fs, path)
     ranged = start > 0 or end is not None
     if ranged:
-        if not splittable(path):
-            raise ValueError(f"{name} cannot be read in byte ranges")
-        name = f"{name} [bytes {start}:{end}]"
+        if not splittable(path) and fmt != "parquet":
+            raise ValueError(f"{name} cannot be read in ranges")
+        name = f"{name} [{'row groups' if fmt == 'parquet' else 'bytes'} {start}:{end}]"
     if is_local(fs) and not stat.S_ISREG(os.stat(path).st_mode):
         raise UserError(f"{name} is not a regular file")  # a device (/dev/zero) would be read forever
     try:
         if fmt == "parquet":
-            yield from _parquet_docs(fs, path, name, text_field)
+            yield from _parquet_docs(fs, path, name, text_field, range(start, end) if end is not None else None)
         elif ranged:
             lines = _range_lines(fs, path, start, end, _READ_CHUNK if fmt == "txt" else MAX_JSON_LINE + 1)
             yield from (_txt_docs(lines) if fmt == "txt" else _json_docs(lines, name, text_field))
@@ -441,7 +447,8 @@ def _json_array_docs(fs: AbstractFileSystem, path: str, compression: str | None,
             yield text
 
 
-def _parquet_docs(fs: AbstractFileSystem, path: str, name: str, text_field: str) -> Iterator[str]:
+def _parquet_docs(fs: AbstractFileSystem, path: str, name: str, text_field: str,
+                  row_groups: range | None = None) -> Iterator[str]:
     """Only the text column is read, one row group batch at a time: parquet shards are often GBs."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -455,11 +462,38 @@ def _parquet_docs(fs: AbstractFileSystem, path: str, name: str, text_field: str)
         if text_field not in columns:
             raise UserError(f"{name} has no {text_field!r} column (columns: {', '.join(columns) or 'none'}); "
                             f"pick one with --text-field")
-        for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
+        groups = None if row_groups is None else list(row_groups)
+        for batch in pf.iter_batches(batch_size=1024, columns=[text_field], row_groups=groups):
             for value in batch.column(0).to_pylist():
                 text = _check_text(value, name, text_field)
                 if text:
                     yield text
+
+
+def pieces(fs: AbstractFileSystem, path: str, piece_bytes: int) -> list[tuple[int, int | None, float]]:
+    """A file cut into pieces of about `piece_bytes` stored bytes that `file_docs` reads apart:
+    (start, end, bytes) with byte ranges for text and JSON lines, row-group ranges for Parquet
+    (bytes in proportion to their rows), and the whole file (0, None) for everything else."""
+    size = fs.size(path)
+    if _split_ext(path)[0] == "parquet":
+        import pyarrow.parquet as pq
+
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        total = max(1, sum(rows))
+        out, start, acc = [], 0, 0
+        for i, r in enumerate(rows):
+            acc += r
+            if acc * size / total >= piece_bytes or i == len(rows) - 1:
+                out.append((start, i + 1, acc * size / total))
+                start, acc = i + 1, 0
+        return out if len(out) > 1 else [(0, None, float(size))]
+    if not splittable(path) or size <= piece_bytes:
+        return [(0, None, float(size))]
+    n = -(-size // piece_bytes)
+    cuts = [size * i // n for i in range(n + 1)]
+    return [(a, b, float(b - a)) for a, b in zip(cuts, cuts[1:])]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -671,4 +705,4 @@ class _Counted:
         return item
 
 
-__all__ = ["CalibrationSet", "calibration_blocks", "file_docs", "load_texts", "pack_rows", "resolve_files", "sample_density", "splittable", "FORMATS", "MAX_DOC_CHARS"]
+__all__ = ["CalibrationSet", "calibration_blocks", "file_docs", "is_hub_dataset", "load_texts", "pack_rows", "pieces", "resolve_files", "sample_density", "splittable", "FORMATS", "MAX_DOC_CHARS"]

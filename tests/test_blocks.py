@@ -150,3 +150,23 @@ def test_a_hub_dataset_plans_one_shard(tokenizer):
 def test_docs_read_by_range_match_load_texts_for_whole_files(files):
     d, docs = files
     assert list(load_texts(str(d / "a.jsonl"))) == docs
+
+
+def test_parquet_is_cut_by_row_groups(tmp_path, tokenizer, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(3)
+    docs = [_words(rng, rng.randint(5, 100)) for _ in range(300)]
+    pq.write_table(pa.table({"text": docs, "id": list(range(300))}), tmp_path / "d.parquet", row_group_size=25)
+    fs, path = url_to_fs(str(tmp_path / "d.parquet"))
+    from moe2dense_ray.data import pieces
+
+    cut = pieces(fs, path, fs.size(path) // 5)
+    assert len(cut) >= 4 and cut[0][0] == 0 and cut[-1][1] == 12
+    assert [d for a, b, _ in cut for d in file_docs(fs, path, "text", a, b)] == docs
+    monkeypatch.setattr(B, "SHARD_BYTES", fs.size(path) // 5)
+    plan = plan_text(str(tmp_path / "d.parquet"), tokenizer, blocks=10**6, seq_len=32, seed=0, text_field="text")
+    assert len(plan.shards) == len(cut)
+    got = local_blocks(plan, tokenizer, lo=0, hi=plan.blocks)
+    assert list(got.index) == list(range(plan.blocks))

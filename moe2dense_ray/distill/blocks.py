@@ -4,9 +4,9 @@ A distillation of 4B tokens cannot tokenize its text on the driver first (60 byt
 token: 240 GB and an hour and a half before the first step). Here the driver only *plans*, in
 time and memory that do not depend on --tokens beyond a list of file pieces:
 
-* **Shards.** DATA's files in sorted order, uncompressed text and JSON lines cut into byte ranges
-  of about `SHARD_BYTES` (a line belongs to the range its first byte lies in), other files whole;
-  only as many as the blocks asked for need.
+* **Shards.** DATA's files in sorted order, cut into pieces of about `SHARD_BYTES`: byte ranges of
+  uncompressed text and JSON lines (a line belongs to the range its first byte lies in), row-group
+  ranges of Parquet, other files (compressed ones) whole; only as many as the blocks asked for.
 * **Quotas.** Each shard is given a number of blocks from its size and a tokens-per-byte density
   sampled from the first file of its kind (a file read whole by the sample is counted exactly),
   divided by `SAFETY`: shards nearly always hold more text than their quota.
@@ -101,15 +101,15 @@ def plan_text(data: str, tokenizer, *, blocks: int, seq_len: int, seed: int, tex
               first_index: int = 0) -> TextPlan:
     """Shards of DATA holding about `blocks` blocks (fewer if DATA is smaller), indexed from
     `first_index`. Reads file listings and one sample per kind of file, never the whole text."""
-    from ..data import HF_PREFIX, resolve_files, sample_density, splittable
+    from ..data import is_hub_dataset, pieces, resolve_files, sample_density
     from ..outputs import is_local
 
-    if data.startswith(HF_PREFIX):  # no sizes to plan with: one shard, packed in order
+    if is_hub_dataset(data):  # no sizes to plan with: one shard, packed in order
         return TextPlan(data, text_field, seq_len, seed,
                         (Shard(0, data, 0, None, blocks, first_index),))
     fs, files = resolve_files(data)
     density: dict[str, tuple[float, int | None]] = {}
-    pieces: list[tuple[str, int, int | None, int]] = []  # (url, start, end, quota)
+    parts: list[tuple[str, int, int | None, int]] = []  # (url, start, end, quota)
     total = 0
     for path in files:
         kind = path.rsplit("/", 1)[-1].lower().split(".", 1)[-1]
@@ -118,29 +118,25 @@ def plan_text(data: str, tokenizer, *, blocks: int, seq_len: int, seed: int, tex
             density[kind] = sample_density(fs, path, tokenizer, text_field, SAMPLE_CHARS)
             exact = density[kind][1]
         per_byte = density[kind][0]
-        size = fs.size(path)
         url = path if is_local(fs) else fs.unstrip_protocol(path)
-        if splittable(path) and size > SHARD_BYTES:
-            n = -(-size // SHARD_BYTES)
-            cuts = [size * i // n for i in range(n + 1)]
-            ranges = [(a, b, int(per_byte * (b - a) / seq_len / SAFETY)) for a, b in zip(cuts, cuts[1:])]
-        elif exact is not None:
+        cut = pieces(fs, path, SHARD_BYTES)
+        if exact is not None and len(cut) == 1:
             ranges = [(0, None, exact // seq_len)]  # a small file, counted: its exact number of blocks
         else:
-            ranges = [(0, None, int(per_byte * size / seq_len / SAFETY))]
+            ranges = [(a, b, int(per_byte * n / seq_len / SAFETY)) for a, b, n in cut]
         for start, end, quota in ranges:
             if quota > 0:
-                pieces.append((url, start, end, quota))
+                parts.append((url, start, end, quota))
                 total += quota
         if total >= blocks:
             break
-    if not pieces:
+    if not parts:
         raise UserError(f"{data} holds less than one block of {seq_len} tokens")
-    order = list(range(len(pieces)))
+    order = list(range(len(parts)))
     random.Random(seed).shuffle(order)
     shards, offset = [], first_index
     for i in order:
-        url, start, end, quota = pieces[i]
+        url, start, end, quota = parts[i]
         quota = min(quota, first_index + blocks - offset)
         if quota <= 0:
             continue
@@ -153,10 +149,10 @@ def plan_text(data: str, tokenizer, *, blocks: int, seq_len: int, seed: int, tex
 
 
 def _docs(shard: Shard, text_field: str) -> Iterator[str]:
-    from ..data import HF_PREFIX, file_docs, load_texts
+    from ..data import file_docs, is_hub_dataset, load_texts
     from ..outputs import url_to_fs
 
-    if shard.url.startswith(HF_PREFIX):
+    if is_hub_dataset(shard.url):
         return load_texts(shard.url, text_field=text_field)
     fs, path = url_to_fs(shard.url)
     return file_docs(fs, path, text_field, shard.start, shard.end)
@@ -228,8 +224,9 @@ def _pack_task(batch: dict[str, np.ndarray], *, plan: dict[str, Any], tokenizer,
 def text_blocks(plan: TextPlan, tokenizer, *, lo: int, hi: int, trained_file: str | None = None,
                 rows: int = ROWS_PER_BATCH):
     """A Ray dataset of the blocks with lo <= index < hi (minus those `trained_file` lists), in
-    index order, packed in Ray Data tasks (two shards at a time) that hand over `rows` blocks at a
-    time (the teacher's batch: it starts as soon as its first batch is packed)."""
+    index order, packed by one Ray Data task at a time (a shard each; packing outruns any teacher,
+    and a second task would only compete with the teacher and the student for the node's cores)
+    that hands over `rows` blocks at a time (the teacher's batch: it starts on the first one)."""
     import ray
 
     shards = plan.holding(lo, hi)
@@ -237,8 +234,7 @@ def text_blocks(plan: TextPlan, tokenizer, *, lo: int, hi: int, trained_file: st
         raise ValueError(f"no shard of the plan holds blocks {lo}..{hi}")
     items = [{"shard": json.dumps(dataclasses.asdict(s))} for s in shards]
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _pack_task, batch_size=1, batch_format="numpy", num_cpus=0.1,
-        compute=ray.data.TaskPoolStrategy(size=min(2, len(items))),
+        _pack_task, batch_size=1, batch_format="numpy", num_cpus=0.1, compute=ray.data.TaskPoolStrategy(size=1),
         fn_kwargs=dict(plan=plan.to_dict(), tokenizer=tokenizer, lo=lo, hi=hi, trained_file=trained_file, rows=rows))
 
 

@@ -261,6 +261,13 @@ def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None
 
         tok = _tokenizer(cfg.teacher)
         val_blocks, plan, lo, end = _text(cfg, tok, val_data=cfg.val_data)
+        if cfg.workers > 1 and len(plan.shards) == 1:
+            import warnings
+
+            warnings.warn(f"{cfg.data} is read as one stream (a hub dataset by name, or one compressed file): "
+                          f"rank r of {cfg.workers} reads r/{cfg.workers} of the text before its first block. "
+                          f"Give its files instead (hf://datasets/NAME/*.parquet, a directory, a glob) for "
+                          f"every rank to start at once", stacklevel=2)
         steps = min(n_train, end - lo) // per_step
         if steps < 1:
             raise UserError(f"{cfg.data} holds {end - lo} training blocks of {cfg.seq_len} tokens, fewer than one "

@@ -122,6 +122,11 @@ def teacher_stream(ds, *, teacher: str, cfg, replicas: int | None = None):
     gpus = cfg.gpus_per_teacher
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    # Ray Data merges what a task yields into blocks of up to 128 MiB before handing any on: the
+    # student would wait for a whole shard's blocks to be packed, then to pass the teacher. Blocks
+    # of about one teacher batch's output keep the stream flowing a batch at a time.
+    entries = cfg.draws if cfg.codec == "sampled" else cfg.top_k
+    ds.context.target_max_block_size = max(1 << 20, cfg.teacher_batch * cfg.seq_len * (3 * entries + 16))
     return ds.map_batches(
         TeacherService,
         fn_constructor_kwargs=dict(teacher=teacher, codec=cfg.codec, top_k=cfg.top_k, draws=cfg.draws,
