@@ -6,9 +6,9 @@ V = 151,936: a Zipf prior over token frequency whose frequent tokens are spread 
 range (a random permutation, as a BPE vocabulary spreads them), a few context-specific tokens per
 position lifted well above it, and noise; the student is the teacher plus noise. For each
 setting: raw and Parquet bytes per token (the codec's PARQUET_OPTIONS), the mean forward KL on
-the exact top-k and the change the encoding makes (budget 1e-3 nats), and, for comparison, the
-ids coded by frequency rank (an order estimated from a separate sample of the teacher's
-distributions, as a stream could carry it) instead of by id.
+the exact top-k and the change the encoding makes (budget 1e-3 nats), with the ids coded as they
+are and coded by frequency rank (`codec.IdOrder`; here the order is estimated from a separate
+sample of the teacher's distributions, where a stream estimates it from its text).
 
     python bench/codec_vocab.py            # writes docs/results/codec_vocab.md
 """
@@ -18,14 +18,13 @@ from __future__ import annotations
 import os
 import sys
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from codec import sizes  # noqa: E402  (bench/codec.py: raw, Parquet zstd and tuned bytes per token)
 
 from moe2dense_ray.distill.codec import (  # noqa: E402
-    SparseTarget, decode_sampled, decode_topk, encode_sampled, encode_topk, teacher_sample, teacher_topk)
+    IdOrder, SparseTarget, decode_sampled, decode_topk, encode_sampled, encode_topk, teacher_sample, teacher_topk)
 from moe2dense_ray.distill.losses import forward_kl  # noqa: E402
 
 V = 151_936
@@ -55,8 +54,7 @@ def main() -> None:
     student = teacher + 1.0 * torch.randn(N, V, generator=g)
     # a frequency order as a stream could carry it: ids by the mean probability on other positions
     mean_p = sum(torch.softmax(synthetic(CHUNK, 2 + i, perm), -1).mean(0) for i in range(4))
-    by_rank = torch.empty(V, dtype=torch.long)
-    by_rank[mean_p.argsort(descending=True)] = torch.arange(V)  # id -> estimated rank
+    ranked = IdOrder(mean_p.argsort(descending=True), V)
 
     logp = torch.log_softmax(teacher, -1)
     entropy = float(-(logp.exp() * logp).sum(-1).mean())
@@ -67,29 +65,19 @@ def main() -> None:
         ids, logprobs = teacher_topk(teacher, k)
         head = float(logprobs.exp().sum(-1).mean())
         exact = float(forward_kl(student, SparseTarget(ids, logprobs)).mean())
-        for order, coded_ids in (("id", ids), ("frequency rank", by_rank[ids])):
-            columns = encode_topk(coded_ids, logprobs, V)
-            dec_ids, dec_lp = decode_topk(columns)
-            if order != "id":  # back from ranks to ids
-                inverse = torch.empty(V, dtype=torch.long)
-                inverse[by_rank] = torch.arange(V)
-                dec_ids = inverse[dec_ids]
-            coded = float(forward_kl(student, SparseTarget(dec_ids, dec_lp)).mean())
+        for name, order in (("id", None), ("frequency rank", ranked)):
+            columns = encode_topk(ids, logprobs, V, order)
+            coded = float(forward_kl(student, SparseTarget(*decode_topk(columns, order))).mean())
             raw, _, tuned = sizes(columns)
-            rows.append(f"| top-{k}, ids by {order} | {raw:.0f} | {tuned:.1f} | {head:.3f} | {exact:.4f} | "
+            rows.append(f"| top-{k}, ids by {name} | {raw:.0f} | {tuned:.1f} | {head:.3f} | {exact:.4f} | "
                         f"{coded - exact:+.1e} |")
     sample = teacher_sample(teacher, 12, torch.Generator().manual_seed(3))
     est = float(forward_kl(student, SparseTarget.from_sampled(*sample)).mean())
-    for order in ("id", "frequency rank"):
-        ids, counts, lp = sample
-        cols = encode_sampled(ids if order == "id" else _ranked(ids, counts, by_rank), counts if order == "id"
-                              else _ranked_counts(ids, counts, by_rank), lp if order == "id"
-                              else _ranked_lp(ids, counts, lp, by_rank), V)
-        raw, _, tuned = sizes(cols)
-        back = float(forward_kl(student, SparseTarget.from_sampled(*decode_sampled(cols))).mean()) if order == "id" \
-            else float("nan")
-        rows.append(f"| sampled, 12 draws, ids by {order} | {raw:.0f} | {tuned:.1f} | | {est:.4f} | "
-                    + (f"{back - est:+.1e} |" if order == "id" else "|"))
+    for name, order in (("id", None), ("frequency rank", ranked)):
+        columns = encode_sampled(*sample, V, order)
+        back = float(forward_kl(student, SparseTarget.from_sampled(*decode_sampled(columns, order))).mean())
+        raw, _, tuned = sizes(columns)
+        rows.append(f"| sampled, 12 draws, ids by {name} | {raw:.0f} | {tuned:.1f} | | {est:.4f} | {back - est:+.1e} |")
     table = "\n".join([
         f"Synthetic teacher at V = {V:,} ({N} tokens; mean entropy {entropy:.2f} nats; frequent tokens spread "
         f"over the id range), student = teacher + N(0, 1) noise; dense forward KL {dense:.4f}. Bytes per token; "
@@ -100,25 +88,6 @@ def main() -> None:
     print(table)
     with open(os.path.join(os.path.dirname(__file__), "..", "docs", "results", "codec_vocab.md"), "w") as f:
         f.write("# The codec at a real vocabulary\n\n" + table + "\n")
-
-
-def _order_rows(ids: torch.Tensor, counts: torch.Tensor, by_rank: torch.Tensor) -> torch.Tensor:
-    """Per row, the permutation that sorts the distinct drawn ids by rank (padding slots last)."""
-    key = torch.where(counts > 0, by_rank[ids], V + 1)
-    return key.argsort(-1)
-
-
-def _ranked(ids, counts, by_rank):
-    o = _order_rows(ids, counts, by_rank)
-    return torch.where(counts.gather(-1, o) > 0, by_rank[ids].gather(-1, o), 0)
-
-
-def _ranked_counts(ids, counts, by_rank):
-    return counts.gather(-1, _order_rows(ids, counts, by_rank))
-
-
-def _ranked_lp(ids, counts, lp, by_rank):
-    return lp.gather(-1, _order_rows(ids, counts, by_rank))
 
 
 if __name__ == "__main__":
