@@ -185,3 +185,33 @@ def test_teacher_service_encodes_a_batch_as_it_would_block_by_block():
         for name, col in alone.items():
             assert out[name][i].dtype == col.dtype and np.array_equal(out[name][i], col), name
     assert np.array_equal(out["block_index"], batch["block_index"])
+
+
+@pytest.mark.parametrize("mode", ["topk", "sampled"])
+def test_ids_coded_by_frequency_decode_to_the_same_target(mode):
+    """Coding ids by frequency rank changes the bytes, never the distribution: the same (id,
+    probability) pairs come back, in the coded order."""
+    from moe2dense_ray.distill.codec import IdOrder, frequency_order
+
+    V = 70_000  # two id pages: ranks and ids cross the 65,536 boundary both ways
+    gen = torch.Generator().manual_seed(0)
+    sample = (torch.randn(20_000, generator=gen).abs() * 9000).long().clamp(max=V - 1)
+    record = frequency_order(sample, V)
+    assert record["ids"][0] == int(torch.bincount(sample).argmax()) and len(set(record["ids"])) == len(record["ids"])
+    order = IdOrder.of(record)
+    assert torch.equal(order.id[order.code], torch.arange(V))
+    logits = 4 * torch.randn(64, V, generator=gen)
+    opts = dict(k=32) if mode == "topk" else dict(draws=12)
+    plain = CODECS[mode].decode(CODECS[mode].encode(logits, generator=torch.Generator().manual_seed(1), **opts))
+    coded = CODECS[mode].decode(CODECS[mode].encode(logits, generator=torch.Generator().manual_seed(1), order=order,
+                                                    **opts), order=order)
+
+    def pairs(t):
+        w = t.weights if t.weights is not None else torch.ones_like(t.logprobs)
+        return [sorted((int(i), round(float(p), 5), round(float(x), 5)) for i, p, x in zip(ids, lp, ws) if x > 0)
+                for ids, lp, ws in zip(t.ids, t.logprobs, w)]
+
+    assert pairs(plain) == pairs(coded)
+    with pytest.raises(ValueError, match="distinct ids"):
+        IdOrder([1, 1], 10)
+    assert IdOrder.of(None) is None and IdOrder.of({"vocab_size": 5, "ids": []}) is None

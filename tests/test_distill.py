@@ -207,7 +207,8 @@ def test_offline_stream_gives_the_online_loss(ray_cluster, student, tmp_path):
     from moe2dense_ray.calibrate import _tokenizer
     from moe2dense_ray.distill.blocks import text_blocks
     from moe2dense_ray.distill.losses import LOSSES
-    from moe2dense_ray.distill.run import _columns, _text
+    from moe2dense_ray.distill.codec import IdOrder
+    from moe2dense_ray.distill.run import _columns, _id_order, _text
     from moe2dense_ray.distill.stream import blocks_dataset, read_stream, teacher_stream
     from moe2dense_ray.distill.train import decode_target
 
@@ -223,15 +224,17 @@ def test_offline_stream_gives_the_online_loss(ray_cluster, student, tmp_path):
         assert list(offline["block_index"]) == list(range(18))
         # online: the validation blocks packed by the driver, the rest by Ray Data tasks, in two ranges
         val, plan, lo, end = _text(tcfg, tok)
+        order = json.loads((logits / "stream.json").read_text())["id_order"]  # ids coded by frequency
+        assert order == _id_order(plan, tok, 4096) and len(order["ids"]) > 1000
         parts = [blocks_dataset(val), text_blocks(plan, tok, lo=lo, hi=10), text_blocks(plan, tok, lo=10, hi=end)]
         online = {}
         for part in parts:
-            cols = _columns(teacher_stream(part, teacher=assets.teacher_path(), cfg=tcfg))
+            cols = _columns(teacher_stream(part, teacher=assets.teacher_path(), cfg=tcfg, order=order))
             online = {k: np.concatenate([online[k], v]) if k in online else v for k, v in cols.items()}
         assert sorted(online) == sorted(offline)
         losses = []
         for cols in (online, offline):
-            target = decode_target(codec, cols)
+            target = decode_target(codec, cols, IdOrder.of(order))
             with torch.no_grad():
                 out = model(input_ids=torch.as_tensor(cols["input_ids"]).long()).logits
             losses.append(LOSSES.get("forward_kl")(out.reshape(-1, out.shape[-1]), target, 1.0).mean().item())

@@ -248,6 +248,22 @@ def local_blocks(plan: TextPlan, tokenizer, *, lo: int, hi: int):
     return Blocks(*(np.concatenate([p[k] for p in parts]) for k in ("block_index", "input_ids", "attention_mask")))
 
 
+def sample_ids(plan: TextPlan, tokenizer) -> np.ndarray:
+    """Token ids of the first `SAMPLE_CHARS` characters of the plan's first shard (in file order):
+    enough text to rank the frequent tokens (`codec.frequency_order`)."""
+    from ..data import pack_rows
+
+    first = min(plan.shards, key=lambda s: s.order)
+    docs, chars = [], 0
+    for doc in _docs(first, plan.text_field):
+        docs.append(doc)
+        chars += len(doc)
+        if chars >= SAMPLE_CHARS:
+            break
+    rows = [ids[:real] for ids, real in pack_rows(iter(docs), tokenizer, seq_len=4096, blocks=1 << 40)]
+    return np.asarray([t for r in rows for t in r], dtype=np.int64)
+
+
 def rank_range(lo: int, hi: int, world: int, rank: int) -> tuple[int, int]:
     """Rank `rank`'s blocks of [lo, hi): a contiguous, equal share (so a rank's pipeline packs only
     the shards that hold its own blocks, and every rank has as many blocks as the others)."""
@@ -255,5 +271,5 @@ def rank_range(lo: int, hi: int, world: int, rank: int) -> tuple[int, int]:
     return lo + rank * m, lo + (rank + 1) * m
 
 
-__all__ = ["Shard", "TextPlan", "plan_text", "pack_shard", "text_blocks", "local_blocks", "rank_range",
+__all__ = ["Shard", "TextPlan", "plan_text", "pack_shard", "text_blocks", "local_blocks", "rank_range", "sample_ids",
            "SHARD_BYTES", "SAFETY"]

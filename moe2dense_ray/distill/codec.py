@@ -109,6 +109,43 @@ class SparseTarget:
         return SparseTarget(self.ids.to(device), self.logprobs.to(device), weights)
 
 
+class IdOrder:
+    """Token ids renumbered by frequency before gap coding.
+
+    At a 152k vocabulary the sorted top-k ids of a token lie ~1,000 apart when frequent tokens are
+    spread over the id range (as BPE vocabularies spread them): two significant bytes per gap.
+    Coded by frequency rank instead, most of a row's ids are among the frequent tokens, and the
+    gaps between their ranks are small (bench/codec_vocab.py: 261 -> ~165 Parquet bytes a token at
+    k = 128). `ids` lists the frequent ids, most frequent first (a stream records it); every other
+    id follows in id order. `code[id]` is an id's position, `id[code]` the inverse.
+    """
+
+    def __init__(self, ids, vocab_size: int):
+        head = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        if head.numel() and (head.min() < 0 or head.max() >= vocab_size or head.unique().numel() != head.numel()):
+            raise ValueError(f"an id order lists distinct ids in [0, {vocab_size})")
+        rest = torch.ones(vocab_size, dtype=torch.bool)
+        rest[head] = False
+        self.id = torch.cat([head, torch.arange(vocab_size)[rest]])
+        self.code = torch.empty(vocab_size, dtype=torch.long)
+        self.code[self.id] = torch.arange(vocab_size)
+        self.ids = head.tolist()
+
+    @classmethod
+    def of(cls, record: dict | None) -> IdOrder | None:
+        """From a stream's record ``{"vocab_size": V, "ids": [...]}``; None for none (ids as they are)."""
+        return cls(record["ids"], int(record["vocab_size"])) if record and record.get("ids") else None
+
+
+def frequency_order(token_ids, vocab_size: int) -> dict:
+    """The record of an `IdOrder`: the ids seen in `token_ids` (a sample of the training text, ids
+    below `vocab_size`), most frequent first, ties by id."""
+    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    counts = np.bincount(ids[(ids >= 0) & (ids < vocab_size)], minlength=vocab_size)
+    seen = np.flatnonzero(counts)
+    return {"vocab_size": int(vocab_size), "ids": seen[np.lexsort((seen, -counts[seen]))].tolist()}
+
+
 # ---- teacher side: sparse views of the logits -------------------------------------------------
 
 
@@ -236,39 +273,54 @@ def _flat_columns(columns: Mapping[str, np.ndarray]) -> tuple[dict[str, torch.Te
 
 
 def encode_topk(ids: torch.Tensor | np.ndarray, logprobs: torch.Tensor | np.ndarray,
-                vocab_size: int) -> dict[str, np.ndarray]:
+                vocab_size: int, order: IdOrder | None = None) -> dict[str, np.ndarray]:
     """Top-k ids and log-probabilities [N, k] (any order) -> the four ``COLUMNS``.
 
-    `vocab_size` (not the ids seen) fixes the t_pages width, so all batches share one schema.
+    `vocab_size` (not the ids seen) fixes the t_pages width, so all batches share one schema;
+    with `order`, ids are coded by their position in it.
     """
     lead = tuple(np.shape(ids)[:-1])
     ids, logprobs = _flat(ids).long(), _flat(logprobs).float()
-    order = ids.argsort(-1)
-    columns = _encode_ids(ids.gather(-1, order), vocab_size) | _encode_logprobs(logprobs.gather(-1, order))
+    if order is not None:
+        ids = order.code.to(ids.device)[ids]
+    order_ = ids.argsort(-1)
+    columns = _encode_ids(ids.gather(-1, order_), vocab_size) | _encode_logprobs(logprobs.gather(-1, order_))
     return _shaped(columns, lead)
 
 
-def decode_topk(columns: Mapping[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``COLUMNS`` -> ids (ascending, exact) int64 and log-probabilities float32, each [N, k]."""
+def decode_topk(columns: Mapping[str, np.ndarray], order: IdOrder | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``COLUMNS`` -> ids (exact; ascending in the coded order) int64 and log-probabilities float32, each [N, k]."""
     flat, lead = _flat_columns(columns)
     ids = _decode_ids(flat["t_gaps"], flat["t_pages"])
+    if order is not None:
+        ids = order.id[ids]
     logprobs = _decode_logprobs(flat["t_q"], flat["t_lhead"])
     return ids.reshape(*lead, -1), logprobs.reshape(*lead, -1)
 
 
 def encode_sampled(ids: torch.Tensor | np.ndarray, counts: torch.Tensor | np.ndarray,
-                   logprobs: torch.Tensor | np.ndarray, vocab_size: int) -> dict[str, np.ndarray]:
-    """`teacher_sample`'s output [N, draws] -> the four ``COLUMNS``."""
+                   logprobs: torch.Tensor | np.ndarray, vocab_size: int,
+                   order: IdOrder | None = None) -> dict[str, np.ndarray]:
+    """`teacher_sample`'s output [N, draws] -> the four ``COLUMNS`` (ids coded by `order` if given)."""
     lead = tuple(np.shape(ids)[:-1])
     ids, counts, logprobs = _flat(ids).long(), _flat(counts).long(), _flat(logprobs).float()
+    if order is not None:  # the distinct ids by their codes, ascending, padding slots last
+        codes = order.code.to(ids.device)[ids]
+        sort = torch.where(counts > 0, codes, vocab_size).argsort(-1)
+        counts, logprobs = counts.gather(-1, sort), logprobs.gather(-1, sort)
+        ids = torch.where(counts > 0, codes.gather(-1, sort), 0)
     columns = _encode_ids(_repeat(ids, counts), vocab_size) | _encode_logprobs(logprobs)
     return _shaped(columns, lead)
 
 
-def decode_sampled(columns: Mapping[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``COLUMNS`` -> ids, counts (int64) and log-probabilities (float32) [N, draws], as `teacher_sample` gave."""
+def decode_sampled(columns: Mapping[str, np.ndarray], order: IdOrder | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``COLUMNS`` -> ids, counts (int64) and log-probabilities (float32) [N, draws], as `teacher_sample`
+    gave (with `order`, the distinct ids come in their coded order)."""
     flat, lead = _flat_columns(columns)
     ids, counts = _distinct(_decode_ids(flat["t_gaps"], flat["t_pages"]))
+    if order is not None:
+        ids = torch.where(counts > 0, order.id[ids], 0)
     logprobs = _decode_logprobs(flat["t_q"], flat["t_lhead"])
     return tuple(x.reshape(*lead, -1) for x in (ids, counts, logprobs))
 
@@ -280,41 +332,44 @@ def decode_sampled(columns: Mapping[str, np.ndarray]) -> tuple[torch.Tensor, tor
 class Codec:
     """What the teacher actor and the trainer call, the same for every mode:
 
-        columns = CODECS[mode].encode(logits, k=k, draws=draws, temperature=t)  # teacher, logits [N, V]
-        target = CODECS[mode].decode(batch_columns)                            # trainer
+        columns = CODECS[mode].encode(logits, k=k, draws=draws, temperature=t, order=o)  # teacher, [N, V]
+        target = CODECS[mode].decode(batch_columns, order=o)                            # trainer
 
-    ``encode(logits, *, k=64, draws=DEFAULT_DRAWS, temperature=1.0, vocab_size=None, generator=None)``
-    takes every mode's options so that one call serves both: top-k uses `k`, sampled uses `draws`
-    and `generator` (its seed), each ignores the rest. `vocab_size` defaults to the logits' last dim.
+    ``encode(logits, *, k=64, draws=DEFAULT_DRAWS, temperature=1.0, vocab_size=None, generator=None,
+    order=None)`` takes every mode's options so that one call serves both: top-k uses `k`, sampled
+    uses `draws` and `generator` (its seed), each ignores the rest. `vocab_size` defaults to the
+    logits' last dim; `order` (an `IdOrder`, the stream's) must be the same on both sides.
     """
 
     name: str
     encode: Callable[..., dict[str, np.ndarray]]
-    decode: Callable[[Mapping[str, np.ndarray]], SparseTarget]
+    decode: Callable[..., SparseTarget]
     columns: tuple[str, ...] = COLUMNS
     seeded: bool = False  # draws from a generator: encode block by block, each seeded by its index
 
 
 def _encode_topk_logits(logits: torch.Tensor, *, k: int = 64, draws: int = DEFAULT_DRAWS, temperature: float = 1.0,
-                        vocab_size: int | None = None, generator: torch.Generator | None = None
-                        ) -> dict[str, np.ndarray]:
+                        vocab_size: int | None = None, generator: torch.Generator | None = None,
+                        order: IdOrder | None = None) -> dict[str, np.ndarray]:
     ids, logprobs = teacher_topk(logits, k, temperature)
-    return encode_topk(ids, logprobs, vocab_size or logits.shape[-1])
+    return encode_topk(ids, logprobs, vocab_size or logits.shape[-1], order)
 
 
 def _encode_sampled_logits(logits: torch.Tensor, *, k: int = 64, draws: int = DEFAULT_DRAWS, temperature: float = 1.0,
-                           vocab_size: int | None = None, generator: torch.Generator | None = None
-                           ) -> dict[str, np.ndarray]:
+                           vocab_size: int | None = None, generator: torch.Generator | None = None,
+                           order: IdOrder | None = None) -> dict[str, np.ndarray]:
     ids, counts, logprobs = teacher_sample(logits, draws, generator, temperature)
-    return encode_sampled(ids, counts, logprobs, vocab_size or logits.shape[-1])
+    return encode_sampled(ids, counts, logprobs, vocab_size or logits.shape[-1], order)
 
 
 CODECS: dict[str, Codec] = {
-    "topk": Codec("topk", _encode_topk_logits, lambda columns: SparseTarget.from_topk(*decode_topk(columns))),
+    "topk": Codec("topk", _encode_topk_logits,
+                  lambda columns, order=None: SparseTarget.from_topk(*decode_topk(columns, order))),
     "sampled": Codec("sampled", _encode_sampled_logits,
-                     lambda columns: SparseTarget.from_sampled(*decode_sampled(columns)), seeded=True),
+                     lambda columns, order=None: SparseTarget.from_sampled(*decode_sampled(columns, order)),
+                     seeded=True),
 }
 """Codec by mode name ("topk" | "sampled")."""
 
-__all__ = ["COLUMNS", "CODECS", "Codec", "DEFAULT_DRAWS", "LOGPROB_STEP", "PARQUET_OPTIONS", "SparseTarget",
+__all__ = ["COLUMNS", "CODECS", "Codec", "DEFAULT_DRAWS", "IdOrder", "frequency_order", "LOGPROB_STEP", "PARQUET_OPTIONS", "SparseTarget",
            "decode_sampled", "decode_topk", "encode_sampled", "encode_topk", "teacher_sample", "teacher_topk"]

@@ -171,6 +171,15 @@ def _text(cfg: TeacherStreamConfig, tok, *, val_data: str | None = None):
     return val, plan, lo, end
 
 
+def _id_order(plan, tok, vocab_size: int) -> dict[str, Any]:
+    """The ids of the plan's first text by frequency (`codec.IdOrder`): coded by rank, a top-k
+    row's ids lie close together at any vocabulary size. Recorded in a stream, passed online."""
+    from .blocks import sample_ids
+    from .codec import frequency_order
+
+    return frequency_order(sample_ids(plan, tok), vocab_size)
+
+
 def teacher_logits(cfg: TeacherLogitsConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run the teacher over DATA once and write its stream to LOGITS (Parquet + stream.json)."""
     from ..calibrate import _tokenizer
@@ -191,10 +200,11 @@ def teacher_logits(cfg: TeacherLogitsConfig, *, progress: bool = True) -> dict[s
     meta = stream_meta(cfg, teacher=cfg.teacher, vocab_size=int(teacher_cfg["vocab_size"]), blocks=end,
                        tokens=(end - lo) * cfg.seq_len, tokenizer=tokenizer_digest(cfg.teacher))
     meta["val_blocks"] = len(val)
+    order = _id_order(plan, tok, int(teacher_cfg["vocab_size"]))
     blocks = blocks_dataset(val).union(text_blocks(plan, tok, lo=lo, hi=end, rows=cfg.teacher_batch)) if len(val) \
         else text_blocks(plan, tok, lo=lo, hi=end, rows=cfg.teacher_batch)
-    write_stream(teacher_stream(blocks, teacher=cfg.teacher, cfg=cfg), cfg.out, meta,
-                 overwrite=cfg.overwrite, sources=(cfg.teacher,))
+    write_stream(teacher_stream(blocks, teacher=cfg.teacher, cfg=cfg, order=order), cfg.out,
+                 meta | {"id_order": order}, overwrite=cfg.overwrite, sources=(cfg.teacher,))
     meta["seconds"] = round(time.time() - t0, 2)
     return meta
 
@@ -214,6 +224,7 @@ def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None
     sources = tuple(s for s in (cfg.student, cfg.teacher, cfg.data, cfg.logits, cfg.val_data) if s)
     if cfg.logits:
         meta = read_stream_meta(cfg.logits)
+        order = meta.get("id_order")  # streams written before ids were coded by frequency have none
         if (int(meta["vocab_size"]) != int(student_cfg["vocab_size"])
                 or meta.get("tokenizer") != tokenizer_digest(cfg.student)):
             raise UserError(f"the stream {cfg.logits} was made with another vocabulary than the student's "
@@ -272,24 +283,27 @@ def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None
         if steps < 1:
             raise UserError(f"{cfg.data} holds {end - lo} training blocks of {cfg.seq_len} tokens, fewer than one "
                             f"optimizer step uses ({per_step})")
-        val = _columns(teacher_stream(blocks_dataset(val_blocks), teacher=cfg.teacher, cfg=cfg, replicas=1))
+        order = _id_order(plan, tok, int(teacher_cfg["vocab_size"]))
+        val = _columns(teacher_stream(blocks_dataset(val_blocks), teacher=cfg.teacher, cfg=cfg, replicas=1,
+                                      order=order))
         trained_file = f"{cfg.out}/{TRAINED_FILE}"
         datasets = {}
         for r in range(cfg.workers):
             a, b = rank_range(lo, lo + steps * per_step, cfg.workers, r)
             datasets[f"train_{r}"] = teacher_stream(text_blocks(plan, tok, lo=a, hi=b, trained_file=trained_file,
                                                                 rows=cfg.teacher_batch),
-                                                    teacher=cfg.teacher, cfg=cfg,
+                                                    teacher=cfg.teacher, cfg=cfg, order=order,
                                                     replicas=cfg.teacher_workers // cfg.workers)
 
     with OutputLock(cfg.out):  # one run at a time writes RUN
-        return _fit(cfg, steps=steps, val=val, datasets=datasets, progress=progress, t0=t0, callbacks=callbacks)
+        return _fit(cfg, steps=steps, val=val, datasets=datasets, progress=progress, t0=t0, callbacks=callbacks,
+                    order=order)
 
 
 def _fit(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], datasets: dict[str, Any], progress: bool,
-         t0: float, callbacks: list | None) -> DistillResult:
+         t0: float, callbacks: list | None, order: dict | None) -> DistillResult:
     _start_run(cfg)  # only now: a check that failed before leaves no RUN behind
-    trainer = _trainer(cfg, steps=steps, val=val, datasets=datasets, callbacks=callbacks)
+    trainer = _trainer(cfg, steps=steps, val=val, datasets=datasets, callbacks=callbacks, order=order)
     watcher = _MetricsWatcher(cfg.out, steps, enabled=progress)
     watcher.start()
     try:
@@ -330,7 +344,7 @@ def _losses() -> list[str]:
 
 
 def _trainer(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], datasets: dict[str, Any],
-             callbacks: list | None = None):
+             callbacks: list | None = None, order: dict | None = None):
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -343,7 +357,7 @@ def _trainer(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], data
         dict(storage_path=path, storage_filesystem=_arrow_fs(fs))
     return TorchTrainer(
         train_func,
-        train_loop_config={"cfg": cfg.model_dump(), "steps": steps, "run": cfg.out, "val": val},
+        train_loop_config={"cfg": cfg.model_dump(), "steps": steps, "run": cfg.out, "val": val, "order": order},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpu else {}),
                                                            **cfg.worker_resources}),

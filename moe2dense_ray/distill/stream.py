@@ -74,19 +74,22 @@ class TeacherService:
     """
 
     def __init__(self, teacher: str, *, codec: str, top_k: int, draws: int, temperature: float, seed: int,
-                 threads: int | None = None):
+                 threads: int | None = None, order: dict | None = None, model=None):
         from ..calibrate import load_causal_lm
         from ..lm_head import LMHead
-        from .codec import CODECS
+        from .codec import CODECS, IdOrder
 
         if threads:
             torch.set_num_threads(threads)
-        self.model, _, self.device = load_causal_lm(teacher)
+        if model is None:
+            self.model, _, self.device = load_causal_lm(teacher)
+        else:  # a model already in memory (bench/gpu_scale.py: random weights at the real shape)
+            self.model, self.device = model.eval(), next(model.parameters()).device
         self.head = LMHead(self.model)
         self.head.check()
         self.rows = self.head.rows()
         self.codec = CODECS[codec]
-        self.opts = dict(k=draws if codec == "sampled" else top_k, temperature=temperature)
+        self.opts = dict(k=draws if codec == "sampled" else top_k, temperature=temperature, order=IdOrder.of(order))
         self.seed = seed
 
     def _encode(self, hidden: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, np.ndarray]:
@@ -114,9 +117,10 @@ class TeacherService:
         return out
 
 
-def teacher_stream(ds, *, teacher: str, cfg, replicas: int | None = None):
+def teacher_stream(ds, *, teacher: str, cfg, replicas: int | None = None, order: dict | None = None):
     """`ds` of blocks -> a pool of `replicas` teacher actors (default `cfg.teacher_workers`) -> the
-    same blocks with the teacher's `t_*` columns."""
+    same blocks with the teacher's `t_*` columns (ids coded in `order`, a `codec.frequency_order`
+    record, when given)."""
     import ray
 
     gpus = cfg.gpus_per_teacher
@@ -131,7 +135,7 @@ def teacher_stream(ds, *, teacher: str, cfg, replicas: int | None = None):
         TeacherService,
         fn_constructor_kwargs=dict(teacher=teacher, codec=cfg.codec, top_k=cfg.top_k, draws=cfg.draws,
                                    temperature=cfg.temperature, seed=cfg.seed,
-                                   threads=max(1, round(cfg.cpus_per_teacher))),
+                                   threads=max(1, round(cfg.cpus_per_teacher)), order=order),
         batch_size=cfg.teacher_batch, batch_format="numpy", num_cpus=cfg.cpus_per_teacher, num_gpus=gpus,
         compute=ray.data.ActorPoolStrategy(size=replicas or cfg.teacher_workers),
         **({"resources": dict(cfg.teacher_resources)} if cfg.teacher_resources else {}),

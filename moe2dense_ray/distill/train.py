@@ -71,17 +71,18 @@ def _to_torch(batch: dict[str, np.ndarray], device) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def decode_target(codec: str, columns: dict[str, np.ndarray]):
-    """The teacher's `t_*` columns of [blocks, seq_len, ...] -> one SparseTarget row per token."""
+def decode_target(codec: str, columns: dict[str, np.ndarray], order=None):
+    """The teacher's `t_*` columns of [blocks, seq_len, ...] -> one SparseTarget row per token
+    (`order`: the stream's `codec.IdOrder`, None when its ids are coded as they are)."""
     from .codec import CODECS
 
     lead = columns["t_lhead"].ndim
     flat = {k: v.reshape(-1, *v.shape[lead:]) if v.ndim > lead else v.reshape(-1)
             for k, v in columns.items() if k.startswith("t_")}
-    return CODECS[codec].decode(flat)
+    return CODECS[codec].decode(flat, order=order)
 
 
-def batch_loss(model, batch: dict[str, np.ndarray], cfg, device) -> tuple[torch.Tensor, float, float]:
+def batch_loss(model, batch: dict[str, np.ndarray], cfg, device, order=None) -> tuple[torch.Tensor, float, float]:
     """(loss, kd, ce) of one micro-batch: (1 - w) * KD + w * CE, both averaged over real tokens.
 
     The body runs once; the LM head, the softmax and both losses run a chunk of rows at a time
@@ -92,7 +93,7 @@ def batch_loss(model, batch: dict[str, np.ndarray], cfg, device) -> tuple[torch.
 
     head = model if isinstance(model, LMHead) else LMHead(model)
     ids, mask = _to_torch(batch, device)
-    target = decode_target(cfg.codec, batch).to(device)
+    target = decode_target(cfg.codec, batch, order).to(device)
     sums = chunked_loss(head.logits, head.hidden(ids, mask), ids, mask, target, loss=cfg.loss,
                         temperature=cfg.temperature, ce=cfg.ce_weight > 0, rows=head.rows())
     kd, ce = sums.means()
@@ -100,7 +101,7 @@ def batch_loss(model, batch: dict[str, np.ndarray], cfg, device) -> tuple[torch.
     return loss, float(kd.detach()), float(ce.detach())
 
 
-def _val_share(val: dict[str, np.ndarray], rank: int, world: int, codec: str):
+def _val_share(val: dict[str, np.ndarray], rank: int, world: int, codec: str, order=None):
     """This rank's share of the validation blocks: (input_ids, attention_mask, keep, teacher target).
 
     Every rank gets the same number of blocks (ceil(n / world)), a short share padded with block 0
@@ -114,7 +115,7 @@ def _val_share(val: dict[str, np.ndarray], rank: int, world: int, codec: str):
     rows += [0] * (per - len(rows))
     cols = {k: np.asarray(v)[rows] for k, v in val.items()}
     return (torch.as_tensor(cols["input_ids"]), torch.as_tensor(cols["attention_mask"]), torch.as_tensor(keep),
-            decode_target(codec, cols))
+            decode_target(codec, cols, order))
 
 
 def _write_metrics(run: str, row: dict[str, Any]) -> None:
@@ -180,6 +181,7 @@ def train_func(config: dict[str, Any]) -> None:
 
     from ..evaluate import heldout_sums, load_model, metrics_of
     from ..lm_head import LMHead
+    from .codec import IdOrder
     from .config import DistillConfig
     from .export import export_student
 
@@ -217,7 +219,8 @@ def train_func(config: dict[str, Any]) -> None:
     head = LMHead(engine)
     head.check()  # the split model (body, then the head a chunk at a time) gives the model's own logits
     val = config.get("val")
-    val_share = _val_share(val, rank, world, cfg.codec) if val else None
+    order = IdOrder.of(config.get("order"))  # the stream's id order (codec.py)
+    val_share = _val_share(val, rank, world, cfg.codec, order) if val else None
 
     def validate() -> dict[str, float]:
         if not val:
@@ -252,7 +255,7 @@ def train_func(config: dict[str, Any]) -> None:
             if batch is None:
                 raise RuntimeError(f"the teacher stream of rank {rank} ended at step {step} of {steps}: "
                                    f"blocks were lost (this is a bug)")
-            loss, kd, ce = batch_loss(engine, batch, cfg, device)
+            loss, kd, ce = batch_loss(engine, batch, cfg, device, order)
             if not math.isfinite(float(loss)):
                 raise FloatingPointError(f"non-finite loss {float(loss)} at step {step}")
             engine.backward(loss)
