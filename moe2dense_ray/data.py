@@ -329,6 +329,19 @@ def sample_density(fs: AbstractFileSystem, path: str, tokenizer: PreTrainedToken
     Tokens are counted as `pack_rows` frames documents; bytes are those read from storage for
     them (compressed bytes for a compressed file; the text column's share for Parquet).
     """
+    name = _display(fs, path)
+    if is_local(fs) and not stat.S_ISREG(os.stat(path).st_mode):
+        raise UserError(f"{name} is not a regular file")
+    try:
+        return _sample_density(fs, path, tokenizer, text_field, chars)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{name} is not UTF-8 text: {e.reason} at byte {e.start}") from e
+    except (OSError, EOFError) as e:  # a truncated or corrupt compressed file, a failing read
+        raise UserError(f"cannot read {name}: {e}") from e
+
+
+def _sample_density(fs: AbstractFileSystem, path: str, tokenizer: PreTrainedTokenizerBase, text_field: str,
+                    chars: int) -> tuple[float, int | None]:
     fmt, compression = _split_ext(path)
     name = _display(fs, path)
     size = max(1, fs.size(path))

@@ -170,3 +170,21 @@ def test_parquet_is_cut_by_row_groups(tmp_path, tokenizer, monkeypatch):
     assert len(plan.shards) == len(cut)
     got = local_blocks(plan, tokenizer, lo=0, hi=plan.blocks)
     assert list(got.index) == list(range(plan.blocks))
+
+
+@pytest.mark.parametrize("case", ["truncated-gzip", "not-utf8", "bad-json", "empty"])
+def test_bad_training_text_is_one_line_before_any_work(tmp_path, tokenizer, case):
+    """Planning reads a sample of every kind of file: what is wrong with it is one UserError line."""
+    import gzip
+
+    from moe2dense_ray.errors import UserError
+
+    good = "".join(json.dumps({"text": _words(random.Random(i), 50)}) + "\n" for i in range(2000)).encode()
+    path, fragment = {"truncated-gzip": ("d.jsonl.gz", "cannot read"), "not-utf8": ("d.jsonl", "not UTF-8"),
+                      "bad-json": ("d.jsonl", "malformed JSON"), "empty": ("d.jsonl", "less than one block")}[case]
+    data = {"truncated-gzip": gzip.compress(good)[:5000], "not-utf8": b'{"text": "\xff\xfe"}\n' + good,
+            "bad-json": good[:300] + b"{oops\n" + good, "empty": b""}[case]
+    (tmp_path / path).write_bytes(data)
+    with pytest.raises(UserError, match=fragment) as e:
+        plan_text(str(tmp_path / path), tokenizer, blocks=100, seq_len=32, seed=0, text_field="text")
+    assert "\n" not in str(e.value)

@@ -62,7 +62,8 @@ def test_config_yaml_flags_and_errors(tmp_path, student, capsys):
     assert job.teacher.endswith("teacher-qwen3moe") and job.tokens == 800_000
 
 
-@pytest.mark.parametrize("case", ["not-dense", "vocabulary", "tokens", "run-exists", "bad-loss", "sampled-jsd"])
+@pytest.mark.parametrize("case", ["not-dense", "vocabulary", "tokens", "run-exists", "bad-loss", "sampled-jsd",
+                                  "bad-text"])
 def test_bad_input_is_one_line_before_any_work(tmp_path, student, tokenizer, capsys, case):
     from moe2dense_ray.testing import make_tiny_moe
 
@@ -71,7 +72,7 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, student, tokenizer, cap
             "--tokens", "4096", "--out", str(out)]
     fragment = {"not-dense": "not dense", "vocabulary": "vocabulary", "tokens": "fewer than one optimizer step",
                 "run-exists": "already exists",
-                "bad-loss": "unknown loss", "sampled-jsd": "sampled"}[case]
+                "bad-loss": "unknown loss", "sampled-jsd": "sampled", "bad-text": "cannot read"}[case]
     if case == "not-dense":
         argv[4] = assets.teacher_path()
     elif case == "vocabulary":
@@ -86,8 +87,12 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, student, tokenizer, cap
         (out / "notes.txt").write_text("mine")
     elif case == "bad-loss":
         argv += ["--loss", "kl-ish"]
-    else:
+    elif case == "sampled-jsd":
         argv += ["--codec", "sampled", "--loss", "jsd"]
+    else:  # a truncated compressed file: found by the driver's plan, before Ray starts
+        with open(assets.train_path(), "rb") as f:
+            (tmp_path / "cut.jsonl.gz").write_bytes(f.read(200_000))
+        argv[argv.index("--data") + 1] = str(tmp_path / "cut.jsonl.gz")
     _one_error(capsys, main(argv), fragment)
     if case == "run-exists":
         assert (out / "notes.txt").read_text() == "mine"

@@ -252,23 +252,8 @@ def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None
         raise UserError(f"each training worker reads from its own teacher replicas: --teacher-workers "
                         f"({cfg.teacher_workers}) must be a multiple of --workers ({cfg.workers})")
     _check_run(cfg, sources)
-    ensure_ray()
-    _check_resources(cfg, workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, teacher=not cfg.logits,
-                     pipelines=cfg.workers, worker_resources=cfg.worker_resources)
-
-    t0 = time.time()
-    V = cfg.val_blocks
-    if cfg.logits:
-        stream = read_stream(cfg.logits)
-        val = _columns(select_blocks(stream, hi=V))
-        steps = n_train // per_step
-        hi = V + steps * per_step
-        trained_file = f"{cfg.out}/{TRAINED_FILE}"
-        datasets = {f"train_{r}": select_blocks(stream, lo=V, hi=hi, world=cfg.workers, rank=r,
-                                                 trained_file=trained_file) for r in range(cfg.workers)}
-    else:
+    if not cfg.logits:  # the text's plan and the held-out blocks, before Ray starts: bad text is one line
         from ..calibrate import _tokenizer
-        from .blocks import rank_range, text_blocks
 
         tok = _tokenizer(cfg.teacher)
         val_blocks, plan, lo, end = _text(cfg, tok, val_data=cfg.val_data)
@@ -284,6 +269,23 @@ def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None
             raise UserError(f"{cfg.data} holds {end - lo} training blocks of {cfg.seq_len} tokens, fewer than one "
                             f"optimizer step uses ({per_step})")
         order = _id_order(plan, tok, int(teacher_cfg["vocab_size"]))
+    ensure_ray()
+    _check_resources(cfg, workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, teacher=not cfg.logits,
+                     pipelines=cfg.workers, worker_resources=cfg.worker_resources)
+
+    t0 = time.time()
+    V = cfg.val_blocks
+    if cfg.logits:
+        stream = read_stream(cfg.logits)
+        val = _columns(select_blocks(stream, hi=V))
+        steps = n_train // per_step
+        hi = V + steps * per_step
+        trained_file = f"{cfg.out}/{TRAINED_FILE}"
+        datasets = {f"train_{r}": select_blocks(stream, lo=V, hi=hi, world=cfg.workers, rank=r,
+                                                 trained_file=trained_file) for r in range(cfg.workers)}
+    else:
+        from .blocks import rank_range, text_blocks
+
         val = _columns(teacher_stream(blocks_dataset(val_blocks), teacher=cfg.teacher, cfg=cfg, replicas=1,
                                       order=order))
         trained_file = f"{cfg.out}/{TRAINED_FILE}"
