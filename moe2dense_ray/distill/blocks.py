@@ -19,7 +19,7 @@ Packing (`pack_shard`) runs in Ray Data tasks on the cluster's CPUs: a shard's d
 seeded buffered shuffle, packed as calibration packs them, cut at its quota; a shard whose text
 runs out first continues with the text of the shards after it in file order (so every block is
 full; such text is then seen twice, which the safety margin makes rare). Each rank's pipeline
-packs only the shards that hold its blocks, a few at a time, ahead of the teacher.
+packs only the shards that hold its blocks, one task at a time, ahead of the teacher.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ SHUFFLE_BUFFER = 1000
 
 @dataclass(frozen=True)
 class Shard:
-    """A file, or the lines of a file that start in bytes [start, end); its blocks are the global
-    indices [offset, offset + quota)."""
+    """A file, or one of its `data.pieces` (the lines that start in bytes [start, end), or Parquet
+    row groups [start, end)); its blocks are the global indices [offset, offset + quota)."""
 
     order: int  # position in file order (for what comes next when a shard's text runs out)
     url: str
@@ -175,7 +175,7 @@ def _shuffled(docs: Iterator[str], seed: int) -> Iterator[str]:
 
 def pack_shard(plan: TextPlan, shard: Shard, tokenizer, *, lo: int = 0, hi: int | None = None,
                skip: np.ndarray | None = None, rows: int = ROWS_PER_BATCH) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of the shard's blocks with lo <= index < hi, minus the indices in `skip`.
+    """Batches of the shard's blocks with lo <= index < hi, minus the indices in `skip` (sorted).
 
     Always packs from the shard's start (an index is a position in its packing), but stops at
     `hi`: a rank whose range ends inside a shard reads no further than it needs.
@@ -191,13 +191,21 @@ def pack_shard(plan: TextPlan, shard: Shard, tokenizer, *, lo: int = 0, hi: int 
     out: list[tuple[int, list[int]]] = []
     for pos, (ids, _) in enumerate(pack_rows(docs, tokenizer, seq_len=plan.seq_len, blocks=want, pad_last=False)):
         index = shard.offset + pos
-        if index >= lo and (skip is None or not np.isin(index, skip)):
+        if index >= lo and not _listed(skip, index):
             out.append((index, ids))
         if len(out) == rows:
             yield _batch(out, plan.seq_len)
             out = []
     if out:
         yield _batch(out, plan.seq_len)
+
+
+def _listed(skip: np.ndarray | None, index: int) -> bool:
+    """Whether `index` is in the sorted `skip` (a resumed run's trained blocks: millions at 4B tokens)."""
+    if skip is None or not len(skip):
+        return False
+    i = int(np.searchsorted(skip, index))
+    return i < len(skip) and int(skip[i]) == index
 
 
 def _batch(rows: list[tuple[int, list[int]]], seq_len: int) -> dict[str, np.ndarray]:
@@ -211,7 +219,7 @@ def _pack_task(batch: dict[str, np.ndarray], *, plan: dict[str, Any], tokenizer,
     from .stream import read_trained
 
     text = TextPlan.from_dict(plan)
-    skip = read_trained(trained_file) if trained_file else None
+    skip = np.sort(read_trained(trained_file)) if trained_file else None
     for spec in batch["shard"]:
         shard = Shard(**json.loads(str(spec)))
         if skip is not None and shard.offset >= lo and shard.offset + shard.quota <= hi:
