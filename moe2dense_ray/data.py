@@ -29,7 +29,7 @@ import os
 import random
 import re
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -347,38 +347,75 @@ def _sample_density(fs: AbstractFileSystem, path: str, tokenizer: PreTrainedToke
     size = max(1, fs.size(path))
     sample: list[str] = []
     n = 0
+    if fmt == "json" and _starts_with_bracket(fs, path, compression):  # one array, read whole anyway
+        docs = list(_json_array_docs(fs, path, compression, name, text_field))
+        total = sum(map(len, docs)) or 1
+        for doc in docs:
+            sample.append(doc)
+            n += len(doc)
+            if n >= chars:
+                break
+        tokens = sum(real for _, real in pack_rows(iter(sample), tokenizer, seq_len=1 << 12, blocks=1 << 62))
+        return (tokens / size, tokens) if n < chars else (tokens / (size * n / total), None)
+    consumed = 0  # bytes of the lines the sample's documents came from, as decompressed
+
+    def lines(read: Callable[[], str]) -> Iterator[str]:
+        nonlocal consumed
+        for line in iter(read, ""):
+            consumed += len(line.encode("utf-8"))
+            yield line
+
     with fs.open(path, "rb") as raw:
-        counting = _CountingReader(raw)
+        stored = _CountingReader(raw)
         if fmt == "parquet":
             docs: Iterator[str] = _parquet_docs(fs, path, name, text_field)
         else:
             from fsspec.compression import compr
 
-            stream = compr[compression](io.BufferedReader(counting), mode="rb") if compression else counting
-            text = io.TextIOWrapper(io.BufferedReader(stream) if not compression else stream, encoding="utf-8-sig")
-            if fmt == "txt":
-                docs = _txt_docs(iter(lambda: text.readline(_READ_CHUNK), ""))
-            elif fmt == "json" and _starts_with_bracket(fs, path, compression):
-                docs = _json_array_docs(fs, path, compression, name, text_field)
-            else:
-                docs = _json_docs(iter(lambda: text.readline(MAX_JSON_LINE + 1), ""), name, text_field)
+            plain = compr[compression](io.BufferedReader(stored), mode="rb") if compression else stored
+            text = io.TextIOWrapper(io.BufferedReader(plain) if not compression else plain, encoding="utf-8-sig")
+            docs = _txt_docs(lines(lambda: text.readline(_READ_CHUNK))) if fmt == "txt" else \
+                _json_docs(lines(lambda: text.readline(MAX_JSON_LINE + 1)), name, text_field)
         for doc in docs:
             sample.append(doc)
             n += len(doc)
             if n >= chars:
                 break
         whole = n < chars
-        used = counting.count
+    ratio = _stored_per_text_byte(fs, path, compression) if compression and fmt != "parquet" else 1.0
     tokens = sum(real for _, real in pack_rows(iter(sample), tokenizer, seq_len=1 << 12, blocks=1 << 62))
     if whole:
         return tokens / size, tokens
-    if fmt == "parquet":  # the share of the rows the sample read
+    if fmt == "parquet":  # the text column's bytes, from the footer, over the sample's own
         import pyarrow.parquet as pq
 
         with fs.open(path, "rb") as f:
-            rows = pq.ParquetFile(f).metadata.num_rows
-        return tokens * rows / max(1, len(sample)) / size, None
-    return tokens / max(1, used), None
+            meta = pq.ParquetFile(f).metadata
+        column = meta.schema.names.index(text_field)
+        text = sum(meta.row_group(i).column(column).total_uncompressed_size for i in range(meta.num_row_groups))
+        sampled = sum(len(d.encode("utf-8")) + 4 for d in sample)  # a length prefix per value
+        return tokens / max(1, sampled) * text / size, None
+    return tokens / max(1.0, consumed * ratio), None
+
+
+def _stored_per_text_byte(fs: AbstractFileSystem, path: str, compression: str, probe: int = 1 << 20) -> float:
+    """Compressed bytes per decompressed byte, from the file's first `probe` stored bytes: the
+    sample's documents are counted as text, and its file is stored compressed."""
+    import bz2
+    import lzma
+    import zlib
+
+    with fs.open(path, "rb") as f:
+        head = f.read(probe)
+    make = {"gzip": lambda: zlib.decompressobj(wbits=47), "bz2": bz2.BZ2Decompressor,
+            "xz": lzma.LZMADecompressor, "lzma": lzma.LZMADecompressor}.get(compression)
+    if make is None:
+        return 1.0
+    try:
+        out = len(make().decompress(head))
+    except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as e:
+        raise UserError(f"cannot read {_display(fs, path)}: {e}") from e
+    return len(head) / max(1, out)
 
 
 def _open_text(fs: AbstractFileSystem, path: str, compression: str | None) -> TextIO:

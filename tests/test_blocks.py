@@ -188,3 +188,29 @@ def test_bad_training_text_is_one_line_before_any_work(tmp_path, tokenizer, case
     with pytest.raises(UserError, match=fragment) as e:
         plan_text(str(tmp_path / path), tokenizer, blocks=100, seq_len=32, seed=0, text_field="text")
     assert "\n" not in str(e.value)
+
+
+def test_densities_of_every_format_are_close_to_the_truth(tmp_path, tokenizer):
+    """The sampled tokens per stored byte, for a file larger than the sample, within 10% of the
+    whole file's count, for text, JSON lines (plain and gzip), a JSON array and Parquet."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from moe2dense_ray.data import pack_rows, sample_density
+
+    rng = random.Random(4)
+    docs = [_words(rng, rng.randint(20, 200)) for _ in range(600)]
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in docs)
+    (tmp_path / "a.jsonl").write_text(lines)
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    (tmp_path / "c.json").write_text(json.dumps([{"text": t} for t in docs]))
+    (tmp_path / "d.txt").write_text("\n\n".join(docs))
+    pq.write_table(pa.table({"text": docs}), tmp_path / "e.parquet", row_group_size=50)
+    true_tokens = sum(real for _, real in pack_rows(iter(docs), tokenizer, seq_len=4096, blocks=1 << 40))
+    for name in ("a.jsonl", "b.jsonl.gz", "c.json", "d.txt", "e.parquet"):
+        fs, path = url_to_fs(str(tmp_path / name))
+        per_byte, exact = sample_density(fs, path, tokenizer, "text", chars=20_000)
+        assert exact is None
+        assert per_byte * fs.size(path) == pytest.approx(true_tokens, rel=0.1), name
