@@ -26,13 +26,14 @@ from .errors import UserError
 
 RESOURCE_TIMEOUT = 600.0  # seconds a cluster gets to grow to a run's size
 RESOURCE_TIMEOUT_ENV = "MOE2DENSE_RESOURCE_TIMEOUT"
+RAY_ADDRESS_ENV = "RAY_ADDRESS"  # set by `ray job submit`: the cluster to join
 _POLL_S = 1.0
 _LOW_DISK = 512 << 20  # below this, a failed start is most likely the disk
 
 
 def on_cluster() -> bool:
     """Whether this driver joins a cluster (which an autoscaler may grow) rather than an embedded Ray."""
-    return bool(os.environ.get("RAY_ADDRESS"))
+    return bool(os.environ.get(RAY_ADDRESS_ENV))
 
 
 def first_line(e: BaseException | str) -> str:
@@ -54,14 +55,13 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
-    address = os.environ.get("RAY_ADDRESS") or None
+    address = os.environ.get(RAY_ADDRESS_ENV) or None
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
-        # an embedded Ray is an implementation detail: its start-up chatter would break the bars.
-        # "local" starts one even when other Ray instances run on this machine. Its dashboard
-        # serves the state API, which Ray Train's placement-group cleaner needs: without it a
-        # training run inside a Tune trial leaves its workers' CPUs reserved after the trial ends
-        start = {} if address else {"num_cpus": num_cpus, "include_dashboard": True}
+        # an embedded Ray is an implementation detail: its start-up chatter would break the bars,
+        # and nothing here reads its dashboard. "local" starts one even when other Ray instances
+        # run on this machine
+        start = {} if address else {"num_cpus": num_cpus, "include_dashboard": False}
         ray.init(address=address or "local", log_to_driver=False, ignore_reinit_error=True,
                  logging_level="INFO" if address else "ERROR", **start)
     except SystemExit:  # Ray's own SIGTERM handler, installed during init, exits: it was an interrupt
