@@ -25,7 +25,7 @@ import signal
 import sys
 
 POLL_S = 0.5  # how often the guarded processes' new children are picked up
-GRACE_S = 1.0  # a process gets this long to end after SIGTERM (and the driver's own shutdown before it)
+GRACE_S = 1.0  # a process gets this long to end after SIGTERM
 
 
 def main(argv: list[str]) -> None:
@@ -33,15 +33,13 @@ def main(argv: list[str]) -> None:
     if os.fork():  # the parent returns to the driver, which reaps it; the watchdog is nobody's child
         os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import psutil
-
     guarded = _alive([_process(p) for p in pids])
     while guarded:
         ready, _, _ = select.select([fd], [], [], POLL_S)
         if ready and not os.read(fd, 1):  # end of file: the driver has gone
             _end(guarded)
             return
-        guarded = _alive(guarded + [c for p in guarded for c in _children(p, psutil)])
+        guarded = _alive(guarded + [c for p in guarded for c in _children(p)])
 
 
 def _process(pid: int):
@@ -53,7 +51,9 @@ def _process(pid: int):
         return None
 
 
-def _children(p, psutil) -> list:
+def _children(p) -> list:
+    import psutil
+
     try:
         return p.children(recursive=True)
     except psutil.NoSuchProcess:
@@ -77,9 +77,11 @@ def _alive(processes: list) -> list:
 
 
 def _end(processes: list) -> None:
+    """SIGTERM, then SIGKILL what is left a moment later. (A driver that exited normally has shut
+    its Ray down before it closed the pipe: then nothing is left.)"""
     import psutil
 
-    _, alive = psutil.wait_procs(processes, timeout=GRACE_S)  # a driver that exited has stopped them itself
+    alive = _alive(processes)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for p in alive:
             try:
