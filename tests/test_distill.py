@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from moe2dense_ray import assets
 from moe2dense_ray.cli import main
+from moe2dense_ray.distill.blocks import Ranges
 from moe2dense_ray.distill.config import DistillConfig, TeacherLogitsConfig
 from moe2dense_ray.distill.run import distill, read_metrics, teacher_logits
 
@@ -168,8 +169,10 @@ def _check_exact_steps(run, steps: int, checkpoint_every: int, blocks: int, seq_
     assert {m["step"] for m in rows} >= set(range(0, steps + 1, 2))
     state = _final_state(run)
     assert state["step"] == steps
-    trained = state["trained"]
+    trained = Ranges.of(state["trained"])
     assert len(trained) == steps * blocks  # a set of blocks: as many as planned means none lost, none repeated
+    assert len(trained.pairs) == 1  # trained in order: one interval, its end the cursor
+    assert state["cursors"] == [trained.pairs[0][1]]
     assert state["tokens"] == steps * blocks * seq_len
 
 
@@ -252,7 +255,8 @@ def test_offline_stream_gives_the_online_loss(ray_cluster, student, tmp_path):
                               workers=2, cpus_per_worker=0.5, zero_stage=2, report_every=1, checkpoint_every=2),
                 progress=False)
     assert r.steps == 2 and r.tokens == 2 * 2 * 4 * 64 and (run / "student" / "config.json").exists()
-    assert sorted(_final_state(run)["trained"]) == list(range(2, 18))  # both ranks' blocks, each once
+    assert _final_state(run)["trained"] == [[2, 18]]  # both ranks' blocks, each once
+    assert _final_state(run)["cursors"] == [10, 18]
 
 
 def test_a_stream_of_many_files_trains_the_same_student_twice(ray_cluster, student, tmp_path, monkeypatch):

@@ -31,8 +31,9 @@ class TeacherStreamConfig(StageConfig):
                                json_schema_extra={"metavar": "M"})
     temperature: PositiveFloat = Field(1.0, description="softmax temperature of teacher and student (paper: 1)",
                                        json_schema_extra={"metavar": "T"})
-    teacher_workers: PositiveInt = Field(1, description="teacher replicas (Ray actors); in `distill`, a multiple of "
-                                         "--workers, each training worker reading from its own share",
+    teacher_workers: PositiveInt = Field(1, description="teacher replicas (Ray actors). In `distill` they live "
+                                         "as long as the run, not a training worker, and each worker sends its "
+                                         "blocks to its own share of them (to all, when they do not divide evenly)",
                                          json_schema_extra={"metavar": "N"})
     teacher_batch: PositiveInt = Field(8, description="blocks per teacher forward pass", json_schema_extra={"metavar": "B"})
     gpus_per_teacher: Optional[float] = Field(None, ge=0, description="GPUs per teacher replica (default: 1 when "
