@@ -266,18 +266,25 @@ def _new_window() -> dict[str, float]:
             "t0": time.perf_counter()}
 
 
-def train_func(config: dict[str, Any]) -> None:
-    """One worker's training; a failure a retry would repeat is recorded first (module doc)."""
-    import ray.train
+def guarded(body):
+    """`body(config)` as a Ray Train loop whose failures that a retry would repeat are recorded
+    first (module doc), and that returns at once when an earlier attempt of the run recorded one."""
+    import functools
 
-    run, rank = config["run"], ray.train.get_context().get_world_rank()
-    if read_failure(run):
-        return  # an earlier attempt of this run met such a failure: the driver reports it
-    try:
-        _train(config)
-    except fatal_errors() as e:
-        record_failure(run, e, rank)
-        raise
+    @functools.wraps(body)
+    def loop(config: dict[str, Any]) -> None:
+        import ray.train
+
+        run = config["run"]
+        if read_failure(run):
+            return  # the driver reports it
+        try:
+            body(config)
+        except fatal_errors() as e:
+            record_failure(run, e, ray.train.get_context().get_world_rank())
+            raise
+
+    return loop
 
 
 def _train(config: dict[str, Any]) -> None:
@@ -286,6 +293,7 @@ def _train(config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from transformers import get_cosine_schedule_with_warmup
 
+    from ..errors import UserError
     from ..evaluate import heldout_sums, load_model, metrics_of
     from ..lm_head import LMHead
     from .blocks import Ranges, rank_range
@@ -345,6 +353,10 @@ def _train(config: dict[str, Any]) -> None:
         dist.all_reduce(totals)
         m = metrics_of(dict(zip(("nll", "tokens", "kd", "kd_tokens"), totals.tolist())), kl=True)
         if not (math.isfinite(m["ppl"]) and math.isfinite(m["kl"])):  # the same on every rank: summed over all
+            if step == resumed_from:
+                raise UserError(f"the student {cfg.student if step == 0 else 'restored from the checkpoint'} gives "
+                                f"non-finite outputs on the held-out blocks before training (weights holding "
+                                f"inf or NaN?)")
             raise FloatingPointError(f"non-finite validation (perplexity {m['ppl']}, KL {m['kl']}) at step {step}")
         return {"val_ppl": m["ppl"], "val_kl": m["kl"]}
 
@@ -420,3 +432,6 @@ def _train(config: dict[str, Any]) -> None:
                        extra={"distill.yaml": cfg.to_yaml(),
                               "distill_metrics.json": json.dumps({"steps": step, "tokens": tokens}, indent=1)})
     dist.barrier()
+
+
+train_func = guarded(_train)
