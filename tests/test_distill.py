@@ -226,11 +226,11 @@ def test_stopped_run_resumes_from_its_checkpoint(ray_cluster, student, tmp_path,
 def test_offline_stream_gives_the_online_loss(ray_cluster, student, tmp_path):
     """The teacher-logits stream holds exactly what the teacher service computes online."""
     from moe2dense_ray.calibrate import _tokenizer
-    from moe2dense_ray.distill.blocks import text_blocks
+    from moe2dense_ray.distill.blocks import local_blocks, text_blocks
     from moe2dense_ray.distill.losses import LOSSES
     from moe2dense_ray.distill.codec import IdOrder
     from moe2dense_ray.distill.run import _columns, _id_order, _text
-    from moe2dense_ray.distill.stream import blocks_dataset, read_stream, teacher_stream
+    from moe2dense_ray.distill.stream import TeacherPool, blocks_dataset, read_stream, teacher_stream
     from moe2dense_ray.distill.train import decode_target
 
     model = AutoModelForCausalLM.from_pretrained(student).eval()
@@ -262,6 +262,13 @@ def test_offline_stream_gives_the_online_loss(ray_cluster, student, tmp_path):
         assert losses[0] == losses[1]
         for k in online:
             np.testing.assert_array_equal(online[k], offline[k])
+        pool = TeacherPool(assets.teacher_path(), tcfg, order=order)  # what `distill` runs online
+        try:
+            cols = pool.columns(local_blocks(plan, tok, lo=lo, hi=end))
+        finally:
+            pool.close()
+        for k in cols:
+            np.testing.assert_array_equal(cols[k], offline[k][lo:end])
     # and a student trains from the stream alone, here on two data-parallel workers with ZeRO-2
     run = tmp_path / "run"
     r = distill(DistillConfig(logits=str(tmp_path / "logits-topk"), student=student, out=str(run), batch_size=4,

@@ -104,7 +104,10 @@ class DistillConfig(TeacherStreamConfig):
     checkpoint_every: PositiveInt = Field(50, description="optimizer steps between checkpoints",
                                           json_schema_extra={"metavar": "STEPS"})
     keep_checkpoints: PositiveInt = Field(2, description="checkpoints kept in RUN")
-    max_failures: int = Field(3, ge=-1, description="worker failures recovered from the last checkpoint (-1: always)")
+    max_failures: int = Field(3, ge=-1, description="losses of a training worker (restarted from the last "
+                              "checkpoint) or of a teacher replica (restarted) to recover from, -1: always. "
+                              "Preemptions Ray recognises are not counted; a non-finite loss, out of memory or a "
+                              "bad input ends the run at once", json_schema_extra={"metavar": "N"})
     resume: bool = Field(False, description="continue the run in RUN from its last checkpoint")
     overwrite: bool = Field(False, description="replace RUN if it holds an earlier run")
 
