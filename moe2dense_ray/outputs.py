@@ -29,7 +29,8 @@ in the sense that is possible:
   partial copy and the record are deleted. A kill before the record leaves the old output; a
   kill after it leaves a replacement that the next run writing NAME (or checking it as an
   output) finishes before anything else, so NAME ends as the new output, whole. While a
-  replacement is in flight (or pending after a kill) a reader of NAME may see files of both;
+  replacement is in flight (or pending after a kill) a reader of NAME may see files of both. A
+  `NAME.old-*` with NAME missing (which earlier versions left there) is copied back the same way;
 - there is no lock: one run at a time per destination is up to the user, and a second writer
   may delete the first one's `NAME.partial-*`;
 - a bucket that does not exist is refused before any work, and every URL opened gets a fresh
@@ -206,9 +207,9 @@ def check_output(url: str, *, what: str, overwrite: bool, sources: tuple[str | N
             raise UserError(f"--out {url} lies inside the input {src}: write the {what} somewhere else")
     if is_local(fs) and os.path.islink(path) and not os.path.exists(path):
         raise UserError(f"--out {url} is a symlink to {os.readlink(path)}, which does not exist")
-    if not is_local(fs):
+    if not is_local(fs):  # no lock there, so nothing to wait for: NAME is first made what a killed run left it to be
         _check_bucket(fs, path, url)
-        finish_replacements(fs, path)  # NAME is what an interrupted replacement committed it to be
+        settle(fs, path)
     if what in FILE_MARKERS:
         _check_file_output(fs, path, url, what=what, overwrite=overwrite)
     elif fs.exists(path):
@@ -236,7 +237,8 @@ def _check_bucket(fs, path: str, url: str) -> None:
     of a long run) would fail."""
     bucket = path.split("/", 1)[0]
     if bucket and "/" in path and not fs.exists(bucket):
-        raise UserError(f"cannot write {url}: the bucket {bucket} does not exist (or these credentials cannot see it)")
+        raise UserError(f"cannot write {url}: the bucket {bucket} does not exist, or cannot be reached with "
+                        f"these credentials")
 
 
 def _check_file_output(fs, path: str, url: str, *, what: str, overwrite: bool) -> None:
@@ -373,10 +375,9 @@ def swap_in(fs: fsspec.AbstractFileSystem, tmp: str, dest: str, *, overwrite: bo
         _remove(fs, old)
 
 
-def _journal(tmp: str) -> str:
-    """The commit record of the partial output `tmp` (NAME.partial-X -> NAME.commit-X)."""
-    dest, suffix = tmp.rsplit(PARTIAL, 1)
-    return f"{dest}{COMMIT}{suffix}"
+def _journal(dest: str, src: str) -> str:
+    """The commit record of moving `src` (NAME.partial-X or NAME.old-X) to `dest`: NAME.commit-X."""
+    return f"{dest}{COMMIT}{src.rsplit('-', 1)[1]}"
 
 
 def _commit(fs, tmp: str, dest: str) -> None:
@@ -385,15 +386,16 @@ def _commit(fs, tmp: str, dest: str) -> None:
     The record, one object written whole, is the commit point: before it nothing at `dest` has
     changed; after it the replacement only goes forward (`_roll_forward`), now or in the next run."""
     files = {p[len(tmp) + 1:]: int(info.get("size") or 0) for p, info in fs.find(tmp, detail=True).items()}
-    fs.pipe_file(_journal(tmp), json.dumps({"partial": posixpath.basename(tmp), "files": files}).encode())
-    _roll_forward(fs, _journal(tmp), dest)
+    journal = _journal(dest, tmp)
+    fs.pipe_file(journal, json.dumps({"from": posixpath.basename(tmp), "files": files}).encode())
+    _roll_forward(fs, journal, dest)
 
 
 def _roll_forward(fs, journal: str, dest: str) -> None:
     """Finish the replacement that `journal` committed; idempotent, so a kill anywhere in it is
     finished by running it again."""
     record = parse_json(read_small(fs, journal), journal)
-    tmp = f"{posixpath.dirname(journal)}/{record['partial']}"
+    tmp = f"{posixpath.dirname(journal)}/{record['from']}"
     files: dict[str, int] = record["files"]
     staged = {p[len(tmp) + 1:] for p in fs.find(tmp)} if fs.exists(tmp) else set()
     present = {p[len(dest) + 1:]: int(info.get("size") or 0) for p, info in fs.find(dest, detail=True).items()} \
@@ -414,11 +416,22 @@ def _roll_forward(fs, journal: str, dest: str) -> None:
     fs.invalidate_cache()
 
 
-def finish_replacements(fs: fsspec.AbstractFileSystem, dest: str) -> list[str]:
-    """Finish every replacement of `dest` that a killed run committed (object stores only)."""
-    done = [journal for journal, kind in _leftovers(fs, dest) if kind == COMMIT]
-    for journal in done:
-        _roll_forward(fs, journal, dest)
+def settle(fs: fsspec.AbstractFileSystem, dest: str) -> list[str]:
+    """Make `dest` the output that killed runs left it to be: a committed replacement (object
+    stores) is finished, and an old output renamed aside with `dest` missing is moved back.
+    Returns the leftovers it used up."""
+    done = []
+    for full, kind in _leftovers(fs, dest):
+        if kind == COMMIT:
+            _roll_forward(fs, full, dest)
+            done.append(full)
+    for full, kind in _leftovers(fs, dest):
+        if kind == OLD and not fs.exists(dest):
+            if is_local(fs):
+                os.rename(full, dest)
+            else:  # copied back under a commit record too: a kill halfway must not lose it
+                _commit(fs, full, dest)
+            done.append(full)
     return done
 
 
@@ -439,33 +452,18 @@ def _leftovers(fs, dest: str) -> list[tuple[str, str]]:
     return found
 
 
-def _move(fs, src: str, dest: str) -> None:
-    """`src` renamed to `dest`; on an object store each object copied, then all deleted."""
-    if is_local(fs):
-        os.rename(src, dest)
-        return
-    files = sorted(fs.find(src))
-    fs.copy(files, [dest + p[len(src):] for p in files])
-    fs.rm(src, recursive=True)
-
-
 def clean_leftovers(fs: fsspec.AbstractFileSystem, dest: str) -> list[str]:
     """Remove what killed runs left beside `dest`; call only while holding its OutputLock.
 
-    A committed replacement (object stores) is finished first. A `dest.old-*` with `dest`
-    missing is an old output whose replacement was interrupted between its two renames: it is
-    moved back rather than deleted.
+    First `settle`: a committed replacement (object stores) is finished, and a `dest.old-*`
+    with `dest` missing, an old output whose replacement was interrupted between its two
+    renames, is moved back rather than deleted. Then the rest is deleted.
     """
-    found = finish_replacements(fs, dest) if not is_local(fs) else []
-    # an old output is restored before anything is deleted
-    for full, kind in sorted(_leftovers(fs, dest), key=lambda pk: pk[1] != OLD):
-        if kind == COMMIT:  # one whose replacement could not be finished: left as it is
-            continue
-        if kind == OLD and not fs.exists(dest):
-            _move(fs, full, dest)
-        else:
+    found = settle(fs, dest)
+    for full, kind in _leftovers(fs, dest):
+        if kind != COMMIT:  # a commit record is left only by a replacement that cannot be finished
             _remove(fs, full)
-        found.append(full)
+            found.append(full)
     return found
 
 
@@ -473,7 +471,7 @@ def discard(fs: fsspec.AbstractFileSystem, tmp: str) -> None:
     """Delete a run's unfinished output `tmp` (after a failure), unless it is committed: then it
     is what the next run finishes the replacement from (`_commit`), and deleting it would lose
     the new output after the old one began to be overwritten."""
-    if not is_local(fs) and fs.exists(_journal(tmp)):
+    if not is_local(fs) and fs.exists(_journal(tmp.rsplit(PARTIAL, 1)[0], tmp)):
         return
     if fs.exists(tmp):
         _remove(fs, tmp)
