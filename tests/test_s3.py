@@ -21,15 +21,13 @@ import time
 from collections import Counter
 
 import pytest
+import s3fs  # the test extra installs it, and moto's server
 from test_distill import _actor_pids
 from test_errors import _one_error
 
 from moe2dense_ray import assets
 from moe2dense_ray.checkpoint import CheckpointReader
 from moe2dense_ray.cli import main
-
-s3fs = pytest.importorskip("s3fs")
-pytest.importorskip("moto")
 
 BUCKET = "moe2dense-test"
 DATA = assets.calibration_path()
