@@ -102,7 +102,7 @@ def _experts(fs, dest: str) -> int:
     return json.loads(fs.cat_file(f"{dest}/moe2dense_plan.json"))["experts"]
 
 @pytest.fixture(scope="module")
-def dense(s3, ray_cluster):
+def dense(s3):
     """`convert` from the bucket to the bucket, statistics included: the command of issue #19,
     which wrote every object and then failed with `error: The specified key does not exist.`"""
     code = main(["-q", "convert", f"s3://{BUCKET}/teacher", "--data", DATA, "--samples", "4", "--seq-len", "32",
@@ -204,7 +204,7 @@ def test_a_checkpoint_is_copied_once_per_node(s3, tmp_path):
     assert s3.downloads[weights] == 2
 
 
-def test_teacher_logits_distill_resume_and_eval_on_s3(s3, dense, capsys):
+def test_teacher_logits_distill_resume_and_eval_on_s3(s3, dense, ray_cluster, capsys):
     """The rest of the chain with every path in the bucket: the teacher stream (its replica uses
     the node's copy of the teacher), a distillation from it stopped mid-run (its training
     worker killed once a checkpoint is registered, no retries), resumed from the checkpoint on
