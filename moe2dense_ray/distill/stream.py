@@ -258,7 +258,7 @@ def read_stream_meta(logits: str) -> dict[str, Any]:
 def write_stream(ds, logits: str, meta: dict[str, Any], *, overwrite: bool, sources: tuple[str, ...]) -> None:
     """Write the stream as Parquet next to LOGITS, then swap it into place (never half-written;
     outputs.py has the guarantees)."""
-    from ..outputs import OutputLock, check_output, clean_leftovers, is_local, partial_name, swap_in, url_to_fs
+    from ..outputs import OutputLock, check_output, clean_leftovers, discard, is_local, partial_name, swap_in, url_to_fs
 
     check_output(logits, what="logits", overwrite=overwrite, sources=sources)
     fs, path = url_to_fs(logits)
@@ -273,8 +273,7 @@ def write_stream(ds, logits: str, meta: dict[str, Any], *, overwrite: bool, sour
                 json.dump(meta, f, indent=1)
             swap_in(fs, tmp, path, overwrite=overwrite)
         finally:
-            if fs.exists(tmp):
-                fs.rm(tmp, recursive=True)
+            discard(fs, tmp)
 
 
 def read_stream(logits: str):
