@@ -207,22 +207,6 @@ def test_worker_and_teacher_killed_mid_run_recover(ray_cluster, student, tmp_pat
     assert AutoModelForCausalLM.from_pretrained(run / "student") is not None
 
 
-def test_stopped_run_resumes_from_its_checkpoint(ray_cluster, student, tmp_path, capsys):
-    run = tmp_path / "run"
-    cfg = _cfg(student, run, seq_len=128, batch_size=8, tokens=8 * 128 * 16, max_failures=0)
-    watcher = _kill_during(run, [(6, "RayTrainWorker")])
-    with pytest.raises(Exception):
-        distill(cfg, progress=False)
-    watcher.join(timeout=5)
-    assert watcher.killed == [(6, "RayTrainWorker")]
-    assert not (run / "student").exists()
-    capsys.readouterr()
-    _one_error(capsys, main(["-q", "distill", "--resume", str(run), "--batch-size", "8"]), "--batch-size")
-    assert main(["-q", "distill", "--resume", str(run), "--report-every", "2"]) == 0
-    assert "16 steps" in capsys.readouterr().out
-    _check_exact_steps(run, 16, cfg.checkpoint_every, blocks=8, seq_len=128)
-
-
 def test_offline_stream_gives_the_online_loss(ray_cluster, student, tmp_path):
     """The teacher-logits stream holds exactly what the teacher service computes online."""
     from moe2dense_ray.calibrate import _tokenizer
