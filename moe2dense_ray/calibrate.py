@@ -543,17 +543,19 @@ class TeacherPool:
     """N replicas of the teacher, loaded once and kept for every pass over the calibration blocks
     (`convert --refit` runs the statistics pass and the plan's refit passes on the same replicas).
 
-    `workers=0` is one replica in this process (no Ray); `workers=N` is N Ray actors, each on its
-    own GPU when there is one, each taking the next part of at most `batch_size` blocks. The
+    `workers=0` is one replica in this process (no Ray); `workers=N` is N Ray actors of
+    `cpus_per_worker` CPUs, each on its own GPU when there is one, each taking the next part of at
+    most `batch_size` blocks. The
     cluster is checked first (an actor that can never be placed would be waited for forever),
     actors are killed however the pool ends, and an embedded Ray that the pool started is shut
     down when it fails or is interrupted.
     """
 
     def __init__(self, src: str, *, workers: int, dtype: str = "auto", gpus_per_worker: float | None = None,
-                 resources: dict[str, float] | None = None):
+                 resources: dict[str, float] | None = None, cpus_per_worker: float = 1.0):
         self.src, self.workers, self.dtype = src, workers, dtype
         self.gpus_per_worker, self.resources = gpus_per_worker, dict(resources or {})
+        self.cpus_per_worker = float(cpus_per_worker)
         self.describe: dict[str, Any] = {}  # the teacher's shape, once loaded
         self._actors: list[Any] = []
         self._local: _Replica | None = None
@@ -575,24 +577,27 @@ class TeacherPool:
     def _start_actors(self) -> None:
         import ray
 
-        workers, resources = self.workers, self.resources
+        workers, resources, cpus_each = self.workers, self.resources, self.cpus_per_worker
         self._started = ensure_ray()
         res = ray.cluster_resources()
         cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
         use_gpu = self.gpus_per_worker if self.gpus_per_worker is not None else (1 if gpus > 0 else 0)
-        need = {"CPU": float(workers), "GPU": workers * float(use_gpu), **{k: workers * v for k, v in resources.items()}}
+        need = {"CPU": workers * cpus_each, "GPU": workers * float(use_gpu),
+                **{k: workers * v for k, v in resources.items()}}
         if need["CPU"] > cpus:
-            advice = f"lower --workers to {int(cpus)} or fewer"
+            advice = f"lower --workers to {int(cpus // cpus_each)} or fewer"
         elif gpus <= 0:
             advice = "leave out --gpus-per-worker to calibrate on CPUs"
         else:
             advice = "lower --gpus-per-worker or --workers"
-        require_resources(need, each=[{"CPU": 1.0, "GPU": float(use_gpu), **resources}], advice=advice,
+        require_resources(need, each=[{"CPU": cpus_each, "GPU": float(use_gpu), **resources}], advice=advice,
                           who=f"calibrating on --workers {workers}",
-                          parts=f"1 CPU{f' and {use_gpu:g} GPU' if use_gpu else ''} per worker",
+                          parts=f"{cpus_each:g} CPU{f' and {use_gpu:g} GPU' if use_gpu else ''} per worker",
                           custom_flags="--teacher-resources")
         threads = max(1, int(ray.available_resources().get("CPU", 1)) // workers)
-        Actor = ray.remote(_Replica).options(num_cpus=1, num_gpus=use_gpu, resources=resources or None)
+        # "DEFAULT": never inside the caller's placement group (a sweep trial's reserves only the trial itself)
+        Actor = ray.remote(_Replica).options(num_cpus=cpus_each, num_gpus=use_gpu, resources=resources or None,
+                                             scheduling_strategy="DEFAULT")
         self._actors = [Actor.remote(threads) for _ in range(workers)]
         with _actor_errors():
             self.describe = ray.get([a.load.remote(self.src, self.dtype) for a in self._actors])[0]

@@ -26,13 +26,14 @@ from .errors import UserError
 
 RESOURCE_TIMEOUT = 600.0  # seconds a cluster gets to grow to a run's size
 RESOURCE_TIMEOUT_ENV = "MOE2DENSE_RESOURCE_TIMEOUT"
+RAY_ADDRESS_ENV = "RAY_ADDRESS"  # set by `ray job submit`: the cluster to join
 _POLL_S = 1.0
 _LOW_DISK = 512 << 20  # below this, a failed start is most likely the disk
 
 
 def on_cluster() -> bool:
     """Whether this driver joins a cluster (which an autoscaler may grow) rather than an embedded Ray."""
-    return bool(os.environ.get("RAY_ADDRESS"))
+    return bool(os.environ.get(RAY_ADDRESS_ENV))
 
 
 def first_line(e: BaseException | str) -> str:
@@ -54,14 +55,14 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
-    address = os.environ.get("RAY_ADDRESS") or None
+    address = os.environ.get(RAY_ADDRESS_ENV) or None
     sigterm = signal.getsignal(signal.SIGTERM)
+    before = set() if address else _descendants()
     try:
-        # an embedded Ray is an implementation detail: its start-up chatter would break the bars.
-        # "local" starts one even when other Ray instances run on this machine. Its dashboard
-        # serves the state API, which Ray Train's placement-group cleaner needs: without it a
-        # training run inside a Tune trial leaves its workers' CPUs reserved after the trial ends
-        start = {} if address else {"num_cpus": num_cpus, "include_dashboard": True}
+        # an embedded Ray is an implementation detail: its start-up chatter would break the bars,
+        # and nothing here reads its dashboard. "local" starts one even when other Ray instances
+        # run on this machine
+        start = {} if address else {"num_cpus": num_cpus, "include_dashboard": False}
         ray.init(address=address or "local", log_to_driver=False, ignore_reinit_error=True,
                  logging_level="INFO" if address else "ERROR", **start)
     except SystemExit:  # Ray's own SIGTERM handler, installed during init, exits: it was an interrupt
@@ -81,7 +82,45 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         # Ray's core replaces the program's SIGTERM handler with one that dumps a native stack and
         # aborts; the CLI's own (clean up, one error line) must stay in charge
         signal.signal(signal.SIGTERM, sigterm)
+    if not address:
+        _watch(_descendants() - before)
     return True
+
+
+_WATCHED: list[int] = []  # the write ends of the watchdogs' pipes: open until this process ends
+
+
+def _descendants() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _watch(pids: set[int]) -> None:
+    """Start `moe2dense_ray.watchdog` for the processes an embedded Ray start made: they end
+    with this process however it ends, a SIGKILL included (see there for why Ray's own ties
+    are not enough)."""
+    import subprocess
+    import sys
+
+    if not pids:
+        return
+    read, write = os.pipe()  # neither end is inherited by what this process starts later
+    try:
+        watchdog = subprocess.Popen([sys.executable, "-m", "moe2dense_ray.watchdog", str(read), *map(str, sorted(pids))],
+                                    pass_fds=(read,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True)
+        failed = watchdog.wait() != 0  # it forks away at once: what stays is not this process's child
+    except OSError:
+        failed = True
+    finally:
+        os.close(read)
+    if failed:
+        os.close(write)
+        warnings.warn("could not start the embedded Ray's watchdog: if this process is killed, Ray's agents "
+                      "outlive it by about a minute", stacklevel=3)
+        return
+    _WATCHED.append(write)
 
 
 def _disk_hint() -> str:

@@ -8,6 +8,10 @@ plans, builds and distills its student; its Ray Train workers report validation 
 `--report-every` steps to Tune through `TuneReportCallback`, and ASHA stops the trials that are
 behind at each rung, so the sweep spends its tokens on the configurations that are winning.
 
+The teacher is hosted as `teacher-logits` hosts it (the same flags) for the shared passes and for
+a refit trial's fit; every trial distils with `distill`'s flags. A trial that Tune stops ends its
+own training run, which releases its workers' placement group (`_TrialEndsItsTraining`).
+
     DIR/sweep.yaml      the settings the sweep started with (and its space)
     DIR/stats/          the shared calibration          DIR/logits/  the shared teacher stream
     DIR/tune/           Ray Tune's experiment: result files, TensorBoard logs; resumed with --resume
@@ -17,6 +21,7 @@ behind at each rung, so the sweep spends its tokens on the configurations that a
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import itertools
@@ -27,23 +32,57 @@ import time
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic import Field, PositiveInt, create_model
 
-from .config import Resources, StageConfig
+from .config import StageConfig
+from .distill.config import DistillConfig, TeacherStreamConfig
 from .errors import UserError
 
 PLAN_KEYS = ("scoring", "grouping", "scaling", "experts", "groups", "seed", "refit")
 DISTILL_KEYS = ("lr", "loss", "ce_weight", "weight_decay", "warmup", "batch_size")
 SPACE_KEYS = PLAN_KEYS + DISTILL_KEYS
+# how the teacher is hosted (`teacher-logits`'s settings): the shared passes and refit trials
+HOSTING_KEYS = ("teacher_workers", "teacher_batch", "gpus_per_teacher", "cpus_per_teacher", "teacher_resources")
+# how every trial distils (`distill`'s settings); a space may still set batch_size per trial
+TRAINING_KEYS = ("workers", "cpus_per_worker", "worker_resources", "zero_stage", "batch_size", "grad_accum",
+                 "activation_checkpointing", "threads")
+# what --resume may change: where and how fast things run, never what a trial computes
+RESUME_KEYS = ("max_concurrent", "calibration_workers", "teacher_workers", "teacher_batch", "gpus_per_teacher",
+               "cpus_per_teacher", "teacher_resources", "cpus_per_worker", "worker_resources", "threads")
 CONFIG_FILE = "sweep.yaml"
 METRIC = "val_ppl"
 TRIAL_KEY = "trial"  # Tune's config of a trial: {TRIAL_KEY: one combination of the space}
-TRIAL_OVERHEAD_CPUS = 0.31  # a trial's driver and its stream readers, beside its training worker
+TRIAL_CPUS = 0.01  # the trial's own process: it plans, builds and waits on its training run
+READER_CPUS = 0.3  # the Ray Data tasks reading and selecting one training worker's share of the stream
+ABORT_TIMEOUT_S = 120.0  # a stopped trial's wait for its training run to release its workers
 
 
-class SweepConfig(StageConfig):
-    """`moe2dense sweep`: one calibration, one teacher stream, a grid of plan x distillation settings."""
+def _fields_of(config: type[StageConfig], names: tuple[str, ...], doc: str, **help_lines: str) -> type[StageConfig]:
+    """A config holding `config`'s fields `names` exactly as that stage declares them (type,
+    bounds, default, metavar, help), so `sweep --workers` is `distill --workers`; `help_lines`
+    reword a field's help for the sweep."""
+    fields = {}
+    for name in names:
+        field = copy.copy(config.model_fields[name])
+        if name in help_lines:
+            field.description = help_lines[name]
+        fields[name] = (field.annotation, field)
+    return create_model(f"_{config.__name__}Fields", __base__=StageConfig, __doc__=doc, **fields)
 
+
+_TeacherHosting = _fields_of(
+    TeacherStreamConfig, HOSTING_KEYS, "The teacher replicas of the shared passes and of refit trials.",
+    teacher_workers="teacher replicas (Ray actors) of the shared calibration (unless --calibration-workers) and "
+    "teacher stream, and of each refit trial's fit")
+_TrialTraining = _fields_of(
+    DistillConfig, TRAINING_KEYS, "How every trial distils (Ray Train and DeepSpeed).",
+    workers="training workers (data parallel) of each trial",
+    batch_size="blocks per micro-batch per training worker (a space may set it per trial)",
+    threads="torch threads per training worker (default: an embedded Ray's cores / (trials at once x --workers); "
+    "on a cluster, --cpus-per-worker)")
+
+
+class _SweepSettings(StageConfig):
     teacher: str = Field(..., description="the MoE teacher checkpoint (local or URL)", json_schema_extra={"metavar": "T"})
     data: str = Field(..., description="text for calibration and distillation (.jsonl, .txt, .parquet, a directory, "
                       "hf:NAME)", json_schema_extra={"metavar": "DATA"})
@@ -70,15 +109,20 @@ class SweepConfig(StageConfig):
     reduction_factor: float = Field(2.0, gt=1, description="ASHA keeps 1/F of the trials at each rung",
                                     json_schema_extra={"metavar": "F"})
     max_concurrent: Optional[PositiveInt] = Field(None, description="trials at once (default: as many as the "
-                                                  "cluster's CPUs/GPUs hold)", json_schema_extra={"metavar": "N"})
-    cpus_per_trial: PositiveFloat = Field(1.0, description="CPUs of each trial's training worker",
-                                          json_schema_extra={"metavar": "C"})
-    calibration_workers: int = Field(1, ge=0, description="Ray actors for the one calibration (0: in the driver)",
-                                     json_schema_extra={"metavar": "N"})
-    teacher_resources: Resources = Field({}, description="custom Ray resources of each teacher actor (calibration, "
-                                         "the teacher stream), NAME=AMOUNT[,...]", json_schema_extra={"metavar": "RES"})
-    worker_resources: Resources = Field({}, description="custom Ray resources of each trial's training worker, "
-                                        "NAME=AMOUNT[,...]", json_schema_extra={"metavar": "RES"})
+                                                  "cluster holds now; on an autoscaling cluster, set it: the "
+                                                  "cluster grows to it)", json_schema_extra={"metavar": "N"})
+    calibration_workers: Optional[int] = Field(None, ge=0, description="teacher replicas of the one calibration "
+                                               "(default --teacher-workers; 0: in the driver)",
+                                               json_schema_extra={"metavar": "N"})
+
+
+class SweepConfig(_TrialTraining, _TeacherHosting, _SweepSettings):  # bases in reverse: the sweep's own first
+    """`moe2dense sweep`: one calibration, one teacher stream, a grid of plan x distillation settings.
+
+    The teacher is hosted as `teacher-logits` hosts it (`--teacher-workers`, `--gpus-per-teacher`,
+    ...) for the shared passes and for every refit trial's fit; every trial distils as `distill`
+    would with the same flags (`--workers`, `--zero-stage`, `--grad-accum`, ...)."""
+
     resume: bool = Field(False, description="continue the sweep in DIR (finished trials are kept)")
     overwrite: bool = Field(False, description="replace DIR if it holds an earlier sweep")
 
@@ -143,25 +187,33 @@ def _plan_args(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _refit_config(cfg: SweepConfig, config: dict[str, Any]):
-    """A trial's refit (docs/refit.md) on the sweep's calibration blocks, or None. It runs in the
-    trial's own process, which loads the teacher for it: cheap for small teachers, a reason to
-    refit outside the sweep (`build --refit`) for large ones."""
+    """A trial's refit (docs/refit.md) on the sweep's calibration blocks, or None; it runs on
+    teacher replicas hosted like the shared passes' (`teacher_pool`), never in the trial."""
     from .config import RefitConfig
 
     fit = config.get("refit", "none")
     if fit == "none":
         return None
     return RefitConfig(data=cfg.data, samples=cfg.samples, seq_len=cfg.seq_len, text_field=cfg.text_field,
-                       workers=0, refit=fit)
+                       batch_size=cfg.teacher_batch, refit=fit)
+
+
+def teacher_pool(cfg: SweepConfig, workers: int | None = None):
+    """The teacher replicas (`calibrate.TeacherPool`) of the calibration and of refit trials,
+    hosted as `--teacher-workers`, `--gpus-per-teacher`, `--cpus-per-teacher` and
+    `--teacher-resources` say."""
+    from .calibrate import TeacherPool
+
+    return TeacherPool(cfg.teacher, workers=cfg.teacher_workers if workers is None else workers,
+                       gpus_per_worker=cfg.gpus_per_teacher, resources=cfg.teacher_resources,
+                       cpus_per_worker=cfg.cpus_per_teacher)
 
 
 def _distill_config(cfg: SweepConfig, config: dict[str, Any], *, student: str, run: str, threads: int | None):
-    from .distill.config import DistillConfig
-
-    settings = {k: config[k] for k in DISTILL_KEYS if k in config}
+    settings = {k: getattr(cfg, k) for k in TRAINING_KEYS} | {"threads": threads or cfg.threads}
+    settings |= {k: config[k] for k in DISTILL_KEYS if k in config}
     return DistillConfig(logits=f"{cfg.out}/logits", student=student, out=run, tokens=cfg.tokens,
                          report_every=cfg.report_every, checkpoint_every=1 << 30, max_failures=0,
-                         cpus_per_worker=cfg.cpus_per_trial, worker_resources=cfg.worker_resources, threads=threads,
                          overwrite=True, **settings)
 
 
@@ -195,47 +247,104 @@ def check_space(cfg: SweepConfig, space: list[dict[str, list[Any]]], num_experts
 
 
 # -- one trial ----------------------------------------------------------------------------------------
-def _trial(config: dict[str, Any], *, sweep: dict[str, Any], threads: int | None, alone: bool = False) -> None:
+def _trial(config: dict[str, Any], *, sweep: dict[str, Any], threads: int | None, ray_address: str | None = None) -> None:
     """What Tune runs per configuration: plan, build, then distill with reports going to Tune."""
     config = config[TRIAL_KEY]
+    import ray
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .build import build, read_expert_weights
+    from .cluster import RAY_ADDRESS_ENV
     from .distill.run import distill
+
+    if ray_address:  # a Ray worker's environment does not say whether its Ray can grow; the driver's does
+        os.environ.setdefault(RAY_ADDRESS_ENV, ray_address)
+    cfg = SweepConfig(**sweep)
+    trial = f"{cfg.out}/trials/{tune.get_context().get_trial_id()}"
+    build_student(cfg, config, f"{trial}/student")
+    dcfg = _distill_config(cfg, config, student=f"{trial}/student", run=f"{trial}/run", threads=threads)
+    distill(dcfg, progress=False, callbacks=[TuneReportCallback(), _owned_by(ray.get_runtime_context().current_actor)])
+
+
+def build_student(cfg: SweepConfig, config: dict[str, Any], out: str) -> None:
+    """A trial's student at `out`: its plan from the shared calibration, fitted on teacher replicas
+    when it refits (`teacher_pool`: the teacher is never loaded in the trial's process), built by
+    streaming the teacher. `out` is replaced: a restarted trial rebuilds."""
+    from .build import build, read_expert_weights
     from .plan import make_plan
+    from .refit import refit
     from .stats import Stats
 
-    cfg = SweepConfig(**sweep)
-    if alone:
-        _reclaim_training_placement_groups(cfg)
-    trial = f"{cfg.out}/trials/{tune.get_context().get_trial_id()}"
     args = _plan_args(config)
     weights = read_expert_weights(cfg.teacher) if args["grouping"] == "weight" else None
     plan = make_plan(Stats.load(f"{cfg.out}/stats"), expert_weights=weights, **args)
-    build(cfg.teacher, plan, f"{trial}/student", progress=False, overwrite=True,  # a restarted trial rebuilds
-          refit=_refit_config(cfg, config))
-    dcfg = _distill_config(cfg, config, student=f"{trial}/student", run=f"{trial}/run", threads=threads)
-    distill(dcfg, progress=False, callbacks=[TuneReportCallback()])
+    fit, fitted = _refit_config(cfg, config), None
+    if fit is not None:
+        with teacher_pool(cfg) as teachers:
+            fitted = refit(cfg.teacher, plan, fit, progress=False, pool=teachers)
+    build(cfg.teacher, plan, out, progress=False, overwrite=True, refit=fitted)
 
 
-def _reclaim_training_placement_groups(cfg: SweepConfig) -> None:
-    """Remove training-worker placement groups that earlier trials left reserved.
+class _TrialEndsItsTraining:
+    """Mixed into the trial's Tune trainable: a trial that Tune stops ends its own training run.
 
-    Ray Train's controller removes its workers' placement group when it shuts down, but a trial
-    that ends (or that ASHA stops) can take the controller with it first, and Train's detached
-    cleaner does not always catch that: the CPUs stay reserved and the next trial's stream reader
-    waits forever. When trials run one at a time (`alone`), no other trial owns such a group, so
-    any group shaped like a training worker is a leftover."""
+    The trial's Ray Train run is a controller actor that the trial owns, and the controller
+    creates the placement group that reserves the training workers' CPUs and GPUs. A placement
+    group made by an actor is not removed when that actor dies, only when the job (the sweep's
+    driver) ends. So when ASHA stops a trial, Tune ends the trial's actor, the controller dies
+    with it before it can remove its group, and the group would hold its resources for the rest
+    of the sweep: later trials wait for them forever. (Ray Train's detached cleaner is meant to
+    catch this, but it asks the dashboard's state API, which an embedded Ray does not serve and
+    which fails outright where several Ray instances share a machine.)
+
+    Instead, each controller reports itself to its trial as it starts (`_owned_by`), and the
+    trial's `cleanup`, which Tune calls as it stops the trial, aborts it: the controller shuts
+    down its workers and removes their placement group, the trial's own and nothing else,
+    before the trial's actor goes. A run that has ended is left as it is (`abort` returns at once).
+    """
+
+    def own_training_run(self, controller) -> None:
+        self.__dict__.setdefault("_training_runs", []).append(controller)
+
+    def cleanup(self):
+        try:
+            super().cleanup()
+        finally:
+            _abort(self.__dict__.pop("_training_runs", []))
+
+
+_trial.__mixins__ = (_TrialEndsItsTraining,)  # tune.wrap_function's hook: the trainable class inherits it
+
+
+def _abort(controllers: list) -> None:
+    import warnings
+
     import ray
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.exceptions import GetTimeoutError, RayActorError
 
-    worker = {"CPU": float(cfg.cpus_per_trial)}
-    for pg_id, pg in ray.util.placement_group_table().items():
-        bundles = list((pg.get("bundles") or {}).values())
-        if pg.get("state") == "CREATED" and bundles and all(
-                {k: float(v) for k, v in b.items() if k in ("CPU",)} == worker for b in bundles):
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+    for controller in controllers:
+        try:  # the controller exits once its workers and their placement group are gone
+            ray.get(controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
+        except RayActorError:
+            pass
+        except GetTimeoutError:
+            warnings.warn(f"a stopped trial's training run did not end in {ABORT_TIMEOUT_S:g} s; its workers' "
+                          f"resources may stay reserved until the sweep ends", stacklevel=2)
+
+
+def _owned_by(trial):
+    """A Ray Train controller callback that hands the controller's handle to `trial` as the
+    controller starts. It is Train's internal callback hook (the one Train's own placement-group
+    cleaner uses), imported here so that importing this module does not import Ray Train."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class OwnedByTrial(ControllerCallback):
+        def after_controller_start(self, train_run_context) -> None:
+            import ray
+
+            trial.own_training_run.remote(ray.get_runtime_context().current_actor)
+
+    return OwnedByTrial()
 
 
 # -- the sweep ------------------------------------------------------------------------------------------
@@ -251,8 +360,7 @@ def sweep(cfg: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
         if not fs.exists(f"{path}/{CONFIG_FILE}"):
             raise UserError(f"--resume: {cfg.out} holds no sweep (no {CONFIG_FILE})")
         cfg = SweepConfig.from_yaml(f"{cfg.out}/{CONFIG_FILE}", resume=True, space=f"{cfg.out}/space.yaml",
-                                    **{k: getattr(cfg, k) for k in ("max_concurrent", "cpus_per_trial")
-                                       if k in cfg.model_fields_set})
+                                    **{k: getattr(cfg, k) for k in RESUME_KEYS if k in cfg.model_fields_set})
     space = load_space(cfg.space)
     reader, _, _, _, shape = inspect_source(cfg.teacher)
     reader.close()
@@ -260,9 +368,10 @@ def sweep(cfg: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
     if not cfg.resume:
         check_output(cfg.out, what="sweep", overwrite=cfg.overwrite, sources=(cfg.teacher, cfg.data, cfg.space))
     with OutputLock(cfg.out):
+        ensure_ray()
+        _check_fits(cfg)
         if not cfg.resume:
             _start(cfg)
-        ensure_ray()
         t0 = time.time()
         _shared_work(cfg, combos, progress=progress)
         grid = _tune(cfg, combos, progress=progress)
@@ -299,51 +408,95 @@ def _shared_work(cfg: SweepConfig, combos: list[dict[str, Any]], *, progress: bo
     fs, path = url_to_fs(cfg.out)
     if not fs.exists(f"{path}/stats/meta.json"):
         full = any(check_methods(*(_plan_args(c)[k] for k in ("scoring", "grouping", "scaling"))) for c in combos)
-        calibrate(cfg.teacher, cfg.data, samples=cfg.samples, seq_len=cfg.seq_len, workers=cfg.calibration_workers,
-                  full=full, out=f"{cfg.out}/stats", progress=progress, text_field=cfg.text_field,
-                  teacher_resources=cfg.teacher_resources)
+        workers = cfg.teacher_workers if cfg.calibration_workers is None else cfg.calibration_workers
+        with teacher_pool(cfg, workers) as teachers:
+            calibrate(cfg.teacher, cfg.data, samples=cfg.samples, seq_len=cfg.seq_len, workers=workers, full=full,
+                      out=f"{cfg.out}/stats", batch_size=cfg.teacher_batch, progress=progress,
+                      text_field=cfg.text_field, pool=teachers)
     if not fs.exists(f"{path}/logits/stream.json"):
         teacher_logits(TeacherLogitsConfig(teacher=cfg.teacher, data=cfg.data, text_field=cfg.text_field,
                                            tokens=cfg.tokens, seq_len=cfg.seq_len, top_k=cfg.top_k,
                                            val_blocks=cfg.val_blocks, out=f"{cfg.out}/logits",
-                                           teacher_resources=cfg.teacher_resources),
+                                           **{k: getattr(cfg, k) for k in HOSTING_KEYS}),
                        progress=progress)
 
 
-def concurrency(cfg: SweepConfig) -> tuple[int, int | None]:
-    """Trials at once and torch threads per trial: what the cluster holds, never more than asked.
+def trial_resources(cfg: SweepConfig, gpus: bool) -> dict[str, float]:
+    """What one trial holds while it distils: its training workers (a GPU each where the cluster
+    has GPUs, as `distill` places them), the Ray Data tasks reading each worker's share of the
+    stream, and the trial's own process."""
+    need = {"CPU": cfg.workers * (cfg.cpus_per_worker + READER_CPUS) + TRIAL_CPUS,
+            "GPU": float(cfg.workers if gpus else 0)}
+    need.update({k: cfg.workers * v for k, v in cfg.worker_resources.items()})
+    return need
 
-    A trial is its training worker (`--cpus-per-trial`, a GPU where there are any), the Ray Data
-    tasks reading and selecting the shared stream (0.1 CPU each, a few at a time) and the trial's
-    own driver (0.01 CPU): trials started beyond that would starve each other's readers and wait
-    forever, so they are not started."""
+
+def _check_fits(cfg: SweepConfig) -> None:
+    """Before any work, on an embedded Ray (which never grows): the teacher replicas and one trial
+    must fit it, or it is one error line naming the flags. On a cluster each stage waits for its
+    nodes as it starts (`cluster.require_resources`), and Train for its workers."""
     import ray
 
+    from .cluster import on_cluster, require_resources
+
+    if on_cluster():
+        return
+    gpus = ray.cluster_resources().get("GPU", 0) > 0
+    replica = {"CPU": cfg.cpus_per_teacher, **cfg.teacher_resources,
+               "GPU": cfg.gpus_per_teacher if cfg.gpus_per_teacher is not None else float(gpus)}
+    require_resources({k: cfg.teacher_workers * v for k, v in replica.items()}, each=[replica],
+                      who=f"the sweep's --teacher-workers {cfg.teacher_workers}", parts="teacher replicas",
+                      advice="lower --teacher-workers, --cpus-per-teacher or --gpus-per-teacher",
+                      custom_flags="--teacher-resources")
+    require_resources(trial_resources(cfg, gpus),
+                      each=[{"CPU": cfg.cpus_per_worker, "GPU": float(gpus), **cfg.worker_resources}],
+                      who="a sweep trial", parts=f"{cfg.workers} training worker(s) and their stream readers",
+                      advice="lower --workers or --cpus-per-worker", custom_flags="--worker-resources")
+
+
+def concurrency(cfg: SweepConfig) -> tuple[int, int]:
+    """Trials at once and torch threads per training worker.
+
+    On an embedded Ray, as many trials as its CPUs, GPUs and custom resources hold
+    (`trial_resources`; trials started beyond that would starve each other's stream readers and
+    wait forever), never more than --max-concurrent. On a cluster, --max-concurrent as given (an
+    autoscaler adds the nodes that waiting trials ask for), else what the cluster holds now."""
+    import ray
+
+    from .cluster import on_cluster
+
     res = ray.cluster_resources()
-    fits = int(res.get("CPU", 1) // (cfg.cpus_per_trial + TRIAL_OVERHEAD_CPUS)) or 1
-    if res.get("GPU", 0) > 0:
-        fits = min(fits, int(res["GPU"]))
-    for k, v in cfg.worker_resources.items():  # a trial's worker goes only where its resources are
-        fits = min(fits, max(1, int(res.get(k, 0) // v)))
-    n = min(fits, cfg.max_concurrent or fits)
-    cores = int(res.get("CPU", 1))
-    return n, max(1, cores // n)
+    need = trial_resources(cfg, res.get("GPU", 0) > 0)
+    fits = min(int(res.get(k, 0) // v) for k, v in need.items() if v > 0)
+    if on_cluster() and cfg.max_concurrent:
+        n = cfg.max_concurrent
+    else:
+        n = max(1, min(fits, cfg.max_concurrent or fits))
+    if cfg.threads:
+        threads = cfg.threads
+    elif on_cluster():  # a node's cores are its trials' and its teachers': a worker gets what it reserves
+        threads = max(1, int(cfg.cpus_per_worker))
+    else:
+        threads = max(1, int(res.get("CPU", 1)) // (n * cfg.workers))
+    return n, threads
 
 
 def _tune(cfg: SweepConfig, combos: list[dict[str, Any]], *, progress: bool):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from .cluster import RAY_ADDRESS_ENV
+
     n, threads = concurrency(cfg)
     trainable = tune.with_resources(tune.with_parameters(_trial, sweep=cfg.model_dump(), threads=threads,
-                                                         alone=n == 1), {"cpu": 0.01})
+                                                         ray_address=os.environ.get(RAY_ADDRESS_ENV)),
+                                    {"cpu": TRIAL_CPUS})
     path = f"{cfg.out}/tune"
     if cfg.resume and tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()
-    from .distill.config import DistillConfig
-
-    batch = max(int(c.get("batch_size", DistillConfig.model_fields["batch_size"].default)) for c in combos)
-    rung = cfg.report_every * batch * cfg.seq_len  # tokens between validations, for the largest batch
+    batch = max(int(c.get("batch_size", cfg.batch_size)) for c in combos)
+    # tokens between validations, for the largest batch
+    rung = cfg.report_every * batch * cfg.grad_accum * cfg.workers * cfg.seq_len
     scheduler = (ASHAScheduler(time_attr="tokens", max_t=cfg.tokens, grace_period=min(cfg.grace * rung, cfg.tokens),
                                reduction_factor=cfg.reduction_factor)
                  if cfg.scheduler == "asha" else FIFOScheduler())
@@ -393,11 +546,9 @@ def _history(cfg: SweepConfig, trial_id: str, read_metrics) -> list[dict[str, An
 
 def _planned_tokens(cfg: SweepConfig, config: dict[str, Any]) -> int:
     """The tokens an unstopped trial trains on: whole optimizer steps of the stream's blocks."""
-    from .distill.config import DistillConfig
-
-    batch = int(config.get("batch_size") or DistillConfig.model_fields["batch_size"].default)
+    per_step = int(config.get("batch_size") or cfg.batch_size) * cfg.grad_accum * cfg.workers
     blocks = cfg.tokens // cfg.seq_len
-    return (blocks // batch) * batch * cfg.seq_len
+    return (blocks // per_step) * per_step * cfg.seq_len
 
 
 def _error_line(error) -> str | None:
@@ -450,4 +601,5 @@ def _is_remote(fs) -> bool:
     return not is_local(fs)
 
 
-__all__ = ["SweepConfig", "sweep", "load_space", "leaderboard", "write_results", "concurrency"]
+__all__ = ["SweepConfig", "sweep", "load_space", "leaderboard", "write_results", "concurrency", "trial_resources",
+           "teacher_pool", "build_student"]

@@ -79,7 +79,6 @@ def ray_cluster():
     """One embedded Ray for the whole session: starting Ray costs ~7 s."""
     import ray
 
-    # the dashboard serves the state API, which Ray Train's placement-group cleaner needs (sweeps)
-    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()

@@ -460,6 +460,81 @@ def test_embedded_ray_is_shut_down_on_error_and_on_interrupt(tmp_path):
     assert lines[3] == "AFTER INTERRUPT False []", lines
 
 
+def test_a_killed_driver_leaves_no_ray_process_after_10_s(tmp_path):
+    """SIGKILL, which no handler sees, once the embedded Ray is up and a calibration actor works:
+    within 10 s nothing of that Ray is left (its two agents alone used to outlive the driver by a
+    minute), nor the watchdog that ends them, nor anything else in the driver's session."""
+    import psutil
+
+    cmd = [sys.executable, "-m", "moe2dense_ray.cli", "-q", "calibrate", assets.teacher_path(), "--data", DATA,
+           "--samples", "300", "--seq-len", "256", "--batch-size", "1", "--workers", "1", "--full-stats",
+           "--out", str(tmp_path / "stats")]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    ray, watchdog = [], []
+    try:
+        driver, deadline = psutil.Process(proc.pid), time.monotonic() + 120
+        while not any("_Replica" in " ".join(_cmdline(c)) for c in _tree(driver)):  # until the actor works
+            assert proc.poll() is None and time.monotonic() < deadline, "no calibration actor appeared"
+            time.sleep(0.2)
+        ray = _tree(driver)
+        names = " ".join(" ".join(_cmdline(p)) for p in ray)
+        assert all(n in names for n in ("raylet", "gcs_server", "DashboardAgent", "RuntimeEnvAgent")), names
+        pids = {str(p.pid) for p in ray}
+        watchdog = [p for p in psutil.process_iter() if "moe2dense_ray.watchdog" in _cmdline(p)
+                    and pids & set(_cmdline(p))]
+        assert len(watchdog) == 1
+        proc.kill()
+        proc.wait()
+        t0 = time.monotonic()
+        _, left = psutil.wait_procs(ray + watchdog, timeout=10)
+        assert not left, [(p.pid, _cmdline(p)) for p in left]
+        session = [p for p in psutil.process_iter() if _session(p) == proc.pid]
+        assert session == [], [(p.pid, _cmdline(p)) for p in session]
+        print(f"the killed driver's Ray was gone in {time.monotonic() - t0:.1f} s")
+    finally:  # whatever a failure left behind
+        for p in [*_tree_or_none(proc), *ray, *watchdog]:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def _cmdline(p) -> list[str]:
+    import psutil
+
+    try:
+        return p.cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return []
+
+
+def _tree(p) -> list:
+    import psutil
+
+    try:
+        return [c for c in p.children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _tree_or_none(proc) -> list:
+    import psutil
+
+    try:
+        driver = psutil.Process(proc.pid)
+        return [driver, *_tree(driver)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _session(p) -> int | None:
+    try:
+        return os.getsid(p.pid)
+    except OSError:
+        return None
+
+
 def _nan_eps(src):
     _edit_config(src, rms_norm_eps=float("nan"))
 

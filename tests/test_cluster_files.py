@@ -203,6 +203,28 @@ def test_qwen3_distillation_fits_the_cloud_clusters():
         assert cfg.teacher_workers % cfg.workers == 0
 
 
+def test_qwen3_sweep_fits_the_cloud_clusters():
+    """Its space is valid for the model (128 experts) before any node starts; its teacher replicas
+    fit the teacher nodes, and --max-concurrent trials (set: an autoscaling cluster starts with no
+    student node) fit the student nodes, each worker with its CPUs and its stream readers."""
+    from moe2dense_ray.sweep import READER_CPUS, SweepConfig, check_space, load_space
+
+    path = os.path.join(ROOT, "jobs", "qwen3-30b-a3b", "sweep.yaml")
+    cfg = SweepConfig.from_yaml(path)
+    combos = check_space(cfg, load_space(os.path.join(ROOT, cfg.space)), num_experts=128)
+    assert len(combos) == 8 and any(c.get("refit") == "down" for c in combos)
+    assert cfg.max_concurrent and cfg.calibration_workers in (None, cfg.teacher_workers)
+    for launcher in CLOUDS:
+        workers = _worker_types(_load(launcher))
+        teacher, student = workers["teacher"], workers["student"]
+        replicas_per_node = min(teacher["resources"]["teacher"], teacher["resources"]["GPU"] // cfg.gpus_per_teacher)
+        assert cfg.teacher_workers <= replicas_per_node * teacher["max_workers"], launcher
+        assert replicas_per_node * cfg.cpus_per_teacher <= teacher["resources"]["CPU"], launcher
+        per_node = min(student["resources"]["student"], student["resources"]["GPU"])  # one GPU per training worker
+        assert cfg.max_concurrent * cfg.workers <= per_node * student["max_workers"], launcher
+        assert per_node * (cfg.cpus_per_worker + READER_CPUS) <= student["resources"]["CPU"], launcher
+
+
 def test_runtime_env_is_one_ray_accepts():
     from ray.runtime_env import RuntimeEnv
 

@@ -13,7 +13,7 @@ from moe2dense_ray import assets
 from moe2dense_ray.cli import main
 from moe2dense_ray.errors import UserError
 from moe2dense_ray.plan import load_plan
-from moe2dense_ray.sweep import SweepConfig, combinations, load_space, sweep, varying_keys
+from moe2dense_ray.sweep import SweepConfig, build_student, combinations, load_space, sweep, varying_keys
 
 
 def _args(space, out, *extra):
@@ -38,34 +38,70 @@ def test_bad_spaces_are_one_line_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_sweep_runs_trials_under_asha_writes_a_leaderboard_and_resumes(tmp_path, ray_cluster):
+def test_trials_take_distills_settings_and_are_counted_by_what_they_hold(tmp_path, ray_cluster, capsys):
+    from moe2dense_ray.distill.config import DistillConfig
+    from moe2dense_ray.sweep import HOSTING_KEYS, TRAINING_KEYS, _distill_config, concurrency
+
+    for name in HOSTING_KEYS + TRAINING_KEYS:  # one declaration: the same type, bounds and default
+        mine, theirs = SweepConfig.model_fields[name], DistillConfig.model_fields[name]
+        assert (mine.annotation, mine.metadata, mine.default) == (theirs.annotation, theirs.metadata, theirs.default)
     space = tmp_path / "space.yaml"
-    space.write_text("- {scoring: sf, experts: 4, lr: 0.002, batch_size: 4, refit: down}\n"  # two grids: nothing crossed
-                     "- {scoring: random, experts: 4, seed: 1, lr: 0.002, batch_size: 4}\n")
+    space.write_text("scoring: sf\nexperts: 4\n")
+    cfg = SweepConfig(teacher=assets.teacher_path(), data=assets.calibration_path(), space=str(space),
+                      out=str(tmp_path / "out"), workers=2, cpus_per_worker=0.5, zero_stage=2, grad_accum=2,
+                      batch_size=4, activation_checkpointing=True)
+    d = _distill_config(cfg, {"batch_size": 2, "lr": 0.01}, student="s", run="r", threads=3)
+    assert (d.workers, d.cpus_per_worker, d.zero_stage, d.grad_accum, d.batch_size, d.activation_checkpointing,
+            d.threads, d.lr) == (2, 0.5, 2, 2, 2, True, 3, 0.01)
+    # the session's Ray has 2 CPUs: a trial is its workers, 0.3 CPU of stream reading each, 0.01 itself
+    assert concurrency(cfg) == (1, 1)  # 2 x 0.8 + 0.01
+    assert concurrency(cfg.model_copy(update={"workers": 1})) == (2, 1)  # 0.81 each
+    assert concurrency(cfg.model_copy(update={"workers": 1, "max_concurrent": 1})) == (1, 2)
+    assert concurrency(cfg.model_copy(update={"workers": 1, "cpus_per_worker": 1.0})) == (1, 2)
+    for flags, fragment in ((["--cpus-per-worker", "3"], "a sweep trial needs 3.31 CPUs"),
+                            (["--teacher-workers", "5"], "--teacher-workers 5 needs 2.5 CPUs")):
+        code = main(_args(space, tmp_path / "out", *flags))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and fragment in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_trials_at_once_asha_stops_one_and_every_training_group_is_released(tmp_path, ray_cluster):
+    """Two trials at once on the 2-CPU session Ray (half a CPU per training worker). The good one
+    reaches ASHA's first rung in 2 steps, the bad one (lr 0.05 wrecks its student) in 16, so it is
+    compared there and stopped while the other trains on. The stopped trial releases its own
+    training placement group; a group the sweep did not make is left alone. Then a refit
+    combination's student is built as a trial builds it: fitted on a teacher replica (a Ray actor)."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    space = tmp_path / "space.yaml"
+    space.write_text("- {scoring: sf, experts: 4, lr: 0.002, batch_size: 8}\n"  # two grids: nothing crossed
+                     "- {scoring: sf, experts: 4, lr: 0.05, batch_size: 1}\n")
     out = tmp_path / "sweep"
-    assert main(_args(space, out)) == 0
+    foreign = placement_group([{"CPU": 0.01}])  # another job's group, of no concern to the sweep
+    ray_cluster.get(foreign.ready(), timeout=60)
+    try:
+        before = _live_groups(ray_cluster)
+        assert main(_args(space, out, "--tokens", "4096", "--cpus-per-worker", "0.5", "--teacher-workers", "1",
+                          "--cpus-per-teacher", "0.5")) == 0
+        assert _live_groups(ray_cluster) == before  # the trials' groups are gone, the other job's is not
+    finally:
+        remove_placement_group(foreign)
     # the shared work was done once
     assert (out / "stats" / "meta.json").exists() and (out / "logits" / "stream.json").exists()
     trials = sorted(os.listdir(out / "trials"))
     assert len(trials) == 2
-    rows = list(csv.DictReader(open(out / "leaderboard.csv")))
-    assert sorted((r["scoring"], r["seed"], r["refit"]) for r in rows) == [("random", "1", ""), ("sf", "", "down")]
+    good, bad = sorted(csv.DictReader(open(out / "leaderboard.csv")), key=lambda r: float(r["lr"]))
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["trials"] == 2 and summary["errors"] == 0
-    assert summary["tokens_spent"] <= summary["grid_tokens"] == 2 * 2048
-    for r in rows:  # each trial distilled from its own build, perplexity before and after
-        assert float(r["ppl before"]) > 0 and float(r["ppl after"]) > 0
-        stopped = r["stopped early"] == "True"
-        assert stopped == (int(r["tokens"]) < 2048)
-        if not stopped and not r["refit"]:  # a refitted student starts near its optimum: 8 steps may not help
-            assert float(r["ppl after"]) < float(r["ppl before"])
-            assert (out / "trials" / r["trial"] / "run" / "student" / "config.json").exists()
-        refit = load_plan(str(out / "trials" / r["trial"] / "student")).refit
-        assert (refit or {}).get("fit", "") == r["refit"]  # the refit trial built its student refitted
-    fitted, plain = (next(r for r in rows if bool(r["refit"]) == f) for f in (True, False))
-    assert float(fitted["ppl before"]) < 0.5 * float(plain["ppl before"])
-    best = min(rows, key=lambda r: float(r["ppl after"]))
-    assert summary["best"]["trial"] == best["trial"]
+    assert summary["trials"] == 2 and summary["errors"] == 0 and summary["stopped_early"] == 1
+    assert summary["tokens_spent"] < summary["grid_tokens"] == 2 * 4096
+    assert good["stopped early"] == "False" and int(good["tokens"]) == 4096
+    assert bad["stopped early"] == "True" and 1024 <= int(bad["tokens"]) < 2048  # at the rung of 2 x 8 x 64
+    assert float(good["ppl after"]) < float(good["ppl before"]) < float(bad["ppl after"])
+    assert summary["best"]["trial"] == good["trial"]
+    assert (out / "trials" / good["trial"] / "run" / "student" / "config.json").exists()
+    spans = [[m["time"] for m in map(json.loads, open(out / "trials" / t / "run" / "metrics.jsonl"))] for t in trials]
+    assert max(s[0] for s in spans) < min(s[-1] for s in spans)  # they trained at once
     assert (out / "curves.png").stat().st_size > 1000 and (out / "leaderboard.md").exists()
     # resuming a finished sweep runs no trial again and rewrites the same leaderboard
     before = {t: os.path.getmtime(out / "trials" / t / "student" / "config.json") for t in trials}
@@ -73,6 +109,16 @@ def test_sweep_runs_trials_under_asha_writes_a_leaderboard_and_resumes(tmp_path,
                               out=str(out), resume=True), progress=False)
     assert again["trials"] == 2 and again["tokens_spent"] == summary["tokens_spent"]
     assert before == {t: os.path.getmtime(out / "trials" / t / "student" / "config.json") for t in trials}
+    # a refit trial's student: the sweep's plan, fitted on the sweep's teacher replicas
+    cfg = SweepConfig.from_yaml(str(out / "sweep.yaml"))
+    build_student(cfg, {"scoring": "sf", "experts": 4, "refit": "down"}, str(tmp_path / "refitted"))
+    record = load_plan(str(tmp_path / "refitted")).refit
+    assert record["fit"] == "down" and record["samples"] == 8
+    assert all(layer["error_after"] < 0.5 * layer["error_before"] for layer in record["layers"])
+
+
+def _live_groups(ray) -> dict[str, str]:
+    return {k: g["state"] for k, g in ray.util.placement_group_table().items() if g["state"] != "REMOVED"}
 
 
 def test_space_values_become_lists_and_grids_are_united_not_crossed(tmp_path):
