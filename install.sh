@@ -6,11 +6,23 @@
 #   - with an NVIDIA driver present, pip's default (CUDA) build is installed;
 #   - on a CPU-only machine the CPU build is installed (a plain `pip install torch` would pull
 #     several GB of CUDA libraries that can never run there).
-# Usage: ./install.sh [--test]     (--test adds the test dependencies)
+# Usage: ./install.sh [--cloud] [--test]
+#   --cloud  the object-store filesystems (s3fs, gcsfs: the `cloud` extra) for s3:// and gs:// paths;
+#            every cluster node needs it (clusters/*.yaml and the KubeRay image pass it)
+#   --test   the test dependencies
 set -euo pipefail
 cd "$(dirname "$0")"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 TORCH_CPU_INDEX="${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+
+extras=()
+for arg in "$@"; do
+  case "$arg" in
+    --cloud) extras+=(cloud) ;;
+    --test) extras+=(test) ;;
+    *) echo "install: unknown option $arg (usage: ./install.sh [--cloud] [--test])" >&2; exit 2 ;;
+  esac
+done
 
 if [ -z "${VIRTUAL_ENV:-}" ]; then
   [ -x .venv/bin/python ] || python3 -m venv .venv
@@ -33,6 +45,6 @@ else
 fi
 
 extra=""
-[ "${1:-}" = "--test" ] && extra="[test]"
+[ ${#extras[@]} -gt 0 ] && extra="[$(IFS=,; echo "${extras[*]}")]"
 "${PIP[@]}" -e ".${extra}"
 echo "install: done ($("$PY" -c 'import torch, transformers, ray; print(f"torch {torch.__version__}, transformers {transformers.__version__}, ray {ray.__version__}")'))"

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -50,27 +48,22 @@ _SHOWN = 3  # tensor names listed in an error line before "and N more"
 def localize(src: str, cache_dir: str | None = None, *, weights: bool = True) -> Iterator[str]:
     """A local directory holding `src` while the block runs.
 
-    transformers only loads from local paths, so fsspec URLs are copied file by file into a
-    temporary directory, which is removed on exit: once a model is loaded its weights live in
-    memory, and N Ray actors on one node must not leave N copies of a large teacher on disk.
-    Local directories are used in place.
+    transformers only loads from local paths. Local directories are used in place; a remote
+    checkpoint is copied once per node into its cache (`nodecache`, `cache_dir` or
+    MOE2DENSE_CACHE_DIR), which every replica on the node then shares, and which is not
+    evicted while any of them is inside this block. `weights=False` copies only the metadata
+    (config, tokenizer).
     """
+    from .nodecache import cached_copy
+
     fs, path = url_to_fs(src)
     if is_local(fs):
         if not os.path.isdir(path):
             raise UserError(f"no such checkpoint: {src}")
         yield path
         return
-    dest = tempfile.mkdtemp(prefix="moe2dense-src-", dir=cache_dir)
-    try:
-        for p in fs.ls(path, detail=False):
-            name = p.rsplit("/", 1)[-1]
-            if not weights and name.endswith((".safetensors", ".bin")):
-                continue
-            fs.get(p, f"{dest}/{name}")
-        yield dest
-    finally:
-        shutil.rmtree(dest, ignore_errors=True)
+    with cached_copy(fs, path, src, weights=weights, root=cache_dir) as local:
+        yield local
 
 
 def load_causal_lm(src: str, *, device: str = "auto", dtype: str = "auto",

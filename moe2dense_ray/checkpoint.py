@@ -24,7 +24,7 @@ import fsspec
 import torch
 
 from .errors import UserError
-from .outputs import (OUTPUT_MARKERS, OutputLock, check_output, clean_leftovers, is_local,  # noqa: F401
+from .outputs import (OUTPUT_MARKERS, OutputLock, check_output, clean_leftovers, discard, is_local,  # noqa: F401
                       parse_json, partial_name, read_json, read_small, swap_in, url_to_fs)
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -483,8 +483,7 @@ class CheckpointWriter:
             if self._file is not None:
                 self._file.close()
                 self._file = None
-            if self.fs.exists(self.tmp):
-                self.fs.rm(self.tmp, recursive=True)
+            discard(self.fs, self.tmp)
         except Exception:  # noqa: BLE001 - cleanup must not hide the original error
             pass
 

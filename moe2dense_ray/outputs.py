@@ -17,6 +17,25 @@ this module, so the rules are stated once:
   holds the lock; nothing else is ever deleted;
 - small metadata files (configs, indexes, plans, statistics meta, tokenizer files) are read with
   a size cap and must be regular files, so a symlink to `/dev/zero` cannot hang a stage.
+
+Object stores (s3://, gs://) have no directories, no rename and no lock, so there the rules hold
+in the sense that is possible:
+
+- every object is written whole (a reader never sees half an object), and a file output (a
+  plan, eval results) is replaced by one server-side copy, so it is the old file or the new one;
+- a directory output is written under `NAME.partial-*` as before. It is committed by one small
+  object, `NAME.commit-*`, listing its files, written only once all of them are; then each file
+  is copied over NAME, files of the old output that the new one lacks are deleted, and the
+  partial copy and the record are deleted. A kill before the record leaves the old output; a
+  kill after it leaves a replacement that the next run writing NAME (or checking it as an
+  output) finishes before anything else, so NAME ends as the new output, whole. While a
+  replacement is in flight (or pending after a kill) a reader of NAME may see files of both. A
+  `NAME.old-*` with NAME missing (which earlier versions left there) is copied back the same way;
+- there is no lock: one run at a time per destination is up to the user, and a second writer
+  may delete the first one's `NAME.partial-*`;
+- a bucket that does not exist is refused before any work, and every URL opened gets a fresh
+  view of the store (s3fs and gcsfs cache listings; other processes, Ray workers among them,
+  write there).
 """
 
 from __future__ import annotations
@@ -43,14 +62,27 @@ SMALL_FILE_LIMIT = 64 << 20
 OUTPUT_MARKERS = {"checkpoint": ("config.json", "moe2dense_plan.json"), "statistics": ("meta.json",),
                   "logits": ("stream.json",), "run": ("distill.yaml",), "sweep": ("sweep.yaml",)}
 
-PARTIAL, OLD = ".partial-", ".old-"
+PARTIAL, OLD, COMMIT = ".partial-", ".old-", ".commit-"
+
+# Protocols whose filesystems come with `pip install 'moe2dense-ray[cloud]'`.
+CLOUD_PROTOCOLS = ("s3", "s3a", "gs", "gcs")
 
 
 def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of a local path or fsspec URL.
+
+    fsspec hands out one cached instance per store and s3fs/gcsfs cache directory listings in
+    it, so a listing made before a Ray worker (or another run) wrote would hide what it wrote:
+    every URL opened here starts from a fresh view of the store."""
     try:
         fs, path = fsspec.core.url_to_fs(str(url))
     except (ImportError, ValueError) as e:  # e.g. s3:// without s3fs: fsspec says what to install
-        raise UserError(f"cannot open {url}: {' '.join(str(e).split())}") from None
+        hint = ""
+        if str(url).split("://", 1)[0].rsplit("::", 1)[-1] in CLOUD_PROTOCOLS:
+            hint = " (pip install 'moe2dense-ray[cloud]' installs s3fs and gcsfs)"
+        raise UserError(f"cannot open {url}: {' '.join(str(e).split())}{hint}") from None
+    if not is_local(fs):
+        fs.invalidate_cache()
     return fs, path.rstrip("/") or path
 
 
@@ -175,6 +207,9 @@ def check_output(url: str, *, what: str, overwrite: bool, sources: tuple[str | N
             raise UserError(f"--out {url} lies inside the input {src}: write the {what} somewhere else")
     if is_local(fs) and os.path.islink(path) and not os.path.exists(path):
         raise UserError(f"--out {url} is a symlink to {os.readlink(path)}, which does not exist")
+    if not is_local(fs):  # no lock there, so nothing to wait for: NAME is first made what a killed run left it to be
+        _check_bucket(fs, path, url)
+        settle(fs, path)
     if what in FILE_MARKERS:
         _check_file_output(fs, path, url, what=what, overwrite=overwrite)
     elif fs.exists(path):
@@ -195,6 +230,15 @@ def check_output(url: str, *, what: str, overwrite: bool, sources: tuple[str | N
             raise UserError(f"cannot write {url}: {parent} is a file")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise UserError(f"cannot write {url}: {parent} is not writable")
+
+
+def _check_bucket(fs, path: str, url: str) -> None:
+    """A store writes into a bucket that must exist: without one, the first upload (at the end
+    of a long run) would fail."""
+    bucket = path.split("/", 1)[0]
+    if bucket and "/" in path and not fs.exists(bucket):
+        raise UserError(f"cannot write {url}: the bucket {bucket} does not exist, or cannot be reached with "
+                        f"these credentials")
 
 
 def _check_file_output(fs, path: str, url: str, *, what: str, overwrite: bool) -> None:
@@ -312,13 +356,11 @@ def swap_in(fs: fsspec.AbstractFileSystem, tmp: str, dest: str, *, overwrite: bo
     if exists and not overwrite:
         raise UserError(f"{dest} appeared while this run was writing it (use --overwrite to replace it)")
     if not is_local(fs):
-        if exists:
-            old = f"{dest}{OLD}{uuid.uuid4().hex[:8]}"
-            fs.mv(dest, old, recursive=True)
-            fs.mv(tmp, dest, recursive=True)
-            _remove(fs, old)
+        if fs.isfile(tmp):
+            fs.copy(tmp, dest)  # one object, replaced whole by the store
+            fs.rm(tmp)
         else:
-            fs.mv(tmp, dest, recursive=True)
+            _commit(fs, tmp, dest)
         return
     if not exists:
         os.rename(tmp, dest)
@@ -333,30 +375,106 @@ def swap_in(fs: fsspec.AbstractFileSystem, tmp: str, dest: str, *, overwrite: bo
         _remove(fs, old)
 
 
-def clean_leftovers(fs: fsspec.AbstractFileSystem, dest: str) -> list[str]:
-    """Remove what killed runs left beside `dest`; call only while holding its OutputLock.
+def _journal(dest: str, src: str) -> str:
+    """The commit record of moving `src` (NAME.partial-X or NAME.old-X) to `dest`: NAME.commit-X."""
+    return f"{dest}{COMMIT}{src.rsplit('-', 1)[1]}"
 
-    A `dest.old-*` with `dest` missing is an old output whose replacement was interrupted
-    between its two renames: it is moved back rather than deleted.
-    """
+
+def _commit(fs, tmp: str, dest: str) -> None:
+    """Replace the directory `dest` on an object store by the complete `tmp` (module docstring).
+
+    The record, one object written whole, is the commit point: before it nothing at `dest` has
+    changed; after it the replacement only goes forward (`_roll_forward`), now or in the next run."""
+    files = {p[len(tmp) + 1:]: int(info.get("size") or 0) for p, info in fs.find(tmp, detail=True).items()}
+    journal = _journal(dest, tmp)
+    fs.pipe_file(journal, json.dumps({"from": posixpath.basename(tmp), "files": files}).encode())
+    _roll_forward(fs, journal, dest)
+
+
+def _roll_forward(fs, journal: str, dest: str) -> None:
+    """Finish the replacement that `journal` committed; idempotent, so a kill anywhere in it is
+    finished by running it again."""
+    record = parse_json(read_small(fs, journal), journal)
+    tmp = f"{posixpath.dirname(journal)}/{record['from']}"
+    files: dict[str, int] = record["files"]
+    staged = {p[len(tmp) + 1:] for p in fs.find(tmp)} if fs.exists(tmp) else set()
+    present = {p[len(dest) + 1:]: int(info.get("size") or 0) for p, info in fs.find(dest, detail=True).items()} \
+        if fs.exists(dest) else {}
+    lost = [f for f in files if f not in staged and present.get(f) != files[f]]
+    if lost:  # only deleting `tmp` by hand gets here: never guess which output NAME should be
+        raise UserError(f"cannot finish replacing {dest}: {lost[0]} is neither in {tmp} nor at {dest}; "
+                        f"remove {journal} and check {dest} by hand")
+    todo = sorted(f for f in files if f in staged)
+    if todo:  # server-side copies, in parallel
+        fs.copy([f"{tmp}/{f}" for f in todo], [f"{dest}/{f}" for f in todo])
+    stale = sorted(f"{dest}/{f}" for f in present if f not in files)
+    if stale:
+        fs.rm(stale)
+    if staged:
+        fs.rm(tmp, recursive=True)
+    fs.rm(journal)
+    fs.invalidate_cache()
+
+
+def settle(fs: fsspec.AbstractFileSystem, dest: str) -> list[str]:
+    """Make `dest` the output that killed runs left it to be: a committed replacement (object
+    stores) is finished, and an old output renamed aside with `dest` missing is moved back.
+    Returns the leftovers it used up."""
+    done = []
+    for full, kind in _leftovers(fs, dest):
+        if kind == COMMIT:
+            _roll_forward(fs, full, dest)
+            done.append(full)
+    for full, kind in _leftovers(fs, dest):
+        if kind == OLD and not fs.exists(dest):
+            if is_local(fs):
+                os.rename(full, dest)
+            else:  # copied back under a commit record too: a kill halfway must not lose it
+                _commit(fs, full, dest)
+            done.append(full)
+    return done
+
+
+def _leftovers(fs, dest: str) -> list[tuple[str, str]]:
+    """(path, kind) of what moe2dense itself names beside `dest`: `NAME.partial-X`,
+    `NAME.old-X` and `NAME.commit-X`, X eight hex digits, and nothing else."""
     parent, name = posixpath.split(dest) if not is_local(fs) else os.path.split(dest)
     try:
         siblings = fs.ls(parent, detail=False) if fs.exists(parent) else []
     except FileNotFoundError:
         return []
+    ours = re.compile(re.escape(name) + r"(\.(?:partial|old|commit)-)[0-9a-f]{8}$")
     found = []
-    ours = re.compile(re.escape(name) + r"\.(partial|old)-[0-9a-f]{8}$")  # exactly the names we make
-    for p in sorted(siblings, key=lambda p: OLD not in p):  # restore an old output first
-        base = p.rstrip("/").rsplit("/", 1)[-1]
-        if not ours.match(base):
-            continue
-        full = f"{parent}/{base}"
-        if base.startswith(name + OLD) and not fs.exists(dest):
-            fs.mv(full, dest, recursive=True)
-        else:
-            _remove(fs, full)
-        found.append(full)
+    for base in sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in siblings):
+        m = ours.match(base)
+        if m:
+            found.append((f"{parent}/{base}", m.group(1)))
     return found
+
+
+def clean_leftovers(fs: fsspec.AbstractFileSystem, dest: str) -> list[str]:
+    """Remove what killed runs left beside `dest`; call only while holding its OutputLock.
+
+    First `settle`: a committed replacement (object stores) is finished, and a `dest.old-*`
+    with `dest` missing, an old output whose replacement was interrupted between its two
+    renames, is moved back rather than deleted. Then the rest is deleted.
+    """
+    found = settle(fs, dest)
+    for full, kind in _leftovers(fs, dest):
+        if kind != COMMIT:  # a commit record is left only by a replacement that cannot be finished
+            _remove(fs, full)
+            found.append(full)
+    return found
+
+
+def discard(fs: fsspec.AbstractFileSystem, tmp: str) -> None:
+    """Delete a run's unfinished output `tmp` (after a failure), unless it is committed: then it
+    is what the next run finishes the replacement from (`_commit`), and deleting it would lose
+    the new output after the old one began to be overwritten."""
+    if not is_local(fs) and fs.exists(_journal(tmp.rsplit(PARTIAL, 1)[0], tmp)):
+        return
+    if fs.exists(tmp):
+        _remove(fs, tmp)
 
 
 def start_directory(url: str, files: dict[str, str | bytes], *, overwrite: bool) -> None:
@@ -374,5 +492,4 @@ def start_directory(url: str, files: dict[str, str | bytes], *, overwrite: bool)
         empty = fs.exists(path) and not fs.ls(path, detail=False)
         swap_in(fs, tmp, path, overwrite=overwrite or empty)
     finally:
-        if fs.exists(tmp):
-            fs.rm(tmp, recursive=True)
+        discard(fs, tmp)

@@ -12,7 +12,8 @@ import pytest
 
 from moe2dense_ray.data import file_docs, load_texts
 from moe2dense_ray.distill import blocks as B
-from moe2dense_ray.distill.blocks import Shard, TextPlan, local_blocks, pack_shard, plan_text, rank_range, text_blocks
+from moe2dense_ray.distill.blocks import (Ranges, Shard, TextPlan, local_blocks, pack_shard, plan_text, rank_range,
+                                         text_blocks)
 from moe2dense_ray.outputs import url_to_fs
 
 
@@ -79,10 +80,10 @@ def test_packed_shards_give_every_planned_block_once(files, tokenizer, monkeypat
     part = local_blocks(plan, tokenizer, lo=17, hi=40)
     assert list(part.index) == list(range(17, 40))
     np.testing.assert_array_equal(part.input_ids, allb.input_ids[17:40])
-    skip = np.array([18, 19, 33])
+    skip = Ranges.from_indices([18, 19, 33])
     got = [i for s in plan.holding(17, 40) for b in pack_shard(plan, s, tokenizer, lo=17, hi=40, skip=skip)
            for i in b["block_index"]]
-    assert got == [i for i in range(17, 40) if i not in skip]
+    assert got == [i for i in range(17, 40) if i not in (18, 19, 33)]
     # an over-estimated shard: its own text gives out, the next shard's text fills its quota
     first = min(plan.shards, key=lambda s: s.order)
     greedy = Shard(first.order, first.url, first.start, first.end, first.quota * 3, 0)
@@ -125,6 +126,25 @@ def test_rank_ranges_split_evenly():
     assert rank_range(0, 10, 1, 0) == (0, 10)
 
 
+def test_ranges_are_an_exact_set_of_indices():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        idx = rng.choice(200, size=int(rng.integers(0, 120)), replace=False)
+        r = Ranges.from_indices(idx)
+        assert len(r) == len(idx) and r == Ranges.of(r.to_list()) == Ranges.of(idx.tolist())
+        probe = np.arange(-5, 210)
+        np.testing.assert_array_equal(r.contains(probe), np.isin(probe, idx))
+        lo = int(rng.integers(0, 200))
+        want = next(i for i in range(lo, 400) if i not in set(idx.tolist()))
+        assert r.first_missing(lo) == want
+        other = Ranges.from_indices(rng.choice(200, size=30, replace=False))
+        assert (r | other) == Ranges.from_indices(np.union1d(idx, np.asarray(
+            [i for a, b in other.pairs for i in range(a, b)], dtype=np.int64)))
+    # in-order training keeps one interval per rank, however many blocks
+    assert Ranges([(0, 10**9), (2 * 10**9, 3 * 10**9)]).pairs == [[0, 10**9], [2 * 10**9, 3 * 10**9]]
+    assert Ranges([(0, 4), (4, 8), (10, 12)]).to_list() == [[0, 8], [10, 12]]
+
+
 def test_blocks_on_ray_equal_the_local_ones(ray_cluster, files, tokenizer, monkeypatch):
     """Ray Data tasks pack what the driver would pack, in index order, skipping a trained list."""
     import ray
@@ -133,11 +153,10 @@ def test_blocks_on_ray_equal_the_local_ones(ray_cluster, files, tokenizer, monke
     monkeypatch.setattr(B, "SHARD_BYTES", 8192)
     plan = plan_text(str(d / "a.jsonl"), tokenizer, blocks=60, seq_len=32, seed=0, text_field="text")
     want = local_blocks(plan, tokenizer, lo=5, hi=60)
-    trained = d / "trained.npy"
-    np.save(trained, np.array([7, 8, 50]))
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    rows = text_blocks(plan, tokenizer, lo=5, hi=60, trained_file=str(trained)).take_all()
-    assert [int(r["block_index"]) for r in rows] == [i for i in range(5, 60) if i not in (7, 8, 50)]
+    # a resumed rank: 5..19 trained (its cursor is 20: the shards before are not read) and 50, 51
+    rows = text_blocks(plan, tokenizer, lo=5, hi=60, skip=Ranges([(5, 20), (50, 52)])).take_all()
+    assert [int(r["block_index"]) for r in rows] == [i for i in range(20, 60) if i not in (50, 51)]
     for r in rows:
         np.testing.assert_array_equal(r["input_ids"], want.input_ids[int(r["block_index"]) - 5])
 

@@ -68,6 +68,58 @@ def test_cloud_clusters_have_teacher_and_student_node_types_and_install_from_the
     assert variables <= {"PATH", "RAY_HEAD_IP"}, variables
 
 
+def test_every_node_installs_the_cloud_extra_and_reaches_the_bucket_without_keys():
+    """s3:// and gs:// need s3fs/gcsfs on every node (the `cloud` extra, `./install.sh --cloud`),
+    and every node type a role of its own: an instance profile (AWS) or a service account (GCP)
+    of the project the cluster runs in."""
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    assert {re.split(r"[<>=\[]", d)[0] for d in extras["cloud"]} == {"s3fs", "gcsfs"}
+    for path in CLOUDS:
+        config = _load(path)
+        assert any(re.search(r"\./install\.sh( --\w+)* --cloud\b", c) for c in config["setup_commands"]), path
+        nodes = config["available_node_types"]
+        if config["provider"]["type"] == "aws":
+            arns = {name: node["node_config"]["IamInstanceProfile"]["Arn"] for name, node in nodes.items()}
+            assert all(re.fullmatch(r"arn:aws:iam::\d{12}:instance-profile/[\w+=,.@-]+", a) for a in arns.values()), arns
+            assert arns["teacher"] == arns["student"] != arns[config["head_node_type"]]  # workers: the bucket only
+        else:
+            project = config["provider"]["project_id"]
+            for name, node in nodes.items():
+                (account,) = node["node_config"]["serviceAccounts"]
+                assert account["email"].endswith(f"@{project}.iam.gserviceaccount.com"), (name, account)
+                assert "https://www.googleapis.com/auth/cloud-platform" in account["scopes"], name
+    with open(os.path.join(ROOT, "clusters", "kuberay", "Dockerfile")) as f:
+        assert re.search(r"^RUN .*\./install\.sh --cloud\b", f.read(), re.M)
+
+
+def test_install_sh_turns_its_flags_into_extras(tmp_path):
+    """What `./install.sh` asks pip for, with a stand-in interpreter that records it (torch
+    "imports", so nothing else is installed): the flags become extras, in any order, and an
+    unknown flag stops it before pip runs."""
+    import subprocess
+
+    env_dir = tmp_path / "venv"
+    (env_dir / "bin").mkdir(parents=True)
+    log = tmp_path / "pip.log"
+    python = env_dir / "bin" / "python"
+    python.write_text(f'#!/usr/bin/env bash\nif [ "$1" = -m ]; then echo "$*" >> {log}; else echo stub; fi\n')
+    python.chmod(0o755)
+    script = os.path.join(ROOT, "install.sh")
+    for flags, extra in (([], "."), (["--cloud"], ".[cloud]"), (["--test", "--cloud"], ".[test,cloud]")):
+        log.unlink(missing_ok=True)
+        run = subprocess.run([script, *flags], env={**os.environ, "VIRTUAL_ENV": str(env_dir)},
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        assert log.read_text().split()[-2:] == ["-e", extra], (flags, log.read_text())
+    log.unlink()
+    run = subprocess.run([script, "--clod"], env={**os.environ, "VIRTUAL_ENV": str(env_dir)},
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "unknown option --clod" in run.stderr and not log.exists()
+
+
 def _kuberay_groups(spec: dict) -> dict[str, dict]:
     return {g["groupName"]: g for g in spec["workerGroupSpecs"]}
 
@@ -97,6 +149,12 @@ def test_kuberay_manifests_have_a_head_and_gpu_worker_groups_declaring_the_resou
         gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
         assert gpus >= 1 and container["resources"]["requests"]["nvidia.com/gpu"] == str(gpus)
         assert _declared(g).get(group_name, 0) >= 1
+    # every pod runs as the service account that carries the bucket's credentials (IRSA, Workload Identity)
+    account = _load(os.path.join(ROOT, "clusters", "kuberay", "serviceaccount.yaml"))
+    assert account["kind"] == "ServiceAccount" and {"eks.amazonaws.com/role-arn", "iam.gke.io/gcp-service-account"} \
+        <= set(account["metadata"]["annotations"])
+    templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in groups.values()]
+    assert all(t["spec"]["serviceAccountName"] == account["metadata"]["name"] for t in templates)
     if doc["kind"] == "RayJob":
         entry = doc["spec"]["entrypoint"].split()
         assert entry[0] == "moe2dense" and entry[2] == "--config"

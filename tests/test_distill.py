@@ -20,8 +20,10 @@ from transformers import AutoModelForCausalLM
 
 from moe2dense_ray import assets
 from moe2dense_ray.cli import main
+from moe2dense_ray.distill.blocks import Ranges
 from moe2dense_ray.distill.config import DistillConfig, TeacherLogitsConfig
 from moe2dense_ray.distill.run import distill, read_metrics, teacher_logits
+from moe2dense_ray.errors import UserError
 
 DATA = assets.calibration_path()
 
@@ -168,8 +170,10 @@ def _check_exact_steps(run, steps: int, checkpoint_every: int, blocks: int, seq_
     assert {m["step"] for m in rows} >= set(range(0, steps + 1, 2))
     state = _final_state(run)
     assert state["step"] == steps
-    trained = state["trained"]
+    trained = Ranges.of(state["trained"])
     assert len(trained) == steps * blocks  # a set of blocks: as many as planned means none lost, none repeated
+    assert len(trained.pairs) == 1  # trained in order: one interval, its end the cursor
+    assert state["cursors"] == [trained.pairs[0][1]]
     assert state["tokens"] == steps * blocks * seq_len
 
 
@@ -178,43 +182,39 @@ def _final_state(run) -> dict:
     return json.loads((run / "train" / ckpts[-1] / "state.json").read_text())
 
 
+def _teachers() -> dict[str, dict]:
+    """Teacher replicas in the GCS actor table (live or dead), by actor id."""
+    from ray._private import state
+
+    return {k: a for k, a in state.actors().items() if "TeacherService" in a["ActorClassName"]}
+
+
 def test_worker_and_teacher_killed_mid_run_recover(ray_cluster, student, tmp_path):
+    """A training worker killed mid-run comes back to the same teacher replica, still loaded; a
+    killed replica is restarted and loses nothing; every block is trained exactly once."""
     run = tmp_path / "run"
-    # the teacher replica is killed as soon as it streams (step 0), the worker mid-run (8 x 128 tokens a step)
     cfg = _cfg(student, run, seq_len=128, batch_size=8, tokens=8 * 128 * 24, max_failures=2)
-    watcher = _kill_during(run, [(0, "TeacherService"), (10, "RayTrainWorker")])
+    before = set(_teachers())
+    watcher = _kill_during(run, [(6, "RayTrainWorker"), (14, "TeacherService")])
     r = distill(cfg, progress=False)
     watcher.join(timeout=5)
-    assert watcher.killed == [(0, "TeacherService"), (10, "RayTrainWorker")]
+    assert watcher.killed == [(6, "RayTrainWorker"), (14, "TeacherService")]
     assert r.steps == 24
     _check_exact_steps(run, 24, cfg.checkpoint_every, blocks=8, seq_len=128)
+    mine = [a for k, a in _teachers().items() if k not in before]
+    # one replica for the whole run: created once, loaded again only when its own process was killed
+    assert len(mine) == cfg.teacher_workers == 1 and mine[0]["NumRestarts"] == 1, mine
     assert AutoModelForCausalLM.from_pretrained(run / "student") is not None
-
-
-def test_stopped_run_resumes_from_its_checkpoint(ray_cluster, student, tmp_path, capsys):
-    run = tmp_path / "run"
-    cfg = _cfg(student, run, seq_len=128, batch_size=8, tokens=8 * 128 * 16, max_failures=0)
-    watcher = _kill_during(run, [(6, "RayTrainWorker")])
-    with pytest.raises(Exception):
-        distill(cfg, progress=False)
-    watcher.join(timeout=5)
-    assert watcher.killed == [(6, "RayTrainWorker")]
-    assert not (run / "student").exists()
-    capsys.readouterr()
-    _one_error(capsys, main(["-q", "distill", "--resume", str(run), "--batch-size", "8"]), "--batch-size")
-    assert main(["-q", "distill", "--resume", str(run), "--report-every", "2"]) == 0
-    assert "16 steps" in capsys.readouterr().out
-    _check_exact_steps(run, 16, cfg.checkpoint_every, blocks=8, seq_len=128)
 
 
 def test_offline_stream_gives_the_online_loss(ray_cluster, student, tmp_path):
     """The teacher-logits stream holds exactly what the teacher service computes online."""
     from moe2dense_ray.calibrate import _tokenizer
-    from moe2dense_ray.distill.blocks import text_blocks
+    from moe2dense_ray.distill.blocks import local_blocks, text_blocks
     from moe2dense_ray.distill.losses import LOSSES
     from moe2dense_ray.distill.codec import IdOrder
     from moe2dense_ray.distill.run import _columns, _id_order, _text
-    from moe2dense_ray.distill.stream import blocks_dataset, read_stream, teacher_stream
+    from moe2dense_ray.distill.stream import TeacherPool, blocks_dataset, read_stream, teacher_stream
     from moe2dense_ray.distill.train import decode_target
 
     model = AutoModelForCausalLM.from_pretrained(student).eval()
@@ -246,13 +246,21 @@ def test_offline_stream_gives_the_online_loss(ray_cluster, student, tmp_path):
         assert losses[0] == losses[1]
         for k in online:
             np.testing.assert_array_equal(online[k], offline[k])
+        pool = TeacherPool(assets.teacher_path(), tcfg, order=order)  # what `distill` runs online
+        try:
+            cols = pool.columns(local_blocks(plan, tok, lo=lo, hi=end))
+        finally:
+            pool.close()
+        for k in cols:
+            np.testing.assert_array_equal(cols[k], offline[k][lo:end])
     # and a student trains from the stream alone, here on two data-parallel workers with ZeRO-2
     run = tmp_path / "run"
     r = distill(DistillConfig(logits=str(tmp_path / "logits-topk"), student=student, out=str(run), batch_size=4,
                               workers=2, cpus_per_worker=0.5, zero_stage=2, report_every=1, checkpoint_every=2),
                 progress=False)
     assert r.steps == 2 and r.tokens == 2 * 2 * 4 * 64 and (run / "student" / "config.json").exists()
-    assert sorted(_final_state(run)["trained"]) == list(range(2, 18))  # both ranks' blocks, each once
+    assert _final_state(run)["trained"] == [[2, 18]]  # both ranks' blocks, each once
+    assert _final_state(run)["cursors"] == [10, 18]
 
 
 def test_a_stream_of_many_files_trains_the_same_student_twice(ray_cluster, student, tmp_path, monkeypatch):
@@ -271,3 +279,68 @@ def test_a_stream_of_many_files_trains_the_same_student_twice(ray_cluster, stude
                                   report_every=1, checkpoint_every=1 << 20), progress=False)
         runs.append([(m["step"], m["loss"], m.get("val_ppl")) for m in r.metrics if "loss" in m])
     assert len(runs[0]) == 10 and runs[0] == runs[1]
+
+
+def _actors(fragment: str) -> set[str]:
+    from ray._private import state
+
+    return {k for k, a in state.actors().items() if fragment in a["ActorClassName"]}
+
+
+def _overflowing_student(student, out, cfg: DistillConfig) -> str:
+    """The student with an untied head and the embedding row of a token that the training blocks
+    of `cfg` hold, and its validation blocks do not, infinite: the split model's check (tokens
+    0..7) and the validation before training pass, and the first training step's loss is not finite."""
+    import shutil
+
+    from moe2dense_ray.calibrate import _tokenizer
+    from moe2dense_ray.distill.blocks import local_blocks
+    from moe2dense_ray.distill.run import _text
+
+    val, plan, lo, end = _text(cfg, _tokenizer(student))
+    first = local_blocks(plan, _tokenizer(student), lo=lo, hi=lo + cfg.batch_size).input_ids.ravel().tolist()
+    token = max(set(first) - set(val.input_ids.ravel().tolist()) - set(range(8)), key=first.count)
+    shutil.copytree(student, out)
+    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    with torch.no_grad():
+        model.get_input_embeddings().weight[token] = float("inf")
+    model.save_pretrained(out)
+    return str(out)
+
+
+def test_a_non_finite_loss_ends_the_run_at_once(ray_cluster, student, tmp_path, capsys):
+    """A failure that retrying would repeat is one error line after one attempt, not a restart loop."""
+    run = tmp_path / "run"
+    bad = _overflowing_student(student, tmp_path / "bad", _cfg(student, run, tokens=4 * 64 * 4, val_blocks=2))
+    before = _actors("RayTrainWorker")
+    code = main(["-q", "distill", "--teacher", assets.teacher_path(), "--student", bad, "--data", DATA,
+                 "--out", str(run), "--seq-len", "64", "--batch-size", "4", "--tokens", str(4 * 64 * 4),
+                 "--val-blocks", "2", "--teacher-batch", "4", "--max-failures", "3"])
+    line = _one_error(capsys, code, "non-finite loss")
+    assert "--resume" in line and "lower --lr" in line
+    assert len(_actors("RayTrainWorker") - before) == 1  # the one attempt's worker: no restart
+    assert json.loads((run / "failure.json").read_text())["kind"] == "FloatingPointError"
+    assert not (run / "student").exists()
+    assert all(np.isfinite(v) for m in read_metrics(str(run)) for v in m.values() if isinstance(v, float))
+
+
+def test_a_user_error_in_a_worker_is_not_retried(ray_cluster, student, tmp_path):
+    from moe2dense_ray.distill.run import _fit
+    from moe2dense_ray.distill.train import guarded
+
+    attempts = tmp_path / "attempts"
+
+    def fails(config):
+        from moe2dense_ray.errors import UserError
+
+        with open(attempts, "a") as f:
+            f.write("x")
+        raise UserError("shard 7 of the stream is damaged")
+
+    cfg = DistillConfig(logits=str(tmp_path / "logits"), student=student, out=str(tmp_path / "run"), max_failures=3)
+    with pytest.raises(UserError, match="^shard 7 of the stream is damaged$"):
+        _fit(cfg, steps=1, val={}, source={}, progress=False, t0=0.0, callbacks=None, order=None,
+             train_loop=guarded(fails))
+    assert attempts.read_text() == "x"

@@ -174,8 +174,8 @@ def _shuffled(docs: Iterator[str], seed: int) -> Iterator[str]:
 
 
 def pack_shard(plan: TextPlan, shard: Shard, tokenizer, *, lo: int = 0, hi: int | None = None,
-               skip: np.ndarray | None = None, rows: int = ROWS_PER_BATCH) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of the shard's blocks with lo <= index < hi, minus the indices in `skip` (sorted).
+               skip: "Ranges | None" = None, rows: int = ROWS_PER_BATCH) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of the shard's blocks with lo <= index < hi, minus the indices in `skip`.
 
     Always packs from the shard's start (an index is a position in its packing), but stops at
     `hi`: a rank whose range ends inside a shard reads no further than it needs.
@@ -191,21 +191,13 @@ def pack_shard(plan: TextPlan, shard: Shard, tokenizer, *, lo: int = 0, hi: int 
     out: list[tuple[int, list[int]]] = []
     for pos, (ids, _) in enumerate(pack_rows(docs, tokenizer, seq_len=plan.seq_len, blocks=want, pad_last=False)):
         index = shard.offset + pos
-        if index >= lo and not _listed(skip, index):
+        if index >= lo and not (skip is not None and skip.contains(np.asarray([index]))[0]):
             out.append((index, ids))
         if len(out) == rows:
             yield _batch(out, plan.seq_len)
             out = []
     if out:
         yield _batch(out, plan.seq_len)
-
-
-def _listed(skip: np.ndarray | None, index: int) -> bool:
-    """Whether `index` is in the sorted `skip` (a resumed run's trained blocks: millions at 4B tokens)."""
-    if skip is None or not len(skip):
-        return False
-    i = int(np.searchsorted(skip, index))
-    return i < len(skip) and int(skip[i]) == index
 
 
 def _batch(rows: list[tuple[int, list[int]]], seq_len: int) -> dict[str, np.ndarray]:
@@ -215,35 +207,34 @@ def _batch(rows: list[tuple[int, list[int]]], seq_len: int) -> dict[str, np.ndar
 
 
 def _pack_task(batch: dict[str, np.ndarray], *, plan: dict[str, Any], tokenizer, lo: int, hi: int,
-               trained_file: str | None, rows: int) -> Iterator[dict[str, np.ndarray]]:
-    from .stream import read_trained
-
-    text = TextPlan.from_dict(plan)
-    skip = np.sort(read_trained(trained_file)) if trained_file else None
+               skip: list, rows: int) -> Iterator[dict[str, np.ndarray]]:
+    text, done = TextPlan.from_dict(plan), Ranges(skip)
     for spec in batch["shard"]:
         shard = Shard(**json.loads(str(spec)))
-        if skip is not None and shard.offset >= lo and shard.offset + shard.quota <= hi:
-            done = np.count_nonzero((skip >= shard.offset) & (skip < shard.offset + shard.quota))
-            if done == shard.quota:
-                continue  # trained as a whole: not read at all
-        yield from pack_shard(text, shard, tokenizer, lo=lo, hi=hi, skip=skip, rows=rows)
+        a, b = max(lo, shard.offset), min(hi, shard.offset + shard.quota)
+        if done.first_missing(a) >= b:
+            continue  # trained as a whole: not read at all
+        yield from pack_shard(text, shard, tokenizer, lo=lo, hi=hi, skip=done if done.pairs else None, rows=rows)
 
 
-def text_blocks(plan: TextPlan, tokenizer, *, lo: int, hi: int, trained_file: str | None = None,
+def text_blocks(plan: TextPlan, tokenizer, *, lo: int, hi: int, skip: Ranges | None = None,
                 rows: int = ROWS_PER_BATCH):
-    """A Ray dataset of the blocks with lo <= index < hi (minus those `trained_file` lists), in
-    index order, packed by one Ray Data task at a time (a shard each; packing outruns any teacher,
-    and a second task would only compete with the teacher and the student for the node's cores)
-    that hands over `rows` blocks at a time (the teacher's batch: it starts on the first one)."""
+    """A Ray dataset of the blocks with lo <= index < hi (minus those in `skip`: a resumed run's
+    trained blocks), in index order, packed by one Ray Data task at a time (a shard each; packing
+    outruns any teacher, and a second task would only compete with the teacher and the student for
+    the node's cores) that hands over `rows` blocks at a time (the teacher's batch: it starts on
+    the first one)."""
     import ray
 
+    skip = skip or Ranges()
+    lo = skip.first_missing(lo)  # a resumed rank starts at its cursor: the shards before it are not read
     shards = plan.holding(lo, hi)
     if not shards:
         raise ValueError(f"no shard of the plan holds blocks {lo}..{hi}")
     items = [{"shard": json.dumps(dataclasses.asdict(s))} for s in shards]
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _pack_task, batch_size=1, batch_format="numpy", num_cpus=0.1, compute=ray.data.TaskPoolStrategy(size=1),
-        fn_kwargs=dict(plan=plan.to_dict(), tokenizer=tokenizer, lo=lo, hi=hi, trained_file=trained_file, rows=rows))
+        fn_kwargs=dict(plan=plan.to_dict(), tokenizer=tokenizer, lo=lo, hi=hi, skip=skip.to_list(), rows=rows))
 
 
 def local_blocks(plan: TextPlan, tokenizer, *, lo: int, hi: int):
@@ -272,6 +263,72 @@ def sample_ids(plan: TextPlan, tokenizer) -> np.ndarray:
     return np.asarray([t for r in rows for t in r], dtype=np.int64)
 
 
+class Ranges:
+    """A set of block indices as sorted, disjoint, half-open intervals [lo, hi).
+
+    What a run has trained: a rank trains its contiguous share (`rank_range`) in index order, so
+    the set is one interval per rank (its cursor) whatever the token count, and it stays exact
+    for a stream that arrives out of order (a few more intervals). Saved with every checkpoint.
+    """
+
+    def __init__(self, pairs=()):
+        merged: list[list[int]] = []
+        for lo, hi in sorted((int(a), int(b)) for a, b in pairs if int(b) > int(a)):
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        self.pairs = merged
+        self._lo = np.asarray([a for a, _ in merged], dtype=np.int64)
+        self._hi = np.asarray([b for _, b in merged], dtype=np.int64)
+
+    @classmethod
+    def of(cls, saved) -> "Ranges":
+        """From a checkpoint's record: [[lo, hi], ...], or (before ranges) a list of indices."""
+        saved = list(saved or [])
+        if saved and not isinstance(saved[0], (list, tuple)):
+            return cls.from_indices(saved)
+        return cls(saved)
+
+    @classmethod
+    def from_indices(cls, indices) -> "Ranges":
+        idx = np.unique(np.asarray(indices, dtype=np.int64))
+        if not len(idx):
+            return cls()
+        cuts = np.flatnonzero(np.diff(idx) != 1) + 1
+        return cls((int(run[0]), int(run[-1]) + 1) for run in np.split(idx, cuts))
+
+    def __or__(self, other: "Ranges") -> "Ranges":
+        return Ranges(self.pairs + other.pairs)
+
+    def __len__(self) -> int:
+        return int((self._hi - self._lo).sum())
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Ranges) and self.pairs == other.pairs
+
+    def __repr__(self) -> str:
+        return f"Ranges({self.pairs})"
+
+    def contains(self, indices: np.ndarray) -> np.ndarray:
+        """Which of `indices` are in the set (a boolean array)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if not self.pairs:
+            return np.zeros(indices.shape, dtype=bool)
+        i = np.searchsorted(self._lo, indices, side="right") - 1
+        return (i >= 0) & (indices < self._hi[np.maximum(i, 0)])
+
+    def first_missing(self, lo: int) -> int:
+        """The first index >= lo not in the set: where a rank whose share starts at `lo` resumes."""
+        for a, b in self.pairs:
+            if a <= lo < b:
+                return b
+        return lo
+
+    def to_list(self) -> list[list[int]]:
+        return [list(p) for p in self.pairs]
+
+
 def rank_range(lo: int, hi: int, world: int, rank: int) -> tuple[int, int]:
     """Rank `rank`'s blocks of [lo, hi): a contiguous, equal share (so a rank's pipeline packs only
     the shards that hold its own blocks, and every rank has as many blocks as the others)."""
@@ -279,5 +336,5 @@ def rank_range(lo: int, hi: int, world: int, rank: int) -> tuple[int, int]:
     return lo + rank * m, lo + (rank + 1) * m
 
 
-__all__ = ["Shard", "TextPlan", "plan_text", "pack_shard", "text_blocks", "local_blocks", "rank_range", "sample_ids",
+__all__ = ["Shard", "TextPlan", "plan_text", "pack_shard", "text_blocks", "local_blocks", "rank_range", "Ranges", "sample_ids",
            "SHARD_BYTES", "SAFETY"]

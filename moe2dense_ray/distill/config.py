@@ -31,8 +31,9 @@ class TeacherStreamConfig(StageConfig):
                                json_schema_extra={"metavar": "M"})
     temperature: PositiveFloat = Field(1.0, description="softmax temperature of teacher and student (paper: 1)",
                                        json_schema_extra={"metavar": "T"})
-    teacher_workers: PositiveInt = Field(1, description="teacher replicas (Ray actors); in `distill`, a multiple of "
-                                         "--workers, each training worker reading from its own share",
+    teacher_workers: PositiveInt = Field(1, description="teacher replicas (Ray actors). In `distill` they live "
+                                         "as long as the run, not a training worker, and each worker sends its "
+                                         "blocks to its own share of them (to all, when they do not divide evenly)",
                                          json_schema_extra={"metavar": "N"})
     teacher_batch: PositiveInt = Field(8, description="blocks per teacher forward pass", json_schema_extra={"metavar": "B"})
     gpus_per_teacher: Optional[float] = Field(None, ge=0, description="GPUs per teacher replica (default: 1 when "
@@ -103,7 +104,10 @@ class DistillConfig(TeacherStreamConfig):
     checkpoint_every: PositiveInt = Field(50, description="optimizer steps between checkpoints",
                                           json_schema_extra={"metavar": "STEPS"})
     keep_checkpoints: PositiveInt = Field(2, description="checkpoints kept in RUN")
-    max_failures: int = Field(3, ge=-1, description="worker failures recovered from the last checkpoint (-1: always)")
+    max_failures: int = Field(3, ge=-1, description="losses of a training worker (restarted from the last "
+                              "checkpoint) or of a teacher replica (restarted) to recover from, -1: always. "
+                              "Preemptions Ray recognises are not counted; a non-finite loss, out of memory or a "
+                              "bad input ends the run at once", json_schema_extra={"metavar": "N"})
     resume: bool = Field(False, description="continue the run in RUN from its last checkpoint")
     overwrite: bool = Field(False, description="replace RUN if it holds an earlier run")
 

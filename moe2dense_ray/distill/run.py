@@ -21,9 +21,9 @@ from ..errors import UserError
 from ..outputs import OutputLock, start_directory
 from ..progress import Progress
 from .config import DistillConfig, TeacherLogitsConfig, TeacherStreamConfig
-from .stream import (blocks_dataset, pack_blocks, read_stream, read_stream_meta, select_blocks, stream_meta,
-                     teacher_stream, write_stream)
-from .train import METRICS_FILE, TRAINED_FILE, train_func
+from .stream import (TeacherPool, blocks_dataset, pack_blocks, read_stream, read_stream_meta, select_blocks,
+                     stream_meta, teacher_stream, write_stream)
+from .train import FAILURE_FILE, METRICS_FILE, read_failure, stop_on_failure, train_func
 
 CONFIG_FILE = "distill.yaml"
 RESULTS_FILE = "results.json"
@@ -248,9 +248,6 @@ def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None
     if cfg.codec == "sampled" and cfg.loss != "forward_kl":
         raise UserError(f"--loss {cfg.loss} needs the teacher's top-k distribution; sampled streams "
                         f"estimate forward KL only")
-    if not cfg.logits and cfg.teacher_workers % cfg.workers:
-        raise UserError(f"each training worker reads from its own teacher replicas: --teacher-workers "
-                        f"({cfg.teacher_workers}) must be a multiple of --workers ({cfg.workers})")
     _check_run(cfg, sources)
     if not cfg.logits:  # the text's plan and the held-out blocks, before Ray starts: bad text is one line
         from ..calibrate import _tokenizer
@@ -275,48 +272,43 @@ def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None
 
     t0 = time.time()
     V = cfg.val_blocks
-    if cfg.logits:
-        stream = read_stream(cfg.logits)
-        val = _columns(select_blocks(stream, hi=V))
-        steps = n_train // per_step
-        hi = V + steps * per_step
-        trained_file = f"{cfg.out}/{TRAINED_FILE}"
-        datasets = {f"train_{r}": select_blocks(stream, lo=V, hi=hi, world=cfg.workers, rank=r,
-                                                 trained_file=trained_file) for r in range(cfg.workers)}
-    else:
-        from .blocks import rank_range, text_blocks
-
-        val = _columns(teacher_stream(blocks_dataset(val_blocks), teacher=cfg.teacher, cfg=cfg, replicas=1,
-                                      order=order))
-        trained_file = f"{cfg.out}/{TRAINED_FILE}"
-        datasets = {}
-        for r in range(cfg.workers):
-            a, b = rank_range(lo, lo + steps * per_step, cfg.workers, r)
-            datasets[f"train_{r}"] = teacher_stream(text_blocks(plan, tok, lo=a, hi=b, trained_file=trained_file,
-                                                                rows=cfg.teacher_batch),
-                                                    teacher=cfg.teacher, cfg=cfg, order=order,
-                                                    replicas=cfg.teacher_workers // cfg.workers)
-
     with OutputLock(cfg.out):  # one run at a time writes RUN
-        return _fit(cfg, steps=steps, val=val, datasets=datasets, progress=progress, t0=t0, callbacks=callbacks,
-                    order=order)
+        if cfg.logits:
+            steps = n_train // per_step
+            val = _columns(select_blocks(read_stream(cfg.logits), hi=V))
+            # each worker reads its own share of the stream (`train.rank_stream`), from its checkpoint
+            return _fit(cfg, steps=steps, val=val, source={"logits": cfg.logits, "lo": V, "hi": V + steps * per_step},
+                        progress=progress, t0=t0, callbacks=callbacks, order=order)
+        # the teacher replicas live as long as this run, not as long as a training worker
+        pool = TeacherPool(cfg.teacher, cfg, order=order, restarts=cfg.max_failures)
+        try:
+            val = pool.columns(val_blocks)
+            source = {"plan": plan.to_dict(), "tokenizer": tok, "replicas": pool.replicas, "lo": lo,
+                      "hi": lo + steps * per_step}
+            return _fit(cfg, steps=steps, val=val, source=source, progress=progress, t0=t0, callbacks=callbacks,
+                        order=order)
+        finally:
+            pool.close()
 
 
-def _fit(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], datasets: dict[str, Any], progress: bool,
-         t0: float, callbacks: list | None, order: dict | None) -> DistillResult:
+def _fit(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], source: dict[str, Any], progress: bool,
+         t0: float, callbacks: list | None, order: dict | None, train_loop=None) -> DistillResult:
     _start_run(cfg)  # only now: a check that failed before leaves no RUN behind
-    trainer = _trainer(cfg, steps=steps, val=val, datasets=datasets, callbacks=callbacks, order=order)
+    fs, path = url_to_fs(cfg.out)
+    if fs.exists(f"{path}/{FAILURE_FILE}"):
+        fs.rm(f"{path}/{FAILURE_FILE}")  # what stopped an earlier attempt: the user has seen it, and resumes
+    trainer = _trainer(cfg, steps=steps, val=val, source=source, callbacks=[*(callbacks or []), stop_on_failure(cfg.out)],
+                       order=order, train_loop=train_loop)
     watcher = _MetricsWatcher(cfg.out, steps, enabled=progress)
     watcher.start()
     try:
         trainer.fit()
-    except Exception as e:  # noqa: BLE001 - Ray Train wraps the workers' errors in its own
-        if "FloatingPointError" in str(e):
-            raise UserError(f"the loss became non-finite ({str(e).split('FloatingPointError: ')[-1].splitlines()[0]}); "
-                            f"lower --lr or raise --warmup, then --resume {cfg.out}") from None
+    except Exception:  # noqa: BLE001 - Ray Train wraps the workers' errors in its own
+        _raise_failure(cfg)
         raise
     finally:
         watcher.stop()
+    _raise_failure(cfg)  # a restarted worker that found the record returned at once
     metrics = read_metrics(cfg.out)
     fs, path = url_to_fs(cfg.out)
     if not fs.exists(f"{path}/student/config.json"):
@@ -345,10 +337,27 @@ def _losses() -> list[str]:
     return list(LOSSES)
 
 
-def _trainer(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], datasets: dict[str, Any],
-             callbacks: list | None = None, order: dict | None = None):
+def _raise_failure(cfg: DistillConfig) -> None:
+    """One error line for a failure that a worker recorded (train.py: what retrying would repeat)."""
+    failure = read_failure(cfg.out)
+    if not failure:
+        return
+    kind, error = failure["kind"], failure["error"]
+    if kind == "FloatingPointError":
+        raise UserError(f"{error}: lower --lr or raise --warmup, then --resume {cfg.out}")
+    if kind in ("OutOfMemoryError", "MemoryError"):
+        raise UserError(f"training worker {failure['rank']} ran out of memory ({error}): lower --batch-size (and "
+                        f"raise --grad-accum to keep the step), use --activation-checkpointing or a higher "
+                        f"--zero-stage, then --resume {cfg.out}")
+    if kind == "ActorDiedError":
+        raise UserError(f"a teacher replica died and could not be restarted ({error})")
+    raise UserError(error)
+
+
+def _trainer(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], source: dict[str, Any],
+             callbacks: list | None = None, order: dict | None = None, train_loop=None):
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from .stream import _arrow_fs
@@ -358,28 +367,16 @@ def _trainer(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], data
     storage = dict(storage_path=os.path.abspath(path)) if is_local(fs) else \
         dict(storage_path=path, storage_filesystem=_arrow_fs(fs))
     return TorchTrainer(
-        train_func,
-        train_loop_config={"cfg": cfg.model_dump(), "steps": steps, "run": cfg.out, "val": val, "order": order},
+        train_loop or train_func,
+        train_loop_config={"cfg": cfg.model_dump(), "steps": steps, "run": cfg.out, "val": val, "order": order,
+                           "source": source},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpu else {}),
                                                            **cfg.worker_resources}),
         run_config=RunConfig(name="train", **storage, failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              callbacks=callbacks or None),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=_ordered()),  # each rank reads its own share
     )
-
-
-def _ordered():
-    """Train's ingest options, with the blocks kept in stream order: a stream spread over several
-    Parquet files (or teacher replicas) otherwise reaches the worker in whatever order its read
-    tasks finish, and the same run gives different students (1-2% in perplexity at 32k tokens)."""
-    from ray.train import DataConfig
-
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
 
 
 def read_metrics(run: str) -> list[dict[str, Any]]:

@@ -117,15 +117,90 @@ class TeacherService:
         return out
 
 
+def _teacher_gpus(cfg) -> float:
+    import ray
+
+    if cfg.gpus_per_teacher is not None:
+        return cfg.gpus_per_teacher
+    return 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+
+
+def _service_kwargs(teacher: str, cfg, order: dict | None) -> dict[str, Any]:
+    return dict(teacher=teacher, codec=cfg.codec, top_k=cfg.top_k, draws=cfg.draws, temperature=cfg.temperature,
+                seed=cfg.seed, threads=max(1, round(cfg.cpus_per_teacher)), order=order)
+
+
+class TeacherPool:
+    """The teacher replicas of one distillation: Ray actors owned by the driver, for the whole run.
+
+    Not by a training worker: when Ray Train restarts its worker group (a lost node, a preempted
+    spot instance) the new workers send their blocks to the same replicas, already loaded, where a
+    pool inside each worker's data pipeline would die with it and load ~61 GB again. A replica
+    whose own process dies is restarted by Ray and the requests it held are sent again
+    (`max_task_retries`), so the stream loses nothing; its restarts share the run's failure budget.
+    """
+
+    def __init__(self, teacher: str, cfg, *, order: dict | None = None, restarts: int = -1):
+        import uuid
+
+        import ray
+
+        options = dict(num_cpus=cfg.cpus_per_teacher, num_gpus=_teacher_gpus(cfg), max_restarts=restarts,
+                       max_task_retries=-1, **({"resources": dict(cfg.teacher_resources)} if cfg.teacher_resources else {}))
+        actor, tag = ray.remote(TeacherService), uuid.uuid4().hex[:8]
+        kwargs = _service_kwargs(teacher, cfg, order)
+        self.replicas = [actor.options(name=f"teacher-{tag}-{i}", **options).remote(**kwargs)
+                         for i in range(cfg.teacher_workers)]
+        self.batch = cfg.teacher_batch
+
+    def columns(self, blocks: Blocks) -> dict[str, np.ndarray]:
+        """The teacher's columns of a few blocks (the held-out ones), computed here, in order."""
+        batches = ({"block_index": blocks.index[s:s + self.batch], "input_ids": blocks.input_ids[s:s + self.batch],
+                    "attention_mask": blocks.attention_mask[s:s + self.batch]} for s in range(0, len(blocks), self.batch))
+        parts = list(teacher_batches(batches, self.replicas))
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+    def close(self) -> None:
+        import ray
+
+        for r in self.replicas:
+            ray.kill(r, no_restart=True)
+
+
+def replica_share(replicas: list, rank: int, world: int) -> list:
+    """Rank `rank`'s teacher replicas: its own 1/world of them when they divide evenly, else all of
+    them, starting at a different one per rank."""
+    n = len(replicas)
+    if n % world == 0:
+        return replicas[rank::world]
+    return [replicas[(rank + i) % n] for i in range(n)]
+
+
+def teacher_batches(batches, replicas: list, *, depth: int = 2):
+    """Batches of blocks -> the same batches with the teacher's columns, in order, sent round-robin
+    to `replicas` with up to `depth` requests per replica in flight (one computing, one waiting:
+    the teacher never idles while the caller trains on the last answer)."""
+    import collections
+
+    import ray
+
+    pending: collections.deque = collections.deque()
+    for i, batch in enumerate(batches):
+        pending.append(replicas[i % len(replicas)].__call__.remote(batch))
+        if len(pending) >= depth * len(replicas):
+            yield ray.get(pending.popleft())
+    while pending:
+        yield ray.get(pending.popleft())
+
+
 def teacher_stream(ds, *, teacher: str, cfg, replicas: int | None = None, order: dict | None = None):
     """`ds` of blocks -> a pool of `replicas` teacher actors (default `cfg.teacher_workers`) -> the
     same blocks with the teacher's `t_*` columns (ids coded in `order`, a `codec.frequency_order`
-    record, when given)."""
+    record, when given). For `teacher-logits`, whose pool lives as long as its one pass; a
+    distillation's teachers are a `TeacherPool`."""
     import ray
 
-    gpus = cfg.gpus_per_teacher
-    if gpus is None:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    gpus = _teacher_gpus(cfg)
     # Ray Data merges what a task yields into blocks of up to 128 MiB before handing any on: the
     # student would wait for a whole shard's blocks to be packed, then to pass the teacher. Blocks
     # of about one teacher batch's output keep the stream flowing a batch at a time.
@@ -133,49 +208,28 @@ def teacher_stream(ds, *, teacher: str, cfg, replicas: int | None = None, order:
     ds.context.target_max_block_size = max(1 << 20, cfg.teacher_batch * cfg.seq_len * (3 * entries + 16))
     return ds.map_batches(
         TeacherService,
-        fn_constructor_kwargs=dict(teacher=teacher, codec=cfg.codec, top_k=cfg.top_k, draws=cfg.draws,
-                                   temperature=cfg.temperature, seed=cfg.seed,
-                                   threads=max(1, round(cfg.cpus_per_teacher)), order=order),
+        fn_constructor_kwargs=_service_kwargs(teacher, cfg, order),
         batch_size=cfg.teacher_batch, batch_format="numpy", num_cpus=cfg.cpus_per_teacher, num_gpus=gpus,
         compute=ray.data.ActorPoolStrategy(size=replicas or cfg.teacher_workers),
         **({"resources": dict(cfg.teacher_resources)} if cfg.teacher_resources else {}),
     )
 
 
-def select_blocks(ds, *, lo: int = 0, hi: int, world: int = 1, rank: int = 0, trained_file: str | None = None):
+def select_blocks(ds, *, lo: int = 0, hi: int, world: int = 1, rank: int = 0, skip=None):
     """Rank `rank`'s blocks of lo <= index < hi (`blocks.rank_range`: a contiguous equal share),
-    minus those that `trained_file` lists as trained (placed before the teacher, they cost nothing)."""
+    minus those in `skip` (a `blocks.Ranges`: what a resumed run has trained)."""
     from .blocks import rank_range
 
     a, b = rank_range(lo, hi, world, rank)
-    return ds.map_batches(_select, fn_kwargs=dict(lo=a, hi=b, trained_file=trained_file),
+    return ds.map_batches(_select, fn_kwargs=dict(lo=a, hi=b, skip=skip.to_list() if skip else []),
                           batch_format="numpy", num_cpus=0.1)
 
 
-_TRAINED_CACHE: dict[str, tuple[Any, np.ndarray]] = {}
+def _select(batch: dict[str, np.ndarray], *, lo: int, hi: int, skip: list) -> dict[str, np.ndarray]:
+    from .blocks import Ranges
 
-
-def read_trained(trained_file: str) -> np.ndarray:
-    """Block indices recorded as trained (empty when the file does not exist yet); read again only
-    when the file changed, since every batch of the pipeline asks."""
-    from ..checkpoint import url_to_fs
-
-    fs, path = url_to_fs(trained_file)
-    if not fs.exists(path):
-        return np.zeros(0, dtype=np.int64)
-    stamp = fs.modified(path)
-    cached = _TRAINED_CACHE.get(trained_file)
-    if cached is None or cached[0] != stamp:
-        with fs.open(path, "rb") as f:
-            cached = _TRAINED_CACHE[trained_file] = (stamp, np.load(f))
-    return cached[1]
-
-
-def _select(batch: dict[str, np.ndarray], *, lo: int, hi: int, trained_file: str | None) -> dict[str, np.ndarray]:
     idx = batch["block_index"]
-    keep = (idx >= lo) & (idx < hi)
-    if trained_file:
-        keep &= ~np.isin(idx, read_trained(trained_file))
+    keep = (idx >= lo) & (idx < hi) & ~Ranges(skip).contains(idx)
     return {k: v[keep] for k, v in batch.items()}
 
 
@@ -204,7 +258,7 @@ def read_stream_meta(logits: str) -> dict[str, Any]:
 def write_stream(ds, logits: str, meta: dict[str, Any], *, overwrite: bool, sources: tuple[str, ...]) -> None:
     """Write the stream as Parquet next to LOGITS, then swap it into place (never half-written;
     outputs.py has the guarantees)."""
-    from ..outputs import OutputLock, check_output, clean_leftovers, is_local, partial_name, swap_in, url_to_fs
+    from ..outputs import OutputLock, check_output, clean_leftovers, discard, is_local, partial_name, swap_in, url_to_fs
 
     check_output(logits, what="logits", overwrite=overwrite, sources=sources)
     fs, path = url_to_fs(logits)
@@ -219,8 +273,7 @@ def write_stream(ds, logits: str, meta: dict[str, Any], *, overwrite: bool, sour
                 json.dump(meta, f, indent=1)
             swap_in(fs, tmp, path, overwrite=overwrite)
         finally:
-            if fs.exists(tmp):
-                fs.rm(tmp, recursive=True)
+            discard(fs, tmp)
 
 
 def read_stream(logits: str):
@@ -245,5 +298,5 @@ def _arrow_fs(fs):
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-__all__ = ["Blocks", "pack_blocks", "blocks_dataset", "TeacherService", "teacher_stream", "select_blocks", "read_trained",
+__all__ = ["Blocks", "pack_blocks", "blocks_dataset", "TeacherService", "TeacherPool", "replica_share", "teacher_batches", "teacher_stream", "select_blocks",
            "stream_meta", "read_stream_meta", "write_stream", "read_stream"]

@@ -1,11 +1,17 @@
 """What each Ray Train worker runs: `train_func(config)`, one DeepSpeed data-parallel student replica.
 
-The worker never holds a teacher. It reads its own share of the teacher stream (blocks whose
-position is its rank modulo the world size, so every rank has the same number of blocks left
-after any resume and the ranks stay in lockstep), trains with DeepSpeed, and at every report
-validates on held-out blocks and reports metrics; at every checkpoint it also saves the
-DeepSpeed state (weights, optimizer, scheduler) and the set of blocks trained on, so a restarted
-worker continues with exactly the blocks after the checkpoint and ends at the planned step.
+The worker never holds a teacher. It owns a contiguous share of the blocks (`blocks.rank_range`)
+and builds its own stream of them when it starts, from its checkpoint: the blocks it has trained
+(a `blocks.Ranges`, one interval per rank) are left out before any text is packed or any block
+reaches a teacher replica (driver-owned actors, `stream.TeacherPool`, that outlive the worker).
+It trains with DeepSpeed, validates on held-out blocks at every report, and at every checkpoint
+saves the DeepSpeed state with the trained ranges, so a restarted worker continues with exactly
+the blocks after its checkpoint and ends at the planned step.
+
+A failure that a retry would only repeat (a non-finite loss, running out of memory, a `UserError`,
+a teacher replica dead for good) is written to RUN/failure.json before the worker raises; a
+controller callback (`StopOnFailure`) then ends the run instead of restarting it, and the driver
+turns the record into one error line. Anything else (a lost node, worker or peer) is retried.
 """
 
 from __future__ import annotations
@@ -20,22 +26,22 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-TRAINED_FILE = "progress/trained.npy"  # in RUN: block indices trained as of an earlier checkpoint
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "state.json"
+FAILURE_FILE = "failure.json"  # in RUN: a failure that retrying would repeat (see the module's doc)
 DS_TAG = "deepspeed"
 
 
-def fresh_batches(shard, trained: np.ndarray, size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of exactly `size` rows of `shard` whose blocks are not in `trained`.
+def fresh_batches(batches: Iterator[dict[str, np.ndarray]], trained, size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of exactly `size` rows of `batches` whose blocks are not in `trained` (a `Ranges`).
 
-    Skipping here is what makes a resume exact: the pipeline drops most trained blocks before
-    the teacher (from a file that may lag one checkpoint behind), this drops the rest.
+    The stream already leaves trained blocks out; checking again here keeps a resume exact
+    whatever order a stream's blocks arrive in.
     """
     pending: list[dict[str, np.ndarray]] = []
     have = 0
-    for batch in shard.iter_batches(batch_size=size, batch_format="numpy", prefetch_batches=2):
-        keep = ~np.isin(batch["block_index"], trained)
+    for batch in batches:
+        keep = ~trained.contains(batch["block_index"])
         if not keep.all():
             batch = {k: v[keep] for k, v in batch.items()}
         if len(batch["block_index"]) == 0:
@@ -48,6 +54,35 @@ def fresh_batches(shard, trained: np.ndarray, size: int) -> Iterator[dict[str, n
             rest = {k: v[size:] for k, v in merged.items()}
             have -= size
             pending = [rest] if have else []
+
+
+def rank_stream(source: dict[str, Any], cfg, *, lo: int, hi: int, skip, rank: int,
+                world: int) -> Iterator[dict[str, np.ndarray]]:
+    """This worker's blocks lo <= index < hi minus `skip`, with the teacher's columns, in index order.
+
+    Built in the worker, from its checkpoint, so a restart sends no trained block anywhere: an
+    offline stream (`source["logits"]`) is read and filtered; text (`source["plan"]`) is packed by
+    Ray Data tasks and sent to this rank's share of the run's teacher replicas.
+    """
+    import ray
+
+    from .blocks import TextPlan, text_blocks
+    from .stream import read_stream, replica_share, select_blocks, teacher_batches
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # the same run trains on the same blocks in the same order
+    ctx.enable_progress_bars = False
+    if "logits" in source:
+        ds = select_blocks(read_stream(source["logits"]), lo=lo, hi=hi, skip=skip)
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+        return
+    # Ray Data merges what a task yields into blocks of up to 128 MiB before handing any on: the
+    # teacher would wait for a whole shard to be packed. A teacher batch's worth keeps it flowing.
+    ctx.target_max_block_size = max(1 << 20, cfg.teacher_batch * cfg.seq_len * 16)
+    ds = text_blocks(TextPlan.from_dict(source["plan"]), source["tokenizer"], lo=lo, hi=hi, skip=skip,
+                     rows=cfg.teacher_batch)
+    blocks = ds.iter_batches(batch_size=cfg.teacher_batch, batch_format="numpy", prefetch_batches=2)
+    yield from teacher_batches(blocks, replica_share(source["replicas"], rank, world))
 
 
 def deepspeed_config(cfg, *, cuda: bool) -> dict[str, Any]:
@@ -157,14 +192,72 @@ class _Logger:
             self.tb.flush()
 
 
-def _save_trained(run: str, trained: np.ndarray) -> None:
+# -- failures a retry would repeat ---------------------------------------------------------------------
+
+
+def fatal_errors() -> tuple[type[BaseException], ...]:
+    """What ends a run at once instead of restarting it: errors of the run itself, which the same
+    checkpoint, data and settings would meet again. A lost node, worker or peer (a collective that
+    fails because another rank died) is none of these, and is retried."""
+    import ray.exceptions
+
+    from ..errors import UserError
+
+    return (FloatingPointError, MemoryError, torch.OutOfMemoryError, UserError, ray.exceptions.ActorDiedError)
+
+
+def record_failure(run: str, error: BaseException, rank: int) -> None:
+    """Write RUN/failure.json (whole or not at all) for the driver and for `StopOnFailure`."""
     from ..checkpoint import url_to_fs
 
-    fs, path = url_to_fs(f"{run}/{TRAINED_FILE}")
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path + ".tmp", "wb") as f:
-        np.save(f, trained)
-    fs.mv(path + ".tmp", path)
+    from ..cluster import first_line
+
+    fs, path = url_to_fs(f"{run}/{FAILURE_FILE}")
+    record = {"kind": type(error).__name__, "error": first_line(error), "rank": rank}
+    with fs.open(f"{path}.{rank}.tmp", "w") as f:
+        json.dump(record, f)
+    fs.mv(f"{path}.{rank}.tmp", path)
+
+
+def read_failure(run: str) -> dict[str, Any] | None:
+    from ..checkpoint import url_to_fs
+
+    fs, path = url_to_fs(f"{run}/{FAILURE_FILE}")
+    try:
+        with fs.open(path, "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def _stop_on_failure_callback():
+    from ray.train import UserCallback
+
+    class StopOnFailure(UserCallback):
+        """Ends the run, instead of restarting its workers, once a worker has recorded a failure that
+        retrying would repeat. (It runs in Ray Train's controller; an error raised here is one Ray
+        Train does not retry. Should that change, a restarted worker still finds the record and
+        returns at once, and the run ends all the same.)"""
+
+        def __init__(self, run: str):
+            self.run = run
+
+        def after_exception(self, run_context, worker_exceptions):
+            failure = read_failure(self.run)
+            if failure:
+                raise RuntimeError(f"{failure['kind']}: {failure['error']}")
+
+    return StopOnFailure
+
+
+def stop_on_failure(run: str):
+    """A Ray Train callback for RUN (see `_stop_on_failure_callback`)."""
+    return _stop_on_failure_callback()(run)
+
+
+def _cursor(trained, lo: int, hi: int) -> int:
+    """Where the rank owning [lo, hi) resumes: its first untrained block (hi when it is done)."""
+    return min(trained.first_missing(lo), hi)
 
 
 def _new_window() -> dict[str, float]:
@@ -173,14 +266,37 @@ def _new_window() -> dict[str, float]:
             "t0": time.perf_counter()}
 
 
-def train_func(config: dict[str, Any]) -> None:
+def guarded(body):
+    """`body(config)` as a Ray Train loop whose failures that a retry would repeat are recorded
+    first (module doc), and that returns at once when an earlier attempt of the run recorded one."""
+    import functools
+
+    @functools.wraps(body)
+    def loop(config: dict[str, Any]) -> None:
+        import ray.train
+
+        run = config["run"]
+        if read_failure(run):
+            return  # the driver reports it
+        try:
+            body(config)
+        except fatal_errors() as e:
+            record_failure(run, e, ray.train.get_context().get_world_rank())
+            raise
+
+    return loop
+
+
+def _train(config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
     import torch.distributed as dist
     from transformers import get_cosine_schedule_with_warmup
 
+    from ..errors import UserError
     from ..evaluate import heldout_sums, load_model, metrics_of
     from ..lm_head import LMHead
+    from .blocks import Ranges, rank_range
     from .codec import IdOrder
     from .config import DistillConfig
     from .export import export_student
@@ -213,7 +329,7 @@ def train_func(config: dict[str, Any]) -> None:
             with open(os.path.join(d, STATE_FILE)) as f:
                 state = json.load(f)
     step, tokens = state["step"], state["tokens"]
-    trained = np.asarray(sorted(state["trained"]), dtype=np.int64)
+    trained = Ranges.of(state["trained"])  # every rank's, as of the checkpoint
     resumed_from = step
 
     head = LMHead(engine)
@@ -236,12 +352,20 @@ def train_func(config: dict[str, Any]) -> None:
                               device=device)
         dist.all_reduce(totals)
         m = metrics_of(dict(zip(("nll", "tokens", "kd", "kd_tokens"), totals.tolist())), kl=True)
+        if not (math.isfinite(m["ppl"]) and math.isfinite(m["kl"])):  # the same on every rank: summed over all
+            if step == resumed_from:
+                raise UserError(f"the student {cfg.student if step == 0 else 'restored from the checkpoint'} gives "
+                                f"non-finite outputs on the held-out blocks before training (weights holding "
+                                f"inf or NaN?)")
+            raise FloatingPointError(f"non-finite validation (perplexity {m['ppl']}, KL {m['kl']}) at step {step}")
         return {"val_ppl": m["ppl"], "val_kl": m["kl"]}
 
-    shard = ray.train.get_dataset_shard(f"train_{rank}")
-    batches = fresh_batches(shard, trained, cfg.batch_size)
-    new_blocks: list[int] = []  # this rank's blocks of the current step
-    recent: list[int] = []  # every rank's blocks since the last checkpoint
+    source = config["source"]
+    lo, hi = rank_range(source["lo"], source["hi"], world, rank)
+    batches = fresh_batches(rank_stream(source, cfg, lo=lo, hi=hi, skip=trained, rank=rank, world=world),
+                            trained, cfg.batch_size)
+    recent: list[int] = []  # this rank's blocks since the last checkpoint
+    finite = torch.ones(1, device=device)
     window = _new_window()
     logger = _Logger(run, rank == 0)
     if step == 0 and val:
@@ -256,21 +380,19 @@ def train_func(config: dict[str, Any]) -> None:
                 raise RuntimeError(f"the teacher stream of rank {rank} ended at step {step} of {steps}: "
                                    f"blocks were lost (this is a bug)")
             loss, kd, ce = batch_loss(engine, batch, cfg, device, order)
-            if not math.isfinite(float(loss)):
-                raise FloatingPointError(f"non-finite loss {float(loss)} at step {step}")
+            finite.fill_(float(math.isfinite(float(loss))))
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank stops together, none waits in backward
+            if not finite.item():
+                raise FloatingPointError(f"non-finite loss ({float(loss)} on rank {rank}) at step {step + 1}")
             engine.backward(loss)
             engine.step()
-            new_blocks.extend(int(i) for i in batch["block_index"])
+            recent.extend(int(i) for i in batch["block_index"])
             window["loss"] += float(loss)
             window["kd"] += kd
             window["ce"] += ce
             window["micro"] += 1
             window["tokens"] += int(batch["attention_mask"].sum())
         step += 1
-        gathered: list[list[int]] = [None] * world  # type: ignore[list-item]
-        dist.all_gather_object(gathered, new_blocks)
-        new_blocks = []
-        recent.extend(i for g in gathered for i in g)
         step_tokens = torch.tensor([window["tokens"]], dtype=torch.long, device=device)  # NCCL wants it there
         dist.all_reduce(step_tokens)
         tokens += int(step_tokens)  # over all workers
@@ -290,9 +412,11 @@ def train_func(config: dict[str, Any]) -> None:
         if not save:
             ray.train.report(metrics)
             continue
-        previous = state["trained"]
-        trained, recent = np.union1d(trained, np.asarray(recent, dtype=np.int64)), []
-        state = {"step": step, "tokens": tokens, "trained": trained.tolist()}
+        gathered: list[list] = [None] * world  # type: ignore[list-item]
+        dist.all_gather_object(gathered, Ranges.from_indices(recent).to_list())  # an interval or two a rank
+        trained, recent = Ranges([p for g in gathered for p in g]) | trained, []
+        state = {"step": step, "tokens": tokens, "trained": trained.to_list(),
+                 "cursors": [_cursor(trained, *rank_range(source["lo"], source["hi"], world, r)) for r in range(world)]}
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag=DS_TAG, save_latest=False)
             if rank == 0:
@@ -300,8 +424,6 @@ def train_func(config: dict[str, Any]) -> None:
                     json.dump(state, f)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=f"checkpoint-{step:08d}")
-        if rank == 0:  # one checkpoint behind: never ahead of the checkpoint a restart restores
-            _save_trained(run, np.asarray(previous, dtype=np.int64))
 
     weights = (engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3
                else engine.module.state_dict())
@@ -310,3 +432,6 @@ def train_func(config: dict[str, Any]) -> None:
                        extra={"distill.yaml": cfg.to_yaml(),
                               "distill_metrics.json": json.dumps({"steps": step, "tokens": tokens}, indent=1)})
     dist.barrier()
+
+
+train_func = guarded(_train)
