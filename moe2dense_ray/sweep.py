@@ -54,9 +54,6 @@ METRIC = "val_ppl"
 TRIAL_KEY = "trial"  # Tune's config of a trial: {TRIAL_KEY: one combination of the space}
 TRIAL_CPUS = 0.01  # the trial's own process: it plans, builds and waits on its training run
 READER_CPUS = 0.3  # the Ray Data tasks reading and selecting one training worker's share of the stream
-# a training worker opens its share of the stream in Ray Data, whose Parquet reader first samples the
-# files in a task of one whole CPU: trials that leave less than that free wait for each other forever
-STREAM_OPEN_CPUS = 1.0
 ABORT_TIMEOUT_S = 120.0  # a stopped trial's wait for its training run to release its workers
 FINISH_TIMEOUT_S = 3600.0  # a trial stopped at its last report waits this long for its student's export
 
@@ -476,11 +473,9 @@ def _check_fits(cfg: SweepConfig) -> None:
                       who=f"the sweep's --teacher-workers {cfg.teacher_workers}", parts="teacher replicas",
                       advice="lower --teacher-workers, --cpus-per-teacher or --gpus-per-teacher",
                       custom_flags="--teacher-resources")
-    need = trial_resources(cfg, gpus)
-    need["CPU"] += STREAM_OPEN_CPUS
-    require_resources(need, each=[{"CPU": cfg.cpus_per_worker, "GPU": float(gpus), **cfg.worker_resources}],
-                      who="a sweep trial", parts=f"{cfg.workers} training worker(s), their stream readers and "
-                      f"{STREAM_OPEN_CPUS:g} CPU left free to open the stream",
+    require_resources(trial_resources(cfg, gpus),
+                      each=[{"CPU": cfg.cpus_per_worker, "GPU": float(gpus), **cfg.worker_resources}],
+                      who="a sweep trial", parts=f"{cfg.workers} training worker(s) and their stream readers",
                       advice="lower --workers or --cpus-per-worker", custom_flags="--worker-resources")
 
 
@@ -488,19 +483,16 @@ def concurrency(cfg: SweepConfig) -> tuple[int, int]:
     """Trials at once and torch threads per training worker.
 
     On an embedded Ray, as many trials as its CPUs, GPUs and custom resources hold
-    (`trial_resources`, with `STREAM_OPEN_CPUS` left free; trials started beyond that would starve
-    each other's stream readers and wait forever), never more than --max-concurrent. On a
-    cluster, --max-concurrent as given (an autoscaler adds the nodes that waiting trials ask
-    for), else what the cluster holds now."""
+    (`trial_resources`; trials started beyond that would starve each other's stream readers and
+    wait forever), never more than --max-concurrent. On a cluster, --max-concurrent as given (an
+    autoscaler adds the nodes that waiting trials ask for), else what the cluster holds now."""
     import ray
 
     from .cluster import on_cluster
 
-    res = dict(ray.cluster_resources())
+    res = ray.cluster_resources()
     need = trial_resources(cfg, res.get("GPU", 0) > 0)
-    cores = int(res.get("CPU", 1))
-    res["CPU"] = res.get("CPU", 0) - STREAM_OPEN_CPUS
-    fits = min(int(max(res.get(k, 0), 0) // v) for k, v in need.items() if v > 0)
+    fits = min(int(res.get(k, 0) // v) for k, v in need.items() if v > 0)
     if on_cluster() and cfg.max_concurrent:
         n = cfg.max_concurrent
     else:
@@ -510,7 +502,7 @@ def concurrency(cfg: SweepConfig) -> tuple[int, int]:
     elif on_cluster():  # a node's cores are its trials' and its teachers': a worker gets what it reserves
         threads = max(1, int(cfg.cpus_per_worker))
     else:
-        threads = max(1, cores // (n * cfg.workers))
+        threads = max(1, int(res.get("CPU", 1)) // (n * cfg.workers))
     return n, threads
 
 

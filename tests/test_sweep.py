@@ -53,13 +53,12 @@ def test_trials_take_distills_settings_and_are_counted_by_what_they_hold(tmp_pat
     d = _distill_config(cfg, {"batch_size": 2, "lr": 0.01}, student="s", run="r", threads=3)
     assert (d.workers, d.cpus_per_worker, d.zero_stage, d.grad_accum, d.batch_size, d.activation_checkpointing,
             d.threads, d.lr) == (2, 0.5, 2, 2, 2, True, 3, 0.01)
-    # the session's Ray has 2 CPUs: a trial is its workers, 0.3 CPU of stream reading each, 0.01 itself,
-    # and one CPU stays free for opening the stream
+    # the session's Ray has 2 CPUs: a trial is its workers, 0.3 CPU of stream reading each, 0.01 itself
     assert concurrency(cfg) == (1, 1)  # 2 x 0.8 + 0.01
-    assert concurrency(cfg.model_copy(update={"workers": 1})) == (1, 2)  # 0.81 each: one fits beside the free CPU
-    assert concurrency(cfg.model_copy(update={"workers": 1, "cpus_per_worker": 0.1})) == (2, 1)  # 0.41 each
-    assert concurrency(cfg.model_copy(update={"workers": 1, "cpus_per_worker": 0.1, "max_concurrent": 1})) == (1, 2)
-    for flags, fragment in ((["--cpus-per-worker", "3"], "a sweep trial needs 4.31 CPUs"),
+    assert concurrency(cfg.model_copy(update={"workers": 1})) == (2, 1)  # 0.81 each
+    assert concurrency(cfg.model_copy(update={"workers": 1, "max_concurrent": 1})) == (1, 2)
+    assert concurrency(cfg.model_copy(update={"workers": 1, "cpus_per_worker": 1.0})) == (1, 2)
+    for flags, fragment in ((["--cpus-per-worker", "3"], "a sweep trial needs 3.31 CPUs"),
                             (["--teacher-workers", "5"], "--teacher-workers 5 needs 2.5 CPUs")):
         code = main(_args(space, tmp_path / "out", *flags))
         err = capsys.readouterr().err.strip().splitlines()
@@ -68,8 +67,7 @@ def test_trials_take_distills_settings_and_are_counted_by_what_they_hold(tmp_pat
 
 
 def test_two_trials_at_once_asha_stops_one_and_every_training_group_is_released(tmp_path, ray_cluster):
-    """Two trials at once on the 2-CPU session Ray (a tenth of a CPU reserved per training worker:
-    two trials and the CPU the sweep leaves free to open the stream fit). The good one
+    """Two trials at once on the 2-CPU session Ray (half a CPU per training worker). The good one
     reaches ASHA's first rung in 2 steps, the bad one (lr 0.05 wrecks its student) in 16, so it is
     compared there and stopped while the other trains on. The stopped trial releases its own
     training placement group; a group the sweep did not make is left alone. Then a refit
@@ -84,7 +82,7 @@ def test_two_trials_at_once_asha_stops_one_and_every_training_group_is_released(
     ray_cluster.get(foreign.ready(), timeout=60)
     try:
         before = _live_groups(ray_cluster)
-        assert main(_args(space, out, "--tokens", "4096", "--cpus-per-worker", "0.1", "--teacher-workers", "1",
+        assert main(_args(space, out, "--tokens", "4096", "--cpus-per-worker", "0.5", "--teacher-workers", "1",
                           "--cpus-per-teacher", "0.5")) == 0
         assert _live_groups(ray_cluster) == before  # the trials' groups are gone, the other job's is not
     finally:
