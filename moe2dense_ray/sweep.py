@@ -55,6 +55,7 @@ TRIAL_KEY = "trial"  # Tune's config of a trial: {TRIAL_KEY: one combination of 
 TRIAL_CPUS = 0.01  # the trial's own process: it plans, builds and waits on its training run
 READER_CPUS = 0.3  # the Ray Data tasks reading and selecting one training worker's share of the stream
 ABORT_TIMEOUT_S = 120.0  # a stopped trial's wait for its training run to release its workers
+FINISH_TIMEOUT_S = 3600.0  # a trial stopped at its last report waits this long for its student's export
 
 
 def _fields_of(config: type[StageConfig], names: tuple[str, ...], doc: str, **help_lines: str) -> type[StageConfig]:
@@ -301,6 +302,10 @@ class _TrialEndsItsTraining:
     trial's `cleanup`, which Tune calls as it stops the trial, aborts it: the controller shuts
     down its workers and removes their placement group, the trial's own and nothing else,
     before the trial's actor goes. A run that has ended is left as it is (`abort` returns at once).
+
+    Tune also stops a trial at its last report (ASHA's last rung, or `tokens` reached), while its
+    workers are still writing the student (RUN/student is exported after the last step): that
+    run is waited for, not aborted, or the sweep's best trial could be left without a student.
     """
 
     def own_training_run(self, controller) -> None:
@@ -310,10 +315,30 @@ class _TrialEndsItsTraining:
         try:
             super().cleanup()
         finally:
-            _abort(self.__dict__.pop("_training_runs", []))
+            runs = self.__dict__.pop("_training_runs", [])
+            last = self._last_result or {}
+            if last.get("step", 0) >= last.get("steps", math.inf):  # stopped at its last report
+                _await(runs)
+            _abort(runs)
 
 
 _trial.__mixins__ = (_TrialEndsItsTraining,)  # tune.wrap_function's hook: the trainable class inherits it
+
+
+def _await(controllers: list) -> None:
+    """Until each training run has ended by itself (its controller in a terminal state)."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    deadline = time.monotonic() + FINISH_TIMEOUT_S
+    for controller in controllers:
+        while time.monotonic() < deadline:
+            try:
+                if ray.get(controller.get_state.remote(), timeout=60).is_terminal():
+                    break
+            except (GetTimeoutError, RayActorError):
+                break
+            time.sleep(0.5)
 
 
 def _abort(controllers: list) -> None:
