@@ -275,10 +275,13 @@ def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None
     with OutputLock(cfg.out):  # one run at a time writes RUN
         if cfg.logits:
             steps = n_train // per_step
-            val = _columns(select_blocks(read_stream(cfg.logits), hi=V))
-            # each worker reads its own share of the stream (`train.rank_stream`), from its checkpoint
-            return _fit(cfg, steps=steps, val=val, source={"logits": cfg.logits, "lo": V, "hi": V + steps * per_step},
-                        progress=progress, t0=t0, callbacks=callbacks, order=order)
+            stream = read_stream(cfg.logits)
+            val = _columns(select_blocks(stream, hi=V))
+            hi = V + steps * per_step
+            datasets = {f"train_{r}": select_blocks(stream, lo=V, hi=hi, world=cfg.workers, rank=r)
+                        for r in range(cfg.workers)}
+            return _fit(cfg, steps=steps, val=val, source={"logits": cfg.logits, "lo": V, "hi": hi},
+                        progress=progress, t0=t0, callbacks=callbacks, order=order, datasets=datasets)
         # the teacher replicas live as long as this run, not as long as a training worker
         pool = TeacherPool(cfg.teacher, cfg, order=order, restarts=cfg.max_failures)
         try:
@@ -292,13 +295,14 @@ def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None
 
 
 def _fit(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], source: dict[str, Any], progress: bool,
-         t0: float, callbacks: list | None, order: dict | None, train_loop=None) -> DistillResult:
+         t0: float, callbacks: list | None, order: dict | None, train_loop=None,
+         datasets: dict[str, Any] | None = None) -> DistillResult:
     _start_run(cfg)  # only now: a check that failed before leaves no RUN behind
     fs, path = url_to_fs(cfg.out)
     if fs.exists(f"{path}/{FAILURE_FILE}"):
         fs.rm(f"{path}/{FAILURE_FILE}")  # what stopped an earlier attempt: the user has seen it, and resumes
     trainer = _trainer(cfg, steps=steps, val=val, source=source, callbacks=[*(callbacks or []), stop_on_failure(cfg.out)],
-                       order=order, train_loop=train_loop)
+                       order=order, train_loop=train_loop, datasets=datasets)
     watcher = _MetricsWatcher(cfg.out, steps, enabled=progress)
     watcher.start()
     try:
@@ -355,9 +359,10 @@ def _raise_failure(cfg: DistillConfig) -> None:
 
 
 def _trainer(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], source: dict[str, Any],
-             callbacks: list | None = None, order: dict | None = None, train_loop=None):
+             callbacks: list | None = None, order: dict | None = None, train_loop=None,
+             datasets: dict[str, Any] | None = None):
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from .stream import _arrow_fs
@@ -376,7 +381,20 @@ def _trainer(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], sour
         run_config=RunConfig(name="train", **storage, failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              callbacks=callbacks or None),
+        **({"datasets": datasets, "dataset_config": DataConfig(datasets_to_split=[], execution_options=_ordered())}
+           if datasets else {}),
     )
+
+
+def _ordered():
+    """Train's ingest options, with the blocks kept in stream order: a stream spread over several
+    Parquet files otherwise reaches the worker in whatever order its read tasks finish, and the
+    same run gives different students (1-2% in perplexity at 32k tokens)."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def read_metrics(run: str) -> list[dict[str, Any]]:

@@ -60,22 +60,26 @@ def rank_stream(source: dict[str, Any], cfg, *, lo: int, hi: int, skip, rank: in
                 world: int) -> Iterator[dict[str, np.ndarray]]:
     """This worker's blocks lo <= index < hi minus `skip`, with the teacher's columns, in index order.
 
-    Built in the worker, from its checkpoint, so a restart sends no trained block anywhere: an
-    offline stream (`source["logits"]`) is read and filtered; text (`source["plan"]`) is packed by
-    Ray Data tasks and sent to this rank's share of the run's teacher replicas.
+    Text (`source["plan"]`) is packed by Ray Data tasks built here, from the worker's checkpoint, and
+    sent to this rank's share of the run's teacher replicas: a restart sends no trained block to a
+    teacher. An offline stream (`source["logits"]`) comes through Ray Train's ingest of the
+    driver's per-rank dataset (Ray Data inside a worker, outside Train's resource accounting,
+    starved concurrent sweep trials on a small node); `fresh_batches` drops its trained blocks.
     """
     import ray
 
     from .blocks import TextPlan, text_blocks
-    from .stream import read_stream, replica_share, select_blocks, teacher_batches
+    from .stream import replica_share, teacher_batches
 
+    if "logits" in source:  # Ray Train's ingest of the driver's per-rank dataset (run._fit); no teacher to spare
+        import ray.train
+
+        shard = ray.train.get_dataset_shard(f"train_{rank}")
+        yield from shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+        return
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the same run trains on the same blocks in the same order
     ctx.enable_progress_bars = False
-    if "logits" in source:
-        ds = select_blocks(read_stream(source["logits"]), lo=lo, hi=hi, skip=skip)
-        yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
-        return
     # Ray Data merges what a task yields into blocks of up to 128 MiB before handing any on: the
     # teacher would wait for a whole shard to be packed. A teacher batch's worth keeps it flowing.
     ctx.target_max_block_size = max(1 << 20, cfg.teacher_batch * cfg.seq_len * 16)
