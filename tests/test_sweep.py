@@ -13,7 +13,7 @@ from moe2dense_ray import assets
 from moe2dense_ray.cli import main
 from moe2dense_ray.errors import UserError
 from moe2dense_ray.plan import load_plan
-from moe2dense_ray.sweep import SweepConfig, build_student, combinations, load_space, sweep, varying_keys
+from moe2dense_ray.sweep import SweepConfig, combinations, load_space, sweep, varying_keys
 
 
 def _args(space, out, *extra):
@@ -68,15 +68,16 @@ def test_trials_take_distills_settings_and_are_counted_by_what_they_hold(tmp_pat
 
 def test_two_trials_at_once_asha_stops_one_and_every_training_group_is_released(tmp_path, ray_cluster):
     """Two trials at once on the 2-CPU session Ray (half a CPU per training worker). The good one
-    reaches ASHA's first rung in 2 steps, the bad one (lr 0.05 wrecks its student) in 16, so it is
-    compared there and stopped while the other trains on. The stopped trial releases its own
-    training placement group; a group the sweep did not make is left alone. Then a refit
-    combination's student is built as a trial builds it: fitted on a teacher replica (a Ray actor)."""
+    reaches ASHA's first rung in 2 steps; the bad one first refits its student on a teacher replica
+    (a Ray actor, not the trial's process), which starts it far better than the same plan
+    unfitted, then wrecks it with lr 0.05 for the 16 steps to that rung, where it is compared and
+    stopped while the other trains on. The stopped trial releases its own training placement
+    group; a group the sweep did not make is left alone."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
     space = tmp_path / "space.yaml"
     space.write_text("- {scoring: sf, experts: 4, lr: 0.002, batch_size: 8}\n"  # two grids: nothing crossed
-                     "- {scoring: sf, experts: 4, lr: 0.05, batch_size: 1}\n")
+                     "- {scoring: sf, experts: 4, lr: 0.05, batch_size: 1, refit: down}\n")
     out = tmp_path / "sweep"
     foreign = placement_group([{"CPU": 0.01}])  # another job's group, of no concern to the sweep
     ray_cluster.get(foreign.ready(), timeout=60)
@@ -97,8 +98,11 @@ def test_two_trials_at_once_asha_stops_one_and_every_training_group_is_released(
     assert summary["tokens_spent"] < summary["grid_tokens"] == 2 * 4096
     assert good["stopped early"] == "False" and int(good["tokens"]) == 4096
     assert bad["stopped early"] == "True" and 1024 <= int(bad["tokens"]) < 2048  # at the rung of 2 x 8 x 64
+    assert float(bad["ppl before"]) < 0.5 * float(good["ppl before"])  # the fit, on the same plan
     assert float(good["ppl after"]) < float(good["ppl before"]) < float(bad["ppl after"])
     assert summary["best"]["trial"] == good["trial"]
+    for r in (good, bad):
+        assert (load_plan(str(out / "trials" / r["trial"] / "student")).refit or {}).get("fit", "") == r["refit"]
     assert (out / "trials" / good["trial"] / "run" / "student" / "config.json").exists()
     spans = [[m["time"] for m in map(json.loads, open(out / "trials" / t / "run" / "metrics.jsonl"))] for t in trials]
     assert max(s[0] for s in spans) < min(s[-1] for s in spans)  # they trained at once
@@ -109,12 +113,6 @@ def test_two_trials_at_once_asha_stops_one_and_every_training_group_is_released(
                               out=str(out), resume=True), progress=False)
     assert again["trials"] == 2 and again["tokens_spent"] == summary["tokens_spent"]
     assert before == {t: os.path.getmtime(out / "trials" / t / "student" / "config.json") for t in trials}
-    # a refit trial's student: the sweep's plan, fitted on the sweep's teacher replicas
-    cfg = SweepConfig.from_yaml(str(out / "sweep.yaml"))
-    build_student(cfg, {"scoring": "sf", "experts": 4, "refit": "down"}, str(tmp_path / "refitted"))
-    record = load_plan(str(tmp_path / "refitted")).refit
-    assert record["fit"] == "down" and record["samples"] == 8
-    assert all(layer["error_after"] < 0.5 * layer["error_before"] for layer in record["layers"])
 
 
 def _live_groups(ray) -> dict[str, str]:
