@@ -45,6 +45,14 @@ def first_line(e: BaseException | str) -> str:
     return "" if isinstance(e, str) else type(e).__name__
 
 
+CPU_SHARING_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+"""The environment of the processes that share a node's cores (teacher replicas, training workers,
+calibration actors): an OpenMP thread with nothing to do sleeps instead of spinning for the next
+parallel region. Spinning threads of one process steal the cores another is computing on; with
+a teacher and a student on the same 2 cores the student trained at a third of its speed, and with
+this it keeps pace with a plain single-process loop (docs/results/distill.md)."""
+
+
 def ensure_ray(num_cpus: int | None = None) -> bool:
     """Connect to the cluster (`ray job submit` sets RAY_ADDRESS) or start an embedded local Ray.
 
@@ -62,7 +70,8 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         # an embedded Ray is an implementation detail: its start-up chatter would break the bars,
         # and nothing here reads its dashboard. "local" starts one even when other Ray instances
         # run on this machine
-        start = {} if address else {"num_cpus": num_cpus, "include_dashboard": False}
+        start = {} if address else {"num_cpus": num_cpus, "include_dashboard": False,
+                                    "runtime_env": {"env_vars": CPU_SHARING_ENV}}
         ray.init(address=address or "local", log_to_driver=False, ignore_reinit_error=True,
                  logging_level="INFO" if address else "ERROR", **start)
     except SystemExit:  # Ray's own SIGTERM handler, installed during init, exits: it was an interrupt

@@ -79,6 +79,9 @@ def ray_cluster():
     """One embedded Ray for the whole session: starting Ray costs ~7 s."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    from moe2dense_ray.cluster import CPU_SHARING_ENV
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+             runtime_env={"env_vars": CPU_SHARING_ENV})
     yield ray
     ray.shutdown()

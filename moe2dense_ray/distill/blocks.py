@@ -206,28 +206,42 @@ def _batch(rows: list[tuple[int, list[int]]], seq_len: int) -> dict[str, np.ndar
             "attention_mask": np.ones((len(rows), seq_len), dtype=np.int8)}
 
 
+def iter_blocks(plan: TextPlan, tokenizer, *, lo: int, hi: int, skip: Ranges | None = None,
+                rows: int = ROWS_PER_BATCH) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of `rows` blocks with lo <= index < hi, minus those in `skip` (a resumed run's
+    trained blocks), in index order. A resumed rank starts at its cursor: the shards before it
+    are not read, nor any shard trained as a whole."""
+    skip = skip or Ranges()
+    lo = skip.first_missing(lo)
+    shards = plan.holding(lo, hi)
+    if not shards and lo < hi:
+        raise ValueError(f"no shard of the plan holds blocks {lo}..{hi}")
+    for shard in shards:
+        a, b = max(lo, shard.offset), min(hi, shard.offset + shard.quota)
+        if skip.first_missing(a) >= b:
+            continue
+        yield from pack_shard(plan, shard, tokenizer, lo=lo, hi=hi, skip=skip if skip.pairs else None, rows=rows)
+
+
 def _pack_task(batch: dict[str, np.ndarray], *, plan: dict[str, Any], tokenizer, lo: int, hi: int,
                skip: list, rows: int) -> Iterator[dict[str, np.ndarray]]:
-    text, done = TextPlan.from_dict(plan), Ranges(skip)
+    text = TextPlan.from_dict(plan)
     for spec in batch["shard"]:
         shard = Shard(**json.loads(str(spec)))
-        a, b = max(lo, shard.offset), min(hi, shard.offset + shard.quota)
-        if done.first_missing(a) >= b:
-            continue  # trained as a whole: not read at all
-        yield from pack_shard(text, shard, tokenizer, lo=lo, hi=hi, skip=done if done.pairs else None, rows=rows)
+        yield from iter_blocks(text, tokenizer, lo=max(lo, shard.offset), hi=min(hi, shard.offset + shard.quota),
+                               skip=Ranges(skip), rows=rows)
 
 
 def text_blocks(plan: TextPlan, tokenizer, *, lo: int, hi: int, skip: Ranges | None = None,
                 rows: int = ROWS_PER_BATCH):
-    """A Ray dataset of the blocks with lo <= index < hi (minus those in `skip`: a resumed run's
-    trained blocks), in index order, packed by one Ray Data task at a time (a shard each; packing
-    outruns any teacher, and a second task would only compete with the teacher and the student for
-    the node's cores) that hands over `rows` blocks at a time (the teacher's batch: it starts on
-    the first one)."""
+    """`iter_blocks` as a Ray dataset (for `teacher-logits`, whose teacher pool is a Ray Data
+    stage), packed by one Ray Data task at a time, a shard each (packing outruns any teacher, and
+    a second task would only compete with the teacher for the node's cores), that hands over
+    `rows` blocks at a time (the teacher's batch: it starts on the first one)."""
     import ray
 
     skip = skip or Ranges()
-    lo = skip.first_missing(lo)  # a resumed rank starts at its cursor: the shards before it are not read
+    lo = skip.first_missing(lo)
     shards = plan.holding(lo, hi)
     if not shards:
         raise ValueError(f"no shard of the plan holds blocks {lo}..{hi}")
@@ -336,5 +350,5 @@ def rank_range(lo: int, hi: int, world: int, rank: int) -> tuple[int, int]:
     return lo + rank * m, lo + (rank + 1) * m
 
 
-__all__ = ["Shard", "TextPlan", "plan_text", "pack_shard", "text_blocks", "local_blocks", "rank_range", "Ranges", "sample_ids",
+__all__ = ["Shard", "TextPlan", "plan_text", "pack_shard", "iter_blocks", "text_blocks", "local_blocks", "rank_range", "Ranges", "sample_ids",
            "SHARD_BYTES", "SAFETY"]

@@ -285,7 +285,7 @@ def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None
         # the teacher replicas live as long as this run, not as long as a training worker
         pool = TeacherPool(cfg.teacher, cfg, order=order, restarts=cfg.max_failures)
         try:
-            val = pool.columns(val_blocks)
+            val = pool.requests(val_blocks)  # answered while the training workers start
             source = {"plan": plan.to_dict(), "tokenizer": tok, "replicas": pool.replicas, "lo": lo,
                       "hi": lo + steps * per_step}
             return _fit(cfg, steps=steps, val=val, source=source, progress=progress, t0=t0, callbacks=callbacks,

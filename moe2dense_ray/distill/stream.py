@@ -145,26 +145,42 @@ class TeacherPool:
 
         import ray
 
+        from ..cluster import CPU_SHARING_ENV
+
         options = dict(num_cpus=cfg.cpus_per_teacher, num_gpus=_teacher_gpus(cfg), max_restarts=restarts,
-                       max_task_retries=-1, **({"resources": dict(cfg.teacher_resources)} if cfg.teacher_resources else {}))
+                       max_task_retries=-1, runtime_env={"env_vars": CPU_SHARING_ENV}, **({"resources": dict(cfg.teacher_resources)} if cfg.teacher_resources else {}))
         actor, tag = ray.remote(TeacherService), uuid.uuid4().hex[:8]
         kwargs = _service_kwargs(teacher, cfg, order)
         self.replicas = [actor.options(name=f"teacher-{tag}-{i}", **options).remote(**kwargs)
                          for i in range(cfg.teacher_workers)]
         self.batch = cfg.teacher_batch
 
+    def requests(self, blocks: Blocks) -> list:
+        """The teacher's columns of a few blocks (the held-out ones) as Ray object references, one
+        per teacher batch, sent round-robin now: the replicas load and compute while the training
+        workers start, which read them with `joined`."""
+        return [self.replicas[i % len(self.replicas)].__call__.remote(
+                {"block_index": blocks.index[s:s + self.batch], "input_ids": blocks.input_ids[s:s + self.batch],
+                 "attention_mask": blocks.attention_mask[s:s + self.batch]})
+                for i, s in enumerate(range(0, len(blocks), self.batch))]
+
     def columns(self, blocks: Blocks) -> dict[str, np.ndarray]:
-        """The teacher's columns of a few blocks (the held-out ones), computed here, in order."""
-        batches = ({"block_index": blocks.index[s:s + self.batch], "input_ids": blocks.input_ids[s:s + self.batch],
-                    "attention_mask": blocks.attention_mask[s:s + self.batch]} for s in range(0, len(blocks), self.batch))
-        parts = list(teacher_batches(batches, self.replicas))
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+        """The teacher's columns of a few blocks, in order."""
+        return joined(self.requests(blocks))
 
     def close(self) -> None:
         import ray
 
         for r in self.replicas:
             ray.kill(r, no_restart=True)
+
+
+def joined(parts) -> dict[str, np.ndarray]:
+    """Batches of columns (or Ray references to them) -> one batch, in order."""
+    import ray
+
+    parts = [ray.get(p) if isinstance(p, ray.ObjectRef) else p for p in parts]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
 
 
 def replica_share(replicas: list, rank: int, world: int) -> list:
@@ -178,8 +194,9 @@ def replica_share(replicas: list, rank: int, world: int) -> list:
 
 def teacher_batches(batches, replicas: list, *, depth: int = 2):
     """Batches of blocks -> the same batches with the teacher's columns, in order, sent round-robin
-    to `replicas` with up to `depth` requests per replica in flight (one computing, one waiting:
-    the teacher never idles while the caller trains on the last answer)."""
+    to `replicas` with up to `depth` requests per replica in flight: one computing, one waiting,
+    so the teacher never idles while the caller trains on the last answer, and never runs further
+    ahead (on a shared node it would only take cores from the student)."""
     import collections
 
     import ray
@@ -191,6 +208,48 @@ def teacher_batches(batches, replicas: list, *, depth: int = 2):
             yield ray.get(pending.popleft())
     while pending:
         yield ray.get(pending.popleft())
+
+
+def prefetched(items, depth: int = 2):
+    """`items`, produced by a background thread up to `depth` ahead (text packed while the
+    student trains: tokenizers release the GIL). Its errors are raised here, in order."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False  # the consumer has gone
+
+    def produce():
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(e)
+
+    thread = threading.Thread(target=produce, daemon=True, name="prefetch")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def teacher_stream(ds, *, teacher: str, cfg, replicas: int | None = None, order: dict | None = None):
@@ -298,5 +357,5 @@ def _arrow_fs(fs):
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-__all__ = ["Blocks", "pack_blocks", "blocks_dataset", "TeacherService", "TeacherPool", "replica_share", "teacher_batches", "teacher_stream", "select_blocks",
+__all__ = ["Blocks", "pack_blocks", "blocks_dataset", "TeacherService", "TeacherPool", "joined", "replica_share", "teacher_batches", "prefetched", "teacher_stream", "select_blocks",
            "stream_meta", "read_stream_meta", "write_stream", "read_stream"]

@@ -60,32 +60,25 @@ def rank_stream(source: dict[str, Any], cfg, *, lo: int, hi: int, skip, rank: in
                 world: int) -> Iterator[dict[str, np.ndarray]]:
     """This worker's blocks lo <= index < hi minus `skip`, with the teacher's columns, in index order.
 
-    Text (`source["plan"]`) is packed by Ray Data tasks built here, from the worker's checkpoint, and
-    sent to this rank's share of the run's teacher replicas: a restart sends no trained block to a
-    teacher. An offline stream (`source["logits"]`) comes through Ray Train's ingest of the
-    driver's per-rank dataset (Ray Data inside a worker, outside Train's resource accounting,
-    starved concurrent sweep trials on a small node); `fresh_batches` drops its trained blocks.
+    Text (`source["plan"]`) is packed here, by a thread, from the worker's checkpoint, and sent to
+    this rank's share of the run's teacher replicas: a restart sends no trained block to a teacher.
+    Packing is cheap next to any teacher (a rank of a 4B-token run on 24 workers tokenizes its
+    share in minutes of one core over hours), where a Ray Data pipeline per worker took seconds to
+    start and ran processes outside Train's resource accounting. An offline stream
+    (`source["logits"]`) comes through Ray Train's ingest of the driver's per-rank dataset
+    (run._fit); `fresh_batches` drops its trained blocks.
     """
-    import ray
+    from .blocks import TextPlan, iter_blocks
+    from .stream import prefetched, replica_share, teacher_batches
 
-    from .blocks import TextPlan, text_blocks
-    from .stream import replica_share, teacher_batches
-
-    if "logits" in source:  # Ray Train's ingest of the driver's per-rank dataset (run._fit); no teacher to spare
+    if "logits" in source:  # no teacher to spare
         import ray.train
 
         shard = ray.train.get_dataset_shard(f"train_{rank}")
         yield from shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
         return
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # the same run trains on the same blocks in the same order
-    ctx.enable_progress_bars = False
-    # Ray Data merges what a task yields into blocks of up to 128 MiB before handing any on: the
-    # teacher would wait for a whole shard to be packed. A teacher batch's worth keeps it flowing.
-    ctx.target_max_block_size = max(1 << 20, cfg.teacher_batch * cfg.seq_len * 16)
-    ds = text_blocks(TextPlan.from_dict(source["plan"]), source["tokenizer"], lo=lo, hi=hi, skip=skip,
-                     rows=cfg.teacher_batch)
-    blocks = ds.iter_batches(batch_size=cfg.teacher_batch, batch_format="numpy", prefetch_batches=2)
+    blocks = prefetched(iter_blocks(TextPlan.from_dict(source["plan"]), source["tokenizer"], lo=lo, hi=hi, skip=skip,
+                                    rows=cfg.teacher_batch))
     yield from teacher_batches(blocks, replica_share(source["replicas"], rank, world))
 
 
@@ -309,8 +302,9 @@ def _train(config: dict[str, Any]) -> None:
     steps, run = config["steps"], config["run"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    # Ray pins a worker to its CPUs' worth of threads; on CPU the teacher is idle much of the time
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // cfg.workers))
+    # Ray pins a worker to its CPUs' worth of threads; a teacher on the same cores takes turns
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.workers)
+    torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{ctx.get_local_rank()}" if cuda else "cpu")
@@ -339,6 +333,10 @@ def _train(config: dict[str, Any]) -> None:
     head = LMHead(engine)
     head.check()  # the split model (body, then the head a chunk at a time) gives the model's own logits
     val = config.get("val")
+    if isinstance(val, list):  # the teacher's answers for them (stream.TeacherPool.requests), awaited only now
+        from .stream import joined
+
+        val = joined(val)
     order = IdOrder.of(config.get("order"))  # the stream's id order (codec.py)
     val_share = _val_share(val, rank, world, cfg.codec, order) if val else None
 
