@@ -47,15 +47,22 @@ def convert(
     text_field: str = "text",
     options: MethodOptions | None = None,
     teacher_resources: dict[str, float] | None = None,
-    refit: RefitConfig | None = None,
+    refit: RefitConfig | str | None = "down",
 ) -> ConvertResult:
     """Convert an MoE checkpoint into a dense one in a single call.
 
     Expert-output statistics are collected only when a chosen method needs them (`full_stats`
     None), since they cost a run of every expert on every token. Both outputs are checked against
     every input (and each other) and locked before calibration starts. With `refit`, the plan's
-    FFNs are refitted (`refit.refit`) on the same teacher replicas that calibrated, before build.
+    FFNs are refitted (`refit.refit`) on the same teacher replicas that calibrated, before build:
+    by default the down projection, on the calibration blocks (a fit name runs on them, a
+    `RefitConfig` says everything); "none" or None is the paper's plain method.
     """
+    if isinstance(refit, str):
+        refit = None if refit == "none" else RefitConfig(
+            data=data, refit=refit, samples=samples, seq_len=seq_len, workers=workers, batch_size=batch_size,
+            text_field=text_field, gpus_per_worker=gpus_per_worker, teacher_resources=teacher_resources or {},
+            seed=seed)
     reader, _, _, _, shape = inspect_source(src, allow_pickle=allow_pickle)
     reader.close()
     check_counts(shape.num_experts, experts, groups)

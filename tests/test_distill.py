@@ -30,7 +30,7 @@ DATA = assets.calibration_path()
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
-    """The bundled teacher converted to a dense K=4 student (before distillation)."""
+    """The bundled teacher converted to a dense K=4 student (before distillation; refitted, the default)."""
     from moe2dense_ray.convert import convert
 
     out = tmp_path_factory.mktemp("student") / "dense"
@@ -44,6 +44,26 @@ def _cfg(student, out, **kw) -> DistillConfig:
                 batch_size=4, tokens=4 * 64 * 12, val_blocks=4, report_every=2, checkpoint_every=4,
                 teacher_batch=4, lr=2e-3)
     return DistillConfig(**{**base, **kw})
+
+
+def test_a_refitted_student_gets_a_gentler_learning_rate(tmp_path, student):
+    """`convert` refits by default; the refit's record sets the default peak learning rate to
+    PLAIN_LR x sqrt(error after / error before) (run.peak_lr), and a plain student keeps PLAIN_LR."""
+    from moe2dense_ray.convert import convert
+    from moe2dense_ray.distill.run import PLAIN_LR, peak_lr
+    from moe2dense_ray.plan import load_plan
+    from moe2dense_ray.refit import mean_error
+
+    record = load_plan(student).refit
+    assert record["fit"] == "down" and record["mode"] == "sequential"
+    ratio = mean_error(record, "error_after") / mean_error(record, "error_before")
+    assert 0 < ratio < 0.5  # the fit did its job
+    assert peak_lr(student) == pytest.approx(PLAIN_LR * ratio ** 0.5, rel=1e-12)
+    plain = tmp_path / "plain"
+    convert(assets.teacher_path(), DATA, str(plain), experts=4, scoring="cp", samples=8, seq_len=128, workers=0,
+            progress=False, refit="none")
+    assert load_plan(str(plain)).refit is None and peak_lr(str(plain)) == PLAIN_LR
+    assert peak_lr(assets.dense_peer_path()) == PLAIN_LR  # no plan at all
 
 
 def test_config_yaml_flags_and_errors(tmp_path, student, capsys):

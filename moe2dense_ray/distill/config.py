@@ -77,7 +77,9 @@ class DistillConfig(TeacherStreamConfig):
     loss: str = Field("forward_kl", description="distillation loss (forward_kl, reverse_kl, jsd)")
     ce_weight: float = Field(0.0, ge=0, le=1, description="weight of next-token cross-entropy "
                              "(the loss is (1-w)*KD + w*CE)", json_schema_extra={"metavar": "W"})
-    lr: PositiveFloat = Field(1e-3, description="peak learning rate (AdamW)")
+    lr: Optional[PositiveFloat] = Field(None, description="peak learning rate (AdamW; default 1e-3, and for a student "
+                                        "whose plan records a refit 1e-3 x sqrt(error after / error before the fit), "
+                                        "so its first steps do not undo the fit: docs/refit.md)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     warmup: float = Field(0.05, ge=0, lt=1, description="fraction of steps of linear warm-up before the cosine decay")
     batch_size: PositiveInt = Field(8, description="blocks per micro-batch per training worker",
