@@ -86,6 +86,8 @@ def _count(minimum: int):
 def _add_quiet(p: argparse.ArgumentParser) -> None:
     # also accepted after the subcommand; SUPPRESS keeps `moe2dense -q calibrate ...` working
     p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    p.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                   help="also show Ray's, DeepSpeed's and other libraries' log lines and warnings")
 
 
 def _methods_help() -> str:
@@ -119,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {__import__('moe2dense_ray').__version__}")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", "-v", action="store_true", help="also show Ray's, DeepSpeed's and other "
+                   "libraries' log lines and warnings (by default only this tool's lines, bars, tables and errors; "
+                   "Ray's logs are in its session directory either way)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     from .config import BuildConfig, CalibrateConfig, ConvertConfig, PlanConfig
@@ -161,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "calibration on 2 Ray actors, several scorings, build, and a perplexity table.")
     d.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
     d.add_argument("--workers", type=_count(0), default=2, help="Ray actors for calibration (default 2)")
+    d.add_argument("--samples", type=_count(1), default=32, help="calibration blocks (default 32)")
+    d.add_argument("--seq-len", type=_count(2), default=256, help="tokens per block (default 256)")
+    d.add_argument("--distill-tokens", type=_count(0), default=None, metavar="N",
+                   help="tokens to distill the best refitted student on (default 400000; 0: no distillation)")
 
     from .distill.config import DistillConfig, TeacherLogitsConfig
 
@@ -297,7 +306,10 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "demo":
         from .demo import run_demo
 
-        run_demo(args.out, workers=args.workers, progress=progress)
+        from .demo import DEMO_DISTILL_TOKENS
+
+        run_demo(args.out, workers=args.workers, progress=progress, samples=args.samples, seq_len=args.seq_len,
+                 distill_tokens=DEMO_DISTILL_TOKENS if args.distill_tokens is None else args.distill_tokens)
     elif args.command == "distill":
         from .distill.config import DistillConfig
         from .distill.run import distill
@@ -362,8 +374,15 @@ RESUMABLE_OVERRIDES = ("max_failures", "report_every", "checkpoint_every", "keep
                        "cpus_per_worker", "cpus_per_teacher", "gpus_per_teacher", "teacher_batch")
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings read like errors: one `warning: ...` line, not a source location and code."""
+    """This tool's warnings read like errors: one `warning: ...` line, not a source location and
+    code. Other libraries' warnings (deprecations inside Ray, ...) are not the user's to act on:
+    `--verbose` shows them."""
+    if not os.path.abspath(filename).startswith(_PACKAGE_DIR):
+        return
     sys.stderr.write(f"warning: {' '.join(str(message).split())}\n")
 
 
@@ -390,7 +409,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command not in ("methods", "families"):  # listings need no models: skip ~2 s of imports
         _quiet_model_libraries()
-    warnings.showwarning = _one_line_warning
+    if getattr(args, "verbose", False):
+        os.environ["MOE2DENSE_VERBOSE"] = "1"  # cluster.quiet_console
+    else:
+        warnings.showwarning = _one_line_warning
     previous = _on_sigterm(_interrupt)  # `kill`, a job scheduler: clean up as for Ctrl-C
     ray_before = _ray_connected()
     try:

@@ -53,6 +53,27 @@ a teacher and a student on the same 2 cores the student trained at a third of it
 this it keeps pace with a plain single-process loop (docs/results/distill.md)."""
 
 
+VERBOSE_ENV = "MOE2DENSE_VERBOSE"  # set by `moe2dense --verbose`: Ray's own lines on the console too
+
+
+def quiet_console() -> None:
+    """Keep Ray's log lines (INFO start-up notes, Ray Data's progress paths, deprecation notices)
+    off this process's console unless MOE2DENSE_VERBOSE is set: their handlers that write to a
+    terminal only pass errors. Their log files, and every Ray process's own files, keep it all."""
+    import logging
+
+    if os.environ.get(VERBOSE_ENV):
+        return
+    import ray.data  # noqa: F401 - configures its loggers on import; adjust them after
+
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "deepspeed", "DeepSpeed"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.ERROR)
+    for name in ("deepspeed", "DeepSpeed"):  # DeepSpeed logs through its own handler-less-to-file logger
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def ensure_ray(num_cpus: int | None = None) -> bool:
     """Connect to the cluster (`ray job submit` sets RAY_ADDRESS) or start an embedded local Ray.
 
@@ -63,6 +84,7 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
+    quiet_console()
     address = os.environ.get(RAY_ADDRESS_ENV) or None
     sigterm = signal.getsignal(signal.SIGTERM)
     before = set() if address else _descendants()

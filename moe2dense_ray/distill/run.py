@@ -460,7 +460,9 @@ class _MetricsWatcher:
             rows = read_metrics(self.run)
         except (OSError, ValueError):
             return
-        if rows:
+        if not rows:  # what the first step waits for
+            self.bar.set_postfix_str("starting the training workers, loading the teacher, validating", refresh=True)
+        else:
             last = rows[-1]
             self.bar.n = int(last["step"])
             post = {k: f"{last[k]:.3g}" for k in ("loss", "val_ppl", "tok_per_s") if k in last}
