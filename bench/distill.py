@@ -99,6 +99,62 @@ def plain_loop_tok_per_s(student: str, steps: int = 12) -> float:
     return steps * 16 * 256 / (time.perf_counter() - t0)
 
 
+def plain_loop_seconds(student: str, tokens: int) -> float:
+    """Wall time of a plain single-process KD loop over `tokens` training tokens, start to end:
+    loading both models and packing the text included, as `moe2dense distill` includes its own."""
+    import torch
+
+    from moe2dense_ray import assets
+    from moe2dense_ray.calibrate import _tokenizer
+    from moe2dense_ray.data import calibration_blocks
+    from moe2dense_ray.evaluate import load_model
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(os.cpu_count() or 1)
+    teacher, model = load_model(assets.teacher_path()), load_model(student).train()
+    steps = tokens // (16 * 256)
+    blocks = calibration_blocks(assets.train_path(), _tokenizer(student), samples=16 * steps, seq_len=256)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for i in range(steps):
+        ids = blocks.input_ids[16 * i:16 * (i + 1)]
+        with torch.no_grad():
+            p = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1)
+        q = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+        loss = (p.exp() * (p - q)).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
+def distill_cli_seconds(student: str, tokens: int, out: str) -> float:
+    """Wall time of `moe2dense distill` as a user runs it (its own embedded Ray, validation of 16
+    held-out blocks every 25 steps, a checkpoint every 100, the student exported), start to end."""
+    import subprocess
+    import sys
+
+    from moe2dense_ray import assets
+
+    cmd = [sys.executable, "-m", "moe2dense_ray.cli", "-q", "distill", "--teacher", assets.teacher_path(),
+           "--student", student, "--data", assets.train_path(), "--val-data", assets.heldout_path(),
+           "--tokens", str(tokens), "--top-k", str(TOP_K), "--batch-size", "16", "--teacher-batch", "16",
+           "--report-every", "25", "--checkpoint-every", "100", "--out", out, "--overwrite"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "RAY_ADDRESS": ""})
+    return time.perf_counter() - t0
+
+
+def end_to_end(student: str, tokens: int, work: str) -> dict:
+    """`moe2dense distill` against the plain loop on the same number of tokens, both end to end."""
+    from moe2dense_ray.distill.run import read_metrics
+
+    plain = plain_loop_seconds(student, tokens)
+    ours = distill_cli_seconds(student, tokens, f"{work}/end-to-end")
+    rows = [m for m in read_metrics(f"{work}/end-to-end") if "tok_per_s" in m][1:]
+    return {"tokens": tokens, "plain_loop_s": plain, "distill_s": ours, "ratio": ours / plain,
+            "distill_steady_tok_per_s": float(np.mean([m["tok_per_s"] for m in rows])) if rows else float("nan")}
+
+
 def main() -> None:
     from moe2dense_ray.calibrate import ensure_ray
     from moe2dense_ray.distill.config import TeacherLogitsConfig
@@ -109,6 +165,9 @@ def main() -> None:
     ap.add_argument("--budgets", type=int, nargs="+", default=[400_000, 800_000])
     ap.add_argument("--overlap-tokens", type=int, default=200_000)
     ap.add_argument("--quick", action="store_true", help="small budgets, to check the script runs")
+    ap.add_argument("--end-to-end", type=int, default=800_000, metavar="TOKENS",
+                    help="tokens for the end-to-end comparison of `moe2dense distill` with the plain loop (0: skip)")
+    ap.add_argument("--end-to-end-only", action="store_true", help="measure only that, print it and stop")
     ap.add_argument("--out", default="docs/results")
     ap.add_argument("--work", default="runs/bench_distill")
     ap.add_argument("--quality-from", metavar="JSON", help="take the quality rows from an earlier run's "
@@ -120,6 +179,10 @@ def main() -> None:
     os.makedirs(a.out, exist_ok=True)
     t_start = time.time()
     reap, rand = _student(a.work)
+    e2e = end_to_end(reap, 40_000 if a.quick else a.end_to_end, a.work) if a.end_to_end else {}
+    print(json.dumps(e2e, indent=1))
+    if a.end_to_end_only:
+        return
     plain = plain_loop_tok_per_s(reap)
     print(f"plain single-process KD loop: {plain:.0f} tok/s")
     ensure_ray()
@@ -140,6 +203,7 @@ def main() -> None:
                "streamed_teacher_wait": float(np.mean([m["teacher_wait"] for m in online.metrics[2:]]))}
     overlap["overlap_ratio"] = overlap["streamed_tok_per_s"] / overlap["student_only_tok_per_s"]
     overlap["vs_plain_loop"] = overlap["streamed_tok_per_s"] / plain
+    overlap["end_to_end"] = e2e
     print(json.dumps(overlap, indent=1))
 
     if a.quality_from:
@@ -196,6 +260,10 @@ def _write(out: str, overlap: dict, runs: list[dict], teacher_ppl: float, second
              f"Overlap ratio (streamed / student only): **{overlap['overlap_ratio']:.2f}** (goal >= 0.9); "
              f"streamed / plain loop: **{overlap['vs_plain_loop']:.2f}** (goal >= 0.8); the training worker "
              f"waited for the teacher {100 * overlap['streamed_teacher_wait']:.1f}% of the time.", "",
+             *([f"End to end, {overlap['end_to_end']['tokens']:,} tokens: `moe2dense distill` (its own Ray, "
+                f"teacher replica, validation, checkpoints, export) {overlap['end_to_end']['distill_s']:.0f} s against "
+                f"the plain loop's {overlap['end_to_end']['plain_loop_s']:.0f} s (models and text loaded): "
+                f"**{overlap['end_to_end']['ratio']:.2f}x** (goal <= 1.3).", ""] if overlap.get("end_to_end") else []),
              "## Quality", "",
              *([f"(Rows from an earlier run, {quality_from}: this run measured throughput only.)", ""]
                if quality_from else []),
