@@ -72,6 +72,19 @@ def _steady_tok_per_s(metrics: list[dict]) -> float:
     return float(np.mean([m["tok_per_s"] for m in rows])) if rows else float("nan")
 
 
+def _kd_step(teacher, model, opt, ids) -> None:
+    """One step of the plain loop: full-vocabulary forward KL, the teacher run in the same process."""
+    import torch
+
+    with torch.no_grad():
+        p = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1)
+    q = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+    loss = (p.exp() * (p - q)).sum(-1).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
 def plain_loop_tok_per_s(student: str, steps: int = 12) -> float:
     """A single-process KD loop on all this process's threads: the yardstick for Ray + DeepSpeed's cost."""
     import torch
@@ -89,13 +102,7 @@ def plain_loop_tok_per_s(student: str, steps: int = 12) -> float:
         if i == 2:
             t0 = time.perf_counter()  # two warm-up steps
         ids = blocks.input_ids[16 * i:16 * (i + 1)]
-        with torch.no_grad():
-            p = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1)
-        q = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
-        loss = (p.exp() * (p - q)).sum(-1).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        _kd_step(teacher, model, opt, ids)
     return steps * 16 * 256 / (time.perf_counter() - t0)
 
 
@@ -117,13 +124,7 @@ def plain_loop_seconds(student: str, tokens: int) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for i in range(steps):
         ids = blocks.input_ids[16 * i:16 * (i + 1)]
-        with torch.no_grad():
-            p = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1)
-        q = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
-        loss = (p.exp() * (p - q)).sum(-1).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        _kd_step(teacher, model, opt, ids)
     return time.perf_counter() - t0
 
 
