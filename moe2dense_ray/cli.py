@@ -304,9 +304,7 @@ def _run(args: argparse.Namespace) -> int:
               f"{rep.params_after / 1e6:.2f}M parameters (was {rep.params_before / 1e6:.2f}M), importance from "
               f"{rep.tokens} tokens, {rep.seconds:.1f}s")
     elif args.command == "demo":
-        from .demo import run_demo
-
-        from .demo import DEMO_DISTILL_TOKENS
+        from .demo import DEMO_DISTILL_TOKENS, run_demo
 
         run_demo(args.out, workers=args.workers, progress=progress, samples=args.samples, seq_len=args.seq_len,
                  distill_tokens=DEMO_DISTILL_TOKENS if args.distill_tokens is None else args.distill_tokens)

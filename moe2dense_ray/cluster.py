@@ -66,12 +66,10 @@ def quiet_console() -> None:
         return
     import ray.data  # noqa: F401 - configures its loggers on import; adjust them after
 
-    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "deepspeed", "DeepSpeed"):
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):  # (DeepSpeed logs only in the workers' files)
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 handler.setLevel(logging.ERROR)
-    for name in ("deepspeed", "DeepSpeed"):  # DeepSpeed logs through its own handler-less-to-file logger
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def ensure_ray(num_cpus: int | None = None) -> bool:

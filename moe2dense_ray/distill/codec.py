@@ -155,9 +155,12 @@ def _teacher_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.log_softmax(logits.float() / temperature, dim=-1)
 
 
-def teacher_topk(logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `k` most likely ids per row of `logits` [N, V] and their log-probabilities (int64, float32 [N, k])."""
-    logprobs, ids = _teacher_logprobs(logits, temperature).topk(k, dim=-1)
+def teacher_topk(logits: torch.Tensor, k: int, temperature: float = 1.0, *,
+                 ranked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` most likely ids per row of `logits` [N, V] and their log-probabilities (int64, float32
+    [N, k]), most likely first; in no particular order without `ranked` (the encoder sorts them by
+    id anyway, and an unranked top-k is ~15% cheaper: most of a CPU teacher's encode time)."""
+    logprobs, ids = _teacher_logprobs(logits, temperature).topk(k, dim=-1, sorted=ranked)
     return ids, logprobs
 
 
@@ -351,7 +354,7 @@ class Codec:
 def _encode_topk_logits(logits: torch.Tensor, *, k: int = 64, draws: int = DEFAULT_DRAWS, temperature: float = 1.0,
                         vocab_size: int | None = None, generator: torch.Generator | None = None,
                         order: IdOrder | None = None) -> dict[str, np.ndarray]:
-    ids, logprobs = teacher_topk(logits, k, temperature)
+    ids, logprobs = teacher_topk(logits, k, temperature, ranked=False)
     return encode_topk(ids, logprobs, vocab_size or logits.shape[-1], order)
 
 
