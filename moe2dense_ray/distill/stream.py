@@ -194,9 +194,9 @@ def replica_share(replicas: list, rank: int, world: int) -> list:
 
 def teacher_batches(batches, replicas: list, *, depth: int = 2):
     """Batches of blocks -> the same batches with the teacher's columns, in order, sent round-robin
-    to `replicas` with up to `depth` requests per replica in flight: one computing, one waiting,
-    so the teacher never idles while the caller trains on the last answer, and never runs further
-    ahead (on a shared node it would only take cores from the student)."""
+    to `replicas` with up to `depth` requests per replica in flight: enough that the teacher never
+    idles while the caller trains on the last answer, few enough that it never runs further ahead
+    (on a shared node it would only take cores from the student)."""
     import collections
 
     import ray
