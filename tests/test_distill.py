@@ -30,12 +30,13 @@ DATA = assets.calibration_path()
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
-    """The bundled teacher converted to a dense K=4 student (before distillation; refitted, the default)."""
+    """The bundled teacher converted to a dense K=4 student by the paper's plain method (far from the
+    teacher before distillation: a few steps show)."""
     from moe2dense_ray.convert import convert
 
     out = tmp_path_factory.mktemp("student") / "dense"
     convert(assets.teacher_path(), DATA, str(out), experts=4, scoring="cp", samples=8, seq_len=128, workers=0,
-            progress=False)
+            progress=False, refit="none")
     return str(out)
 
 
@@ -54,15 +55,15 @@ def test_a_refitted_student_gets_a_gentler_learning_rate(tmp_path, student):
     from moe2dense_ray.plan import load_plan
     from moe2dense_ray.refit import mean_error
 
-    record = load_plan(student).refit
+    refitted = tmp_path / "refitted"
+    convert(assets.teacher_path(), DATA, str(refitted), experts=4, scoring="cp", samples=8, seq_len=128, workers=0,
+            progress=False)  # the default
+    record = load_plan(str(refitted)).refit
     assert record["fit"] == "down" and record["mode"] == "sequential"
     ratio = mean_error(record, "error_after") / mean_error(record, "error_before")
     assert 0 < ratio < 0.5  # the fit did its job
-    assert peak_lr(student) == pytest.approx(PLAIN_LR * ratio ** 0.5, rel=1e-12)
-    plain = tmp_path / "plain"
-    convert(assets.teacher_path(), DATA, str(plain), experts=4, scoring="cp", samples=8, seq_len=128, workers=0,
-            progress=False, refit="none")
-    assert load_plan(str(plain)).refit is None and peak_lr(str(plain)) == PLAIN_LR
+    assert peak_lr(str(refitted)) == pytest.approx(PLAIN_LR * ratio ** 0.5, rel=1e-12)
+    assert load_plan(student).refit is None and peak_lr(student) == PLAIN_LR
     assert peak_lr(assets.dense_peer_path()) == PLAIN_LR  # no plan at all
 
 
