@@ -91,8 +91,10 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         # an embedded Ray is an implementation detail: its start-up chatter would break the bars,
         # and nothing here reads its dashboard. "local" starts one even when other Ray instances
         # run on this machine
-        start = {} if address else {"num_cpus": num_cpus, "include_dashboard": False,
-                                    "runtime_env": {"env_vars": CPU_SHARING_ENV}}
+        start = {} if address else {"num_cpus": num_cpus, "include_dashboard": False}
+        if not address:  # inherited by every process of the embedded Ray (a job runtime_env would
+            for k, v in CPU_SHARING_ENV.items():  # give its workers another start-up path)
+                os.environ.setdefault(k, v)
         ray.init(address=address or "local", log_to_driver=False, ignore_reinit_error=True,
                  logging_level="INFO" if address else "ERROR", **start)
     except SystemExit:  # Ray's own SIGTERM handler, installed during init, exits: it was an interrupt

@@ -81,7 +81,7 @@ def ray_cluster():
 
     from moe2dense_ray.cluster import CPU_SHARING_ENV
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
-             runtime_env={"env_vars": CPU_SHARING_ENV})
+    os.environ.update(CPU_SHARING_ENV)  # inherited by the session Ray's processes, as cluster.ensure_ray does
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
