@@ -20,9 +20,9 @@ import tempfile
 
 CHILD = r"""
 import json, sys, threading, time, psutil, torch
-from moe2dense_ray.build import build
-from moe2dense_ray.plan import Plan, LayerPlan
-import moe2dense_ray.methods
+from moe2dense_ray.convert.build import build
+from moe2dense_ray.convert.plan import Plan, LayerPlan
+import moe2dense_ray.convert.methods
 src, dst, E, K, layers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 proc = psutil.Process()
 base = peak = proc.memory_info().rss
@@ -43,7 +43,8 @@ print(json.dumps({"extra_mb": (peak - base) / 2**20}))
 
 
 def main() -> None:
-    from moe2dense_ray.testing import make_tiny_moe
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from tiny import make_tiny_moe  # the tests' tiny-model builder
 
     E, K, H, I = 32, 4, 512, 512
     rows = []

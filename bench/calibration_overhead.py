@@ -12,6 +12,8 @@ that needs every expert's output on every token can do.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import tempfile
 import time
 
@@ -42,8 +44,9 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from moe2dense_ray.calibrate import Calibrator
-    from moe2dense_ray.testing import make_tiny_moe
+    from moe2dense_ray.convert.calibrate import Calibrator
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from tiny import make_tiny_moe  # the tests' tiny-model builder
 
     kw = dict(hidden_size=a.hidden, num_experts=a.experts, num_experts_per_tok=a.top_k, moe_intermediate_size=a.expert_size,
               num_hidden_layers=a.layers, mlp_only_layers=[], num_attention_heads=4, num_key_value_heads=2,

@@ -47,7 +47,7 @@ def logits_on_heldout() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moe2dense_ray.assets import dense_peer_path, heldout_path, teacher_path
-    from moe2dense_ray.data import calibration_blocks
+    from moe2dense_ray.core.data import calibration_blocks
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_path())
     blocks = calibration_blocks(heldout_path(), tokenizer, samples=32, seq_len=256, seed=1)

@@ -35,10 +35,10 @@ def _student(work: str) -> tuple[str, str]:
     from transformers import AutoModelForCausalLM
 
     from moe2dense_ray import assets
-    from moe2dense_ray.build import build
-    from moe2dense_ray.calibrate import calibrate
-    from moe2dense_ray.checkpoint import AUX_FILES
-    from moe2dense_ray.plan import make_plan
+    from moe2dense_ray.convert.build import build
+    from moe2dense_ray.convert.calibrate import calibrate
+    from moe2dense_ray.core.checkpoint import AUX_FILES
+    from moe2dense_ray.convert.plan import make_plan
 
     teacher = assets.teacher_path()
     reap, rand = os.path.join(work, "student-reap"), os.path.join(work, "student-random-init")
@@ -90,12 +90,12 @@ def plain_loop_tok_per_s(student: str, steps: int = 12) -> float:
     import torch
 
     from moe2dense_ray import assets
-    from moe2dense_ray.calibrate import _tokenizer
-    from moe2dense_ray.data import calibration_blocks
-    from moe2dense_ray.evaluate import load_model
+    from moe2dense_ray.core.models import load_tokenizer
+    from moe2dense_ray.core.data import calibration_blocks
+    from moe2dense_ray.eval.metrics import load_model
 
     teacher, model = load_model(assets.teacher_path()), load_model(student).train()
-    blocks = calibration_blocks(assets.train_path(), _tokenizer(student), samples=16 * (steps + 2), seq_len=256)
+    blocks = calibration_blocks(assets.train_path(), load_tokenizer(student), samples=16 * (steps + 2), seq_len=256)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     t0 = None
     for i in range(steps + 2):
@@ -112,15 +112,15 @@ def plain_loop_seconds(student: str, tokens: int) -> float:
     import torch
 
     from moe2dense_ray import assets
-    from moe2dense_ray.calibrate import _tokenizer
-    from moe2dense_ray.data import calibration_blocks
-    from moe2dense_ray.evaluate import load_model
+    from moe2dense_ray.core.models import load_tokenizer
+    from moe2dense_ray.core.data import calibration_blocks
+    from moe2dense_ray.eval.metrics import load_model
 
     t0 = time.perf_counter()
     torch.set_num_threads(os.cpu_count() or 1)
     teacher, model = load_model(assets.teacher_path()), load_model(student).train()
     steps = tokens // (16 * 256)
-    blocks = calibration_blocks(assets.train_path(), _tokenizer(student), samples=16 * steps, seq_len=256)
+    blocks = calibration_blocks(assets.train_path(), load_tokenizer(student), samples=16 * steps, seq_len=256)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for i in range(steps):
         ids = blocks.input_ids[16 * i:16 * (i + 1)]
@@ -147,7 +147,7 @@ def distill_cli_seconds(student: str, tokens: int, out: str) -> float:
 
 def end_to_end(student: str, tokens: int, work: str) -> dict:
     """`moe2dense distill` against the plain loop on the same number of tokens, both end to end."""
-    from moe2dense_ray.distill.run import read_metrics
+    from moe2dense_ray.distill.driver import read_metrics
 
     plain = plain_loop_seconds(student, tokens)
     ours = distill_cli_seconds(student, tokens, f"{work}/end-to-end")
@@ -157,9 +157,9 @@ def end_to_end(student: str, tokens: int, work: str) -> dict:
 
 
 def main() -> None:
-    from moe2dense_ray.calibrate import ensure_ray
+    from moe2dense_ray.core.ray_session import ensure_ray
     from moe2dense_ray.distill.config import TeacherLogitsConfig
-    from moe2dense_ray.distill.run import distill, teacher_logits
+    from moe2dense_ray.distill.driver import distill, teacher_logits
     from moe2dense_ray import assets
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -237,14 +237,14 @@ def main() -> None:
 
 def _teacher_ppl() -> float:
     from moe2dense_ray import assets
-    from moe2dense_ray.evaluate import heldout_blocks, model_perplexity
+    from moe2dense_ray.eval.metrics import heldout_blocks, model_perplexity
 
     return model_perplexity(assets.teacher_path(), heldout_blocks(assets.teacher_path(), assets.heldout_path(), 40, 256))
 
 
 def _write(out: str, overlap: dict, runs: list[dict], teacher_ppl: float, seconds: float,
            quality_from: str | None = None) -> None:
-    from moe2dense_ray.report import markdown_table
+    from moe2dense_ray.core.report import markdown_table
 
     lines = [f"Bundled teacher (held-out perplexity {teacher_ppl:.2f} on the first 40 blocks of 256 tokens of "
              f"heldout.jsonl), K=4 REAP student, forward KL on the top-{TOP_K} stream, AdamW lr 1e-3 with "
@@ -278,7 +278,7 @@ def _write(out: str, overlap: dict, runs: list[dict], teacher_ppl: float, second
         f.write(text)
     with open(os.path.join(out, "distill.json"), "w") as f:
         json.dump({"teacher_ppl": teacher_ppl, "overlap": overlap, "runs": runs}, f, indent=1)
-    from moe2dense_ray.report import plot_curves
+    from moe2dense_ray.core.report import plot_curves
 
     plot_curves({f"{r['variant']} ({r['tokens'] / 1e6:.1f}M)": r["curve"] for r in runs},
                 os.path.join(out, "distill.png"), reference=("teacher", teacher_ppl),

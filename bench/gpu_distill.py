@@ -131,8 +131,8 @@ def make_engine(cfg, steps: int, bf16: bool):
     import deepspeed
     from transformers import get_cosine_schedule_with_warmup
 
-    from moe2dense_ray.distill.train import deepspeed_config
-    from moe2dense_ray.evaluate import load_model
+    from moe2dense_ray.distill.worker import deepspeed_config
+    from moe2dense_ray.eval.metrics import load_model
 
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.student).train()  # fp32 master weights; bf16 compute via DeepSpeed
@@ -146,7 +146,7 @@ def make_engine(cfg, steps: int, bf16: bool):
 
 def _val_kd(engine, batch: dict, cfg, device: torch.device) -> float:
     """Forward KL of the engine on a fixed held-out batch (eval mode, no grad, as train_func validates)."""
-    from moe2dense_ray.distill.train import batch_loss
+    from moe2dense_ray.distill.worker import batch_loss
 
     engine.eval()
     with torch.no_grad():
@@ -157,7 +157,7 @@ def _val_kd(engine, batch: dict, cfg, device: torch.device) -> float:
 
 def train_stage(cfg, blocks, columns, steps: int, warmup: int, device: torch.device, bf16: bool,
                 val: dict) -> dict:
-    from moe2dense_ray.distill.train import batch_loss
+    from moe2dense_ray.distill.worker import batch_loss
 
     _reset_peak(device)
     t0 = time.perf_counter()
@@ -203,8 +203,8 @@ def train_stage(cfg, blocks, columns, steps: int, warmup: int, device: torch.dev
 
 def fp32_reference(cfg, batch: dict, targets: dict[str, dict[str, np.ndarray]], device: torch.device) -> dict:
     """`batch_loss` of the fp32 student (no DeepSpeed) on `batch` with each set of teacher columns."""
-    from moe2dense_ray.distill.train import batch_loss
-    from moe2dense_ray.evaluate import load_model
+    from moe2dense_ray.distill.worker import batch_loss
+    from moe2dense_ray.eval.metrics import load_model
 
     model = load_model(cfg.student).to(device)  # eval mode, fp32
     out = {}
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed's deprecations, once per step
 
     from moe2dense_ray import assets
-    from moe2dense_ray.calibrate import _tokenizer
+    from moe2dense_ray.core.models import load_tokenizer
     from moe2dense_ray.distill.config import DistillConfig
     from moe2dense_ray.distill.stream import pack_blocks
 
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     print("env:", json.dumps(env), flush=True)
 
     t = time.perf_counter()
-    blocks = pack_blocks(data, _tokenizer(teacher), blocks=need, seq_len=args.seq_len, seed=cfg.seed,
+    blocks = pack_blocks(data, load_tokenizer(teacher), blocks=need, seq_len=args.seq_len, seed=cfg.seed,
                          text_field=cfg.text_field)
     if len(blocks) < need:
         raise SystemExit(f"only {len(blocks)} blocks of {args.seq_len} tokens in {data}, {need} needed")
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         _reset_peak(device)
 
     # the two teachers' targets on the held-out batch: how often they keep the same top-k ids
-    from moe2dense_ray.distill.train import decode_target
+    from moe2dense_ray.distill.worker import decode_target
 
     held = slice(n_train, need)
     a = decode_target("topk", {k: v[held] for k, v in cols["bf16"].items()})

@@ -100,8 +100,8 @@ def teacher_stage(teacher, device, args) -> tuple[dict, dict]:
 
 
 def calibration_stage(teacher, device, args) -> list[dict]:
-    from moe2dense_ray.calibrate import Calibrator, LoadedTeacher
-    from moe2dense_ray.families import get_family, moe_shape
+    from moe2dense_ray.convert.calibrate import Calibrator, LoadedTeacher
+    from moe2dense_ray.core.families import get_family, moe_shape
 
     family = get_family("qwen3_moe")
     loaded = LoadedTeacher(teacher, family, moe_shape(family, teacher.config), str(device))
@@ -127,7 +127,7 @@ def student_stage(student_kwargs, columns, device, args) -> dict:
     from transformers import get_cosine_schedule_with_warmup
 
     from moe2dense_ray.distill.config import DistillConfig
-    from moe2dense_ray.distill.train import batch_loss, deepspeed_config
+    from moe2dense_ray.distill.worker import batch_loss, deepspeed_config
 
     cuda = device.type == "cuda"
     cfg = DistillConfig(teacher="t", student="s", data="d", tokens=1, out="o", batch_size=args.batch_size,

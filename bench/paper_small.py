@@ -88,7 +88,7 @@ def _sweep_rows(cfg) -> list[dict]:
     """Each sweep trial as a result row: its settings, curve and final student."""
     import csv
 
-    from moe2dense_ray.distill.run import read_metrics
+    from moe2dense_ray.distill.driver import read_metrics
 
     rows = []
     for r in csv.DictReader(open(os.path.join(cfg.out, "leaderboard.csv"))):
@@ -125,11 +125,11 @@ def _baselines(cfg, work: str) -> list[dict]:
     """The pruned dense peer and the random-FFN student, each distilled and trained on cross-entropy
     with the sweep trials' own settings, from the sweep's stream."""
     from moe2dense_ray import assets
-    from moe2dense_ray.build import build
-    from moe2dense_ray.distill.run import distill, read_metrics
-    from moe2dense_ray.plan import make_plan
-    from moe2dense_ray.prune import prune_dense
-    from moe2dense_ray.stats import Stats
+    from moe2dense_ray.convert.build import build
+    from moe2dense_ray.distill.driver import distill, read_metrics
+    from moe2dense_ray.convert.plan import make_plan
+    from moe2dense_ray.convert.prune import prune_dense
+    from moe2dense_ray.convert.stats import Stats
     from moe2dense_ray.sweep import _distill_config, concurrency
 
     moe = os.path.join(work, f"do-acp-K{K}")
@@ -155,7 +155,7 @@ def _baselines(cfg, work: str) -> list[dict]:
 
 
 def _params(path: str) -> int:
-    from moe2dense_ray.evaluate import load_model
+    from moe2dense_ray.eval.metrics import load_model
 
     return sum(t.numel() for t in load_model(path).parameters())
 
@@ -163,7 +163,7 @@ def _params(path: str) -> int:
 def _matched_width(student: str, dense: str) -> int:
     """The FFN width at which the dense peer has the student's parameter count (the two share
     everything outside the FFNs; a neuron costs 3 x hidden per layer)."""
-    from moe2dense_ray.evaluate import load_model
+    from moe2dense_ray.eval.metrics import load_model
 
     model = load_model(dense)
     c = model.config
@@ -179,7 +179,7 @@ def _random_ffn(src: str, out: str) -> str:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from moe2dense_ray.checkpoint import AUX_FILES
+    from moe2dense_ray.core.checkpoint import AUX_FILES
 
     model = AutoModelForCausalLM.from_pretrained(src)
     gen = torch.Generator().manual_seed(0)
@@ -203,7 +203,7 @@ def _references(cfg, work: str) -> dict[str, float]:
     import torch
 
     from moe2dense_ray import assets
-    from moe2dense_ray.evaluate import load_model, perplexity
+    from moe2dense_ray.eval.metrics import load_model, perplexity
 
     rows = []
     for name in sorted(glob.glob(os.path.join(cfg.out, "logits", "*.parquet"))):
@@ -224,13 +224,13 @@ def _heldout():
     the stream's source, so its validation blocks flatter both (and anything that keeps their
     weights); heldout.jsonl does not."""
     from moe2dense_ray import assets
-    from moe2dense_ray.evaluate import heldout_blocks
+    from moe2dense_ray.eval.metrics import heldout_blocks
 
     return heldout_blocks(assets.teacher_path(), assets.heldout_path(), HELDOUT_BLOCKS, SETTINGS["seq_len"])
 
 
 def _heldout_ppl(model: str, held) -> float:
-    from moe2dense_ray.evaluate import model_perplexity
+    from moe2dense_ray.eval.metrics import model_perplexity
 
     return model_perplexity(model, held)
 
@@ -238,7 +238,7 @@ def _heldout_ppl(model: str, held) -> float:
 def _tasks(student: str, held) -> dict[str, float]:
     """Held-out perplexity and the shipped lm-eval tasks (next_line: acc_mutual_info, chance 0.25;
     last_word: acc)."""
-    from moe2dense_ray.eval import EvalConfig, evaluate_model
+    from moe2dense_ray.eval.stage import EvalConfig, evaluate_model
 
     tasks = evaluate_model(EvalConfig(model=student, samples=0), progress=False)["tasks"]
     return {"held-out after": _heldout_ppl(student, held),
@@ -248,7 +248,7 @@ def _tasks(student: str, held) -> dict[str, float]:
 
 def _write(args, cfg, rows: list[dict], refs: dict, seconds: float) -> None:
     from moe2dense_ray import assets
-    from moe2dense_ray.report import markdown_table, plot_bars, plot_curves
+    from moe2dense_ray.core.report import markdown_table, plot_bars, plot_curves
 
     teacher = refs["teacher"]
     held = _heldout()

@@ -24,13 +24,13 @@ def main() -> None:
     import transformers
 
     from moe2dense_ray import assets
-    from moe2dense_ray.build import build
-    from moe2dense_ray.calibrate import calibrate
-    from moe2dense_ray.checkpoint import CheckpointReader
-    from moe2dense_ray.evaluate import heldout_blocks, load_model, model_perplexity
-    from moe2dense_ray.plan import make_plan
-    from moe2dense_ray.prune import prune_dense
-    from moe2dense_ray.report import markdown_table
+    from moe2dense_ray.convert.build import build
+    from moe2dense_ray.convert.calibrate import calibrate
+    from moe2dense_ray.core.checkpoint import CheckpointReader
+    from moe2dense_ray.eval.metrics import heldout_blocks, load_model, model_perplexity
+    from moe2dense_ray.convert.plan import make_plan
+    from moe2dense_ray.convert.prune import prune_dense
+    from moe2dense_ray.core.report import markdown_table
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=32)

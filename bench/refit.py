@@ -41,15 +41,16 @@ def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | No
 
 def main() -> None:
     from moe2dense_ray import assets
-    from moe2dense_ray.build import build
-    from moe2dense_ray.calibrate import calibrate, ensure_ray
-    from moe2dense_ray.config import RefitConfig
+    from moe2dense_ray.convert.build import build
+    from moe2dense_ray.convert.calibrate import calibrate
+    from moe2dense_ray.core.ray_session import ensure_ray
+    from moe2dense_ray.core.config import RefitConfig
     from moe2dense_ray.distill.config import DistillConfig
-    from moe2dense_ray.distill.run import distill
-    from moe2dense_ray.evaluate import heldout_blocks, model_perplexity
-    from moe2dense_ray.plan import load_plan, make_plan
-    from moe2dense_ray.refit import mean_error
-    from moe2dense_ray.report import markdown_table, plot_curves
+    from moe2dense_ray.distill.driver import distill
+    from moe2dense_ray.eval.metrics import heldout_blocks, model_perplexity
+    from moe2dense_ray.convert.plan import load_plan, make_plan
+    from moe2dense_ray.convert.refit import mean_error
+    from moe2dense_ray.core.report import markdown_table, plot_curves
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=200_000, help="distillation budget per student")

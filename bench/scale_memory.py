@@ -44,7 +44,7 @@ if side == "student":
     from moe2dense_ray.distill.codec import CODECS
     from moe2dense_ray.distill.config import DistillConfig
     from moe2dense_ray.distill.losses import LOSSES, masked_mean
-    from moe2dense_ray.distill.train import batch_loss, decode_target
+    from moe2dense_ray.distill.worker import batch_loss, decode_target
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
     cols = []
     for s in range(0, B * S, 256):  # targets made a few rows at a time, before the baseline
@@ -89,7 +89,9 @@ def _models(d: str) -> tuple[str, str]:
     import torch
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    from moe2dense_ray.testing import make_tiny_moe
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+    from tiny import make_tiny_moe  # the tests' tiny-model builder
 
     student = os.path.join(d, "student")
     torch.manual_seed(0)

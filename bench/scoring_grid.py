@@ -16,16 +16,16 @@ import math
 import os
 import time
 
-from moe2dense_ray.methods import SCORINGS
+from moe2dense_ray.convert.methods import SCORINGS
 
 
 def main() -> None:
     from moe2dense_ray import assets
-    from moe2dense_ray.build import read_expert_weights
-    from moe2dense_ray.calibrate import calibrate
-    from moe2dense_ray.config import RefitConfig
-    from moe2dense_ray.evaluate import heldout_blocks, model_perplexity, students
-    from moe2dense_ray.report import markdown_table, plot_curves
+    from moe2dense_ray.convert.build import read_expert_weights
+    from moe2dense_ray.convert.calibrate import calibrate
+    from moe2dense_ray.core.config import RefitConfig
+    from moe2dense_ray.eval.metrics import heldout_blocks, model_perplexity, students
+    from moe2dense_ray.core.report import markdown_table, plot_curves
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--teacher", default=assets.teacher_path())

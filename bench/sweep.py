@@ -125,7 +125,7 @@ def _curves(d: str) -> dict[tuple[str, str], list[tuple[int, float]]]:
     """(scoring, K) -> the trial's validation curve [(tokens, perplexity)], from a finished sweep."""
     import csv
 
-    from moe2dense_ray.distill.run import read_metrics
+    from moe2dense_ray.distill.driver import read_metrics
 
     out = {}
     for r in csv.DictReader(open(os.path.join(d, "leaderboard.csv"))):

@@ -8,7 +8,7 @@ import signal
 import sys
 import warnings
 
-from .errors import UserError
+from .core.errors import UserError
 
 _DESCRIPTION = """\
 moe2dense converts a trained Mixture-of-Experts language model (27 families: Qwen3-MoE,
@@ -91,7 +91,7 @@ def _add_quiet(p: argparse.ArgumentParser) -> None:
 
 
 def _methods_help() -> str:
-    from .methods import GROUPINGS, SCALINGS, SCORINGS
+    from .convert.methods import GROUPINGS, SCALINGS, SCORINGS
 
     out = []
     for title, reg in (("scorings (--scoring)", SCORINGS), ("groupings (--grouping)", GROUPINGS),
@@ -105,8 +105,8 @@ def _methods_help() -> str:
 
 def _refitted(out: str) -> str:
     """`; refitted: ...` with the reconstruction error before and after, when the student was refitted."""
-    from .plan import load_plan
-    from .refit import mean_error
+    from .convert.plan import load_plan
+    from .convert.refit import mean_error
 
     record = load_plan(out).refit
     if not record:
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "Ray's logs are in its session directory either way)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    from .config import BuildConfig, CalibrateConfig, ConvertConfig, PlanConfig
+    from .core.config import BuildConfig, CalibrateConfig, ConvertConfig, PlanConfig
 
     c = sub.add_parser("convert", help="calibrate, plan and build in one go",
                        description="Convert an MoE checkpoint SRC into a dense checkpoint DST.\n\n"
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "text (--data, --samples, --seq-len, --workers: as for `calibrate`), in closed form; see "
                        "docs/refit.md.", formatter_class=argparse.RawDescriptionHelpFormatter)
     BuildConfig.add_arguments(b)
-    from .prune import PruneConfig
+    from .convert.prune import PruneConfig
 
     pr = sub.add_parser("prune-dense", help="width-prune a dense model's FFNs by activation importance "
                         "(the dense-to-dense baseline)",
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run the teacher once over DATA and write the stream that `distill` would "
                         "compute online to LOGITS, for any number of `distill --logits LOGITS` runs.")
     TeacherLogitsConfig.add_arguments(tl)
-    from .eval import EvalConfig
+    from .eval.stage import EvalConfig
 
     ev = sub.add_parser("eval", help="held-out perplexity and lm-evaluation-harness tasks of any checkpoint",
                         description="Evaluate MODEL (a teacher, a student, any causal LM): perplexity on held-out "
@@ -222,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     progress = not args.quiet
     if args.command == "convert":
-        from .config import ConvertConfig
-        from .convert import convert
+        from .convert.stage import convert
+        from .core.config import ConvertConfig
 
         cfg = ConvertConfig.from_args(args)
         r = convert(cfg.src, cfg.data, cfg.out, experts=cfg.experts, groups=cfg.groups, scoring=cfg.scoring,
@@ -238,8 +238,8 @@ def _run(args: argparse.Namespace) -> int:
               f"{rep.student_params / 1e6:.2f}M parameters (teacher {rep.teacher_params / 1e6:.2f}M), "
               f"calibrated on {r.stats.tokens} tokens{_refitted(rep.out)}")
     elif args.command == "calibrate":
-        from .calibrate import calibrate
-        from .config import CalibrateConfig
+        from .convert.calibrate import calibrate
+        from .core.config import CalibrateConfig
 
         cfg = CalibrateConfig.from_args(args)
         s = calibrate(cfg.src, cfg.data, samples=cfg.samples, seq_len=cfg.seq_len, workers=cfg.workers,
@@ -250,10 +250,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {cfg.out}: {len(s.moe_layers)} MoE layers, {s.tokens} tokens, "
               f"{'full' if s.full else 'router'} statistics, {s.meta['seconds']:.1f}s")
     elif args.command == "plan":
-        from .build import read_expert_weights
-        from .config import PlanConfig
-        from .plan import check_plan_output, make_plan, save_plan
-        from .stats import Stats
+        from .convert.build import read_expert_weights
+        from .convert.plan import check_plan_output, make_plan, save_plan
+        from .convert.stats import Stats
+        from .core.config import PlanConfig
 
         cfg = PlanConfig.from_args(args)
         stats = Stats.load(cfg.stats)
@@ -264,10 +264,10 @@ def _run(args: argparse.Namespace) -> int:
             src = cfg.src or stats.source
             if not src:
                 raise UserError("--grouping weight needs --src (the teacher checkpoint)")
-            from .build import inspect_source
+            from .core.source import Source
 
-            reader, _, family, _, shape = inspect_source(src)
-            reader.close()
+            with Source.open(src) as source:
+                family, shape = source.family, source.shape
             theirs = (family.model_type, shape.num_experts, shape.hidden_size, list(shape.moe_layers))
             ours = (stats.model_type, stats.num_experts, stats.meta.get("hidden_size"), list(stats.moe_layers))
             if theirs != ours:
@@ -282,9 +282,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {written}: K={plan.experts}, k={plan.groups}, {plan.scoring}/{plan.grouping}/{plan.scaling}, "
               f"{len(plan.layers)} layers")
     elif args.command == "build":
-        from .build import build
-        from .config import BuildConfig
-        from .plan import load_plan
+        from .convert.build import build
+        from .convert.plan import load_plan
+        from .core.config import BuildConfig
 
         cfg = BuildConfig.from_args(args)
         rep = build(cfg.src, load_plan(cfg.plan), cfg.out, dtype=cfg.dtype,
@@ -293,7 +293,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {rep.out}: {rep.dense_model_type}, FFN width {rep.intermediate_size}, "
               f"{rep.student_params / 1e6:.2f}M parameters in {rep.seconds:.1f}s{_refitted(rep.out)}")
     elif args.command == "prune-dense":
-        from .prune import PruneConfig, prune_dense
+        from .convert.prune import PruneConfig, prune_dense
 
         cfg = PruneConfig.from_args(args)
         rep = prune_dense(cfg.src, cfg.data, cfg.out, width=cfg.width, samples=cfg.samples, seq_len=cfg.seq_len,
@@ -309,8 +309,7 @@ def _run(args: argparse.Namespace) -> int:
         run_demo(args.out, workers=args.workers, progress=progress, samples=args.samples, seq_len=args.seq_len,
                  distill_tokens=DEMO_DISTILL_TOKENS if args.distill_tokens is None else args.distill_tokens)
     elif args.command == "distill":
-        from .distill.config import DistillConfig
-        from .distill.run import distill
+        from .distill.driver import distill
 
         r = distill(_distill_config(args), progress=progress)
         last = r.final
@@ -318,7 +317,7 @@ def _run(args: argparse.Namespace) -> int:
               f"{last.get('val_ppl', float('nan')):.2f}, KL to the teacher {last.get('val_kl', float('nan')):.3f}")
     elif args.command == "teacher-logits":
         from .distill.config import TeacherLogitsConfig
-        from .distill.run import teacher_logits
+        from .distill.driver import teacher_logits
 
         meta = teacher_logits(TeacherLogitsConfig.from_args(args), progress=progress)
         print(f"wrote {args.out}: {meta['blocks']} blocks ({meta['val_blocks']} held out), {meta['codec']} "
@@ -333,7 +332,7 @@ def _run(args: argparse.Namespace) -> int:
               f"{summary['errors']} failed), {summary['tokens_spent']:,} distillation tokens = "
               f"{summary['token_ratio']:.2f} of the full grid's, {summary['seconds']:.0f}s")
     elif args.command == "eval":
-        from .eval import EvalConfig, evaluate_model, results_table
+        from .eval.stage import EvalConfig, evaluate_model, results_table
 
         cfg = EvalConfig.from_args(args)
         result = evaluate_model(cfg, progress=progress)
@@ -343,7 +342,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "methods":
         print(_methods_help())
     elif args.command == "families":
-        from .families import supported_families_table
+        from .core.families import supported_families_table
 
         print(supported_families_table())
     return 0
@@ -352,7 +351,7 @@ def _run(args: argparse.Namespace) -> int:
 def _distill_config(args: argparse.Namespace):
     """`--resume RUN` starts from the settings RUN was started with; other flags override them."""
     from .distill.config import DistillConfig
-    from .distill.run import CONFIG_FILE
+    from .distill.driver import CONFIG_FILE
 
     run = getattr(args, "resume", None)
     if run is None:

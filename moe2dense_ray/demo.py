@@ -17,45 +17,14 @@ DEMO_SCORINGS = ("random", "sf", "cp", "acp", "do-acp")
 DEMO_DISTILL_TOKENS = 400_000  # about 2 minutes on 2 CPU cores; a refitted student needs no more
 
 
-def _teacher_and_text(work: str) -> tuple[str, str, str, str, str | None]:
-    """The bundled trained teacher, its calibration, held-out and training text and its dense
-    peer; a tiny random teacher (trained on nothing, no peer) if the assets are not installed."""
-    try:
-        from . import assets
+def _teacher_and_text() -> tuple[str, str, str, str, str]:
+    """The bundled trained teacher, its calibration, held-out and training text and its dense peer
+    (each raises a one-line error naming the missing file if the package was installed without
+    its assets)."""
+    from . import assets
 
-        return (assets.teacher_path(), assets.calibration_path(), assets.heldout_path(), assets.train_path(),
-                assets.dense_peer_path())
-    except FileNotFoundError:
-        pass
-    teacher, text, held = _fallback_teacher(work)
-    return teacher, text, held, text, None
-
-
-def _fallback_teacher(work: str) -> tuple[str, str, str]:
-    import random
-
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from .testing import make_tiny_moe
-
-    rng = random.Random(0)
-    words = "the a of to and in that is was he for it with as his on be at by king lord god said".split()
-    text_path = os.path.join(work, "fallback_text.jsonl")
-    os.makedirs(work, exist_ok=True)
-    docs = [" ".join(rng.choice(words) for _ in range(200)) for _ in range(60)]
-    with open(text_path, "w") as f:
-        for d in docs:
-            f.write(json.dumps({"text": d}) + "\n")
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(docs, trainers.WordLevelTrainer(special_tokens=["<unk>", "<|endoftext|>"]))
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                     unk_token="<unk>")
-    teacher = os.path.join(work, "fallback_teacher")
-    if not os.path.isdir(teacher):
-        make_tiny_moe("qwen3_moe", teacher, tokenizer=hf_tok, num_experts=8, mlp_only_layers=[])
-    return teacher, text_path, text_path
+    return (assets.teacher_path(), assets.calibration_path(), assets.heldout_path(), assets.train_path(),
+            assets.dense_peer_path())
 
 
 def run_demo(out: str = "runs/demo", *, workers: int = 2, progress: bool = True,
@@ -63,13 +32,13 @@ def run_demo(out: str = "runs/demo", *, workers: int = 2, progress: bool = True,
              distill_tokens: int = DEMO_DISTILL_TOKENS, heldout_blocks: int = 16) -> dict:
     """Calibrate once; build every scoring plain (the paper's method) and refitted (the default
     of `convert`); distill the best refitted student; tables, results.json and a plot in OUT."""
-    from . import evaluate
-    from .calibrate import calibrate
-    from .config import RefitConfig
-    from .report import perplexity_table, plot_bars
+    from .convert.calibrate import calibrate
+    from .core.config import RefitConfig
+    from .core.report import perplexity_table, plot_bars
+    from .eval import metrics as evaluate
 
     os.makedirs(out, exist_ok=True)
-    teacher, calib_text, held_text, train_text, peer = _teacher_and_text(out)
+    teacher, calib_text, held_text, train_text, peer = _teacher_and_text()
     print(f"teacher: {teacher}")
     t0 = time.time()
     stats = calibrate(teacher, calib_text, samples=samples, seq_len=seq_len, workers=workers, full=True,
@@ -122,8 +91,8 @@ def _distill_best(out: str, teacher: str, best: dict, plain: dict, train_text: s
     the exported student like every other row, with the one perplexity function. The learning
     rate is distill's default for a refitted student (`distill.run.peak_lr`)."""
     from .distill.config import DistillConfig
-    from .distill.run import distill
-    from .evaluate import load_model, model_perplexity
+    from .distill.driver import distill
+    from .eval.metrics import load_model, model_perplexity
 
     cfg = DistillConfig(teacher=teacher, student=best["path"], data=train_text,
                         val_data=held_text, val_blocks=heldout_blocks, tokens=tokens, seq_len=seq_len,

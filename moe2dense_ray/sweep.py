@@ -34,9 +34,9 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field, PositiveInt, create_model
 
-from .config import StageConfig
+from .core.config import StageConfig
+from .core.errors import UserError
 from .distill.config import DistillConfig, TeacherStreamConfig
-from .errors import UserError
 
 PLAN_KEYS = ("scoring", "grouping", "scaling", "experts", "groups", "seed", "refit")
 DISTILL_KEYS = ("lr", "loss", "ce_weight", "weight_decay", "warmup", "batch_size")
@@ -134,7 +134,7 @@ def load_space(path: str) -> list[dict[str, list[Any]]]:
     is a list of one). The file is one grid (a mapping) or several (a list of mappings): the sweep
     runs every combination of each grid, so `random` can get three seeds while the deterministic
     scorings run once, and a K > k grid can sit beside a K = k one without crossing the two."""
-    from .outputs import read_small, url_to_fs
+    from .core.storage import read_small, url_to_fs
 
     fs, p = url_to_fs(path)
     try:
@@ -190,7 +190,7 @@ def _plan_args(config: dict[str, Any]) -> dict[str, Any]:
 def _refit_config(cfg: SweepConfig, config: dict[str, Any]):
     """A trial's refit (docs/refit.md) on the sweep's calibration blocks, or None; it runs on
     teacher replicas hosted like the shared passes' (`teacher_pool`), never in the trial."""
-    from .config import RefitConfig
+    from .core.config import RefitConfig
 
     fit = config.get("refit", "none")
     if fit == "none":
@@ -200,10 +200,10 @@ def _refit_config(cfg: SweepConfig, config: dict[str, Any]):
 
 
 def teacher_pool(cfg: SweepConfig, workers: int | None = None):
-    """The teacher replicas (`calibrate.TeacherPool`) of the calibration and of refit trials,
+    """The teacher replicas (`core.teachers.TeacherPool`) of the calibration and of refit trials,
     hosted as `--teacher-workers`, `--gpus-per-teacher`, `--cpus-per-teacher` and
     `--teacher-resources` say."""
-    from .calibrate import TeacherPool
+    from .convert.calibrate import TeacherPool
 
     return TeacherPool(cfg.teacher, workers=cfg.teacher_workers if workers is None else workers,
                        gpus_per_worker=cfg.gpus_per_teacher, resources=cfg.teacher_resources,
@@ -222,9 +222,9 @@ def check_space(cfg: SweepConfig, space: list[dict[str, list[Any]]], num_experts
     """Every combination is valid before anything runs: methods, counts, distillation settings."""
     from pydantic import ValidationError
 
+    from .convert.plan import check_counts, check_methods
+    from .convert.refit import FITS
     from .distill.losses import LOSSES
-    from .plan import check_counts, check_methods
-    from .refit import FITS
 
     combos = combinations(space)
     for c in combos:
@@ -255,8 +255,8 @@ def _trial(config: dict[str, Any], *, sweep: dict[str, Any], threads: int | None
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .cluster import RAY_ADDRESS_ENV
-    from .distill.run import distill
+    from .core.ray_session import RAY_ADDRESS_ENV
+    from .distill.driver import distill
 
     if ray_address:  # a Ray worker's environment does not say whether its Ray can grow; the driver's does
         os.environ.setdefault(RAY_ADDRESS_ENV, ray_address)
@@ -271,10 +271,10 @@ def build_student(cfg: SweepConfig, config: dict[str, Any], out: str) -> None:
     """A trial's student at `out`: its plan from the shared calibration, fitted on teacher replicas
     when it refits (`teacher_pool`: the teacher is never loaded in the trial's process), built by
     streaming the teacher. `out` is replaced: a restarted trial rebuilds."""
-    from .build import build, read_expert_weights
-    from .plan import make_plan
-    from .refit import refit
-    from .stats import Stats
+    from .convert.build import build, read_expert_weights
+    from .convert.plan import make_plan
+    from .convert.refit import refit
+    from .convert.stats import Stats
 
     args = _plan_args(config)
     weights = read_expert_weights(cfg.teacher) if args["grouping"] == "weight" else None
@@ -375,9 +375,9 @@ def _owned_by(trial):
 # -- the sweep ------------------------------------------------------------------------------------------
 def sweep(cfg: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the sweep in `cfg.out`; returns the summary (also DIR/summary.json)."""
-    from .build import inspect_source
-    from .cluster import ensure_ray
-    from .outputs import OutputLock, check_output, url_to_fs
+    from .core.ray_session import ensure_ray
+    from .core.source import Source
+    from .core.storage import OutputLock, check_output, url_to_fs
 
     cfg = _absolute(cfg)
     if cfg.resume:
@@ -387,8 +387,8 @@ def sweep(cfg: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
         cfg = SweepConfig.from_yaml(f"{cfg.out}/{CONFIG_FILE}", resume=True, space=f"{cfg.out}/space.yaml",
                                     **{k: getattr(cfg, k) for k in RESUME_KEYS if k in cfg.model_fields_set})
     space = load_space(cfg.space)
-    reader, _, _, _, shape = inspect_source(cfg.teacher)
-    reader.close()
+    with Source.open(cfg.teacher) as source:
+        shape = source.shape
     combos = check_space(cfg, space, shape.num_experts)
     if not cfg.resume:
         check_output(cfg.out, what="sweep", overwrite=cfg.overwrite, sources=(cfg.teacher, cfg.data, cfg.space))
@@ -415,7 +415,7 @@ def _absolute(cfg: SweepConfig) -> SweepConfig:
 
 def _start(cfg: SweepConfig) -> None:
     """A fresh DIR holding the settings and a copy of the space (outputs.start_directory)."""
-    from .outputs import read_small, start_directory, url_to_fs
+    from .core.storage import read_small, start_directory, url_to_fs
 
     sfs, spath = url_to_fs(cfg.space)
     start_directory(cfg.out, {CONFIG_FILE: cfg.to_yaml(), "space.yaml": read_small(sfs, spath, what=cfg.space)},
@@ -424,11 +424,11 @@ def _start(cfg: SweepConfig) -> None:
 
 def _shared_work(cfg: SweepConfig, combos: list[dict[str, Any]], *, progress: bool) -> None:
     """The one calibration and the one teacher stream (each skipped when a resumed sweep has it)."""
-    from .calibrate import calibrate
+    from .convert.calibrate import calibrate
+    from .convert.plan import check_methods
+    from .core.storage import url_to_fs
     from .distill.config import TeacherLogitsConfig
-    from .distill.run import teacher_logits
-    from .outputs import url_to_fs
-    from .plan import check_methods
+    from .distill.driver import teacher_logits
 
     fs, path = url_to_fs(cfg.out)
     if not fs.exists(f"{path}/stats/meta.json"):
@@ -459,10 +459,10 @@ def trial_resources(cfg: SweepConfig, gpus: bool) -> dict[str, float]:
 def _check_fits(cfg: SweepConfig) -> None:
     """Before any work, on an embedded Ray (which never grows): the teacher replicas and one trial
     must fit it, or it is one error line naming the flags. On a cluster each stage waits for its
-    nodes as it starts (`cluster.require_resources`), and Train for its workers."""
+    nodes as it starts (`core.ray_session.require_resources`), and Train for its workers."""
     import ray
 
-    from .cluster import on_cluster, require_resources
+    from .core.ray_session import on_cluster, require_resources
 
     if on_cluster():
         return
@@ -488,7 +488,7 @@ def concurrency(cfg: SweepConfig) -> tuple[int, int]:
     autoscaler adds the nodes that waiting trials ask for), else what the cluster holds now."""
     import ray
 
-    from .cluster import on_cluster
+    from .core.ray_session import on_cluster
 
     res = ray.cluster_resources()
     need = trial_resources(cfg, res.get("GPU", 0) > 0)
@@ -510,7 +510,7 @@ def _tune(cfg: SweepConfig, combos: list[dict[str, Any]], *, progress: bool):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from .cluster import RAY_ADDRESS_ENV
+    from .core.ray_session import RAY_ADDRESS_ENV
 
     n, threads = concurrency(cfg)
     trainable = tune.with_resources(tune.with_parameters(_trial, sweep=cfg.model_dump(), threads=threads,
@@ -542,7 +542,7 @@ def _trial_dir(trial) -> str:
 def leaderboard(cfg: SweepConfig, grid) -> list[dict[str, Any]]:
     """One row per trial, best first: its settings, perplexity before and after distillation,
     the tokens it trained on, and whether ASHA stopped it."""
-    from .distill.run import read_metrics
+    from .distill.driver import read_metrics
 
     rows = []
     configs = [(result.config or {}).get(TRIAL_KEY, {}) for result in grid]
@@ -585,9 +585,9 @@ def _error_line(error) -> str | None:
 
 def write_results(cfg: SweepConfig, grid, *, trials: int, seconds: float) -> dict[str, Any]:
     """DIR/leaderboard.{csv,md}, DIR/curves.png and DIR/summary.json, through report.py."""
-    from .distill.run import read_metrics
-    from .outputs import url_to_fs
-    from .report import markdown_table, plot_curves
+    from .core.report import markdown_table, plot_curves
+    from .core.storage import url_to_fs
+    from .distill.driver import read_metrics
 
     rows = leaderboard(cfg, grid)
     fs, path = url_to_fs(cfg.out)
@@ -621,7 +621,7 @@ def write_results(cfg: SweepConfig, grid, *, trials: int, seconds: float) -> dic
 
 
 def _is_remote(fs) -> bool:
-    from .outputs import is_local
+    from .core.storage import is_local
 
     return not is_local(fs)
 

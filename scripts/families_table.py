@@ -17,7 +17,7 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 def render(text: str) -> str:
-    from moe2dense_ray.families import supported_families_table
+    from moe2dense_ray.core.families import supported_families_table
 
     start, stop = text.index(BEGIN) + len(BEGIN), text.index(END)
     return text[:start] + "\n" + supported_families_table() + "\n" + text[stop:]

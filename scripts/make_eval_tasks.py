@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Generate the offline evaluation tasks shipped in ``moe2dense_ray/tasks/`` from the bundled
+"""Generate the offline evaluation tasks shipped in ``moe2dense_ray/eval/tasks/`` from the bundled
 held-out text (``moe2dense_ray/assets/heldout.jsonl``, a sample of the corpora's test split).
 
-    python scripts/make_eval_tasks.py            # rewrites moe2dense_ray/tasks/*.jsonl
+    python scripts/make_eval_tasks.py            # rewrites moe2dense_ray/eval/tasks/*.jsonl
     python scripts/make_eval_tasks.py --check    # exits 1 if the committed files differ
 
 Deterministic: the same held-out file always gives byte-identical task files (no hashing of
@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from moe2dense_ray import assets  # noqa: E402
-from moe2dense_ray.tasks import TASKS_DIR  # noqa: E402
+from moe2dense_ray.eval.tasks import TASKS_DIR  # noqa: E402
 
 SEED = 20240607
 CONTEXT_CHARS = 400  # at most this much text before the line / word (cut at a line start)

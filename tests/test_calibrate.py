@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe2dense_ray.calibrate import Calibrator, calibrate
-from moe2dense_ray.methods import SCORINGS, select
-from moe2dense_ray.testing import TINY, make_tiny_moe
+from moe2dense_ray.convert.calibrate import Calibrator, calibrate
+from moe2dense_ray.convert.methods import SCORINGS, select
+from tiny import TINY, make_tiny_moe
 
 FAMILIES = sorted(TINY)
 

@@ -25,7 +25,7 @@ from test_errors import _one_error
 
 from moe2dense_ray import assets
 from moe2dense_ray.cli import main
-from moe2dense_ray.errors import UserError
+from moe2dense_ray.core.errors import UserError
 
 DATA = assets.calibration_path()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,7 +149,7 @@ def test_ray_that_cannot_start_is_one_line(tmp_path):
 def test_distill_shares_the_resource_check(ray_cluster, monkeypatch):
     """distill / teacher-logits use the same check: refused on an embedded Ray, a bounded wait on a cluster."""
     from moe2dense_ray.distill.config import TeacherLogitsConfig
-    from moe2dense_ray.distill.run import _check_resources
+    from moe2dense_ray.distill.driver import _check_resources
 
     cpus = int(ray_cluster.cluster_resources()["CPU"])
     cfg = TeacherLogitsConfig(teacher=assets.teacher_path(), data=DATA, out="unused", tokens=4096,
@@ -167,7 +167,7 @@ def test_distill_shares_the_resource_check(ray_cluster, monkeypatch):
 
 def test_an_actor_bigger_than_any_node_is_refused(ray_cluster):
     """Totals are not enough: one actor is never split over nodes."""
-    from moe2dense_ray.cluster import require_resources
+    from moe2dense_ray.core.ray_session import require_resources
 
     cpus = int(ray_cluster.cluster_resources()["CPU"])
     require_resources({"CPU": cpus}, each=[{"CPU": cpus}], who="this", advice="fine")
@@ -213,8 +213,8 @@ def test_missing_weights_are_an_error_not_random_values(teacher, tmp_path, capsy
 
 def test_every_family_loads_cleanly_and_a_missing_tensor_is_still_caught(tmp_path, tokenizer):
     """The check is not weakened for anyone, and no supported family trips it when nothing is wrong."""
-    from moe2dense_ray.calibrate import load_causal_lm
-    from moe2dense_ray.testing import FAMILY_NAMES, make_tiny_moe
+    from moe2dense_ray.core.models import load_causal_lm
+    from tiny import FAMILY_NAMES, make_tiny_moe
 
     for family in FAMILY_NAMES:
         make_tiny_moe(family, str(tmp_path / family), tokenizer=tokenizer)
@@ -271,7 +271,7 @@ def test_broken_tensors_are_one_line_in_process(teacher, tmp_path, capsys, case,
 def test_transformers_own_load_errors_are_one_line(teacher, case, fragment):
     """A replica loading a checkpoint that the driver's header checks would have refused: what
     transformers raises (a conversion failure, a size mismatch) is one line too, not its report."""
-    from moe2dense_ray.calibrate import load_causal_lm
+    from moe2dense_ray.core.models import load_causal_lm
 
     case(teacher)
     with pytest.raises(UserError) as e:
@@ -283,7 +283,7 @@ def test_broken_config_and_vocabulary_fail_before_any_actor(ray_cluster, teacher
                                                            capsys):
     """top-k above the expert count, and token ids beyond the vocabulary, are refused by the driver:
     no replica is started (they used to fail inside each actor with a traceback)."""
-    from moe2dense_ray.testing import make_tiny_moe
+    from tiny import make_tiny_moe
 
     before = len(_replicas(alive_only=False))
     _edit_config(teacher, num_experts_per_tok=32)
@@ -299,8 +299,8 @@ def test_broken_config_and_vocabulary_fail_before_any_actor(ray_cluster, teacher
 
 
 def test_grouped_routing_config_is_checked():
-    from moe2dense_ray.families import get_family, moe_shape
-    from moe2dense_ray.testing import tiny_config
+    from moe2dense_ray.core.families import get_family, moe_shape
+    from tiny import tiny_config
 
     v3 = get_family("deepseek_v3")
     moe_shape(v3, tiny_config("deepseek_v3"))
@@ -315,7 +315,7 @@ def test_grouped_routing_config_is_checked():
 def test_actor_errors_come_back_as_the_same_line_and_actors_are_killed(ray_cluster, teacher, tmp_path):
     """The replica raises the UserError; the driver shows that very line (not Ray's wrapping and
     traceback), and no replica outlives the failed run."""
-    from moe2dense_ray.calibrate import calibrate
+    from moe2dense_ray.convert.calibrate import calibrate
 
     _drop_router(teacher)
     errors = []
@@ -335,7 +335,7 @@ def test_ray_errors_become_one_line(ray_cluster):
     """What the driver makes of each kind of actor failure, on real Ray errors."""
     import ray
 
-    from moe2dense_ray.calibrate import _worker_error
+    from moe2dense_ray.core.teachers import _worker_error
 
     @ray.remote
     def fails():
@@ -392,8 +392,8 @@ def test_metadata_files_that_never_end_are_refused(tmp_path):
         import sys
         import transformers
         transformers.utils.logging.disable_progress_bar()
-        from moe2dense_ray.calibrate import _tokenizer, load_causal_lm
-        from moe2dense_ray.errors import UserError
+        from moe2dense_ray.convert.calibrate import _tokenizer, load_causal_lm
+        from moe2dense_ray.core.errors import UserError
         for load, path in ((load_causal_lm, sys.argv[1]), (_tokenizer, sys.argv[2]), (load_causal_lm, sys.argv[3])):
             try:
                 load(path)
@@ -419,7 +419,7 @@ def test_embedded_ray_is_shut_down_on_error_and_on_interrupt(tmp_path):
         import psutil
         import ray
         from moe2dense_ray import calibrate as C
-        from moe2dense_ray.errors import UserError
+        from moe2dense_ray.core.errors import UserError
 
         broken, good, data = sys.argv[1:4]
 
@@ -498,7 +498,7 @@ def _watchdogs(ray) -> list:
     import psutil
 
     pids = {str(p.pid) for p in ray}
-    return [p for p in psutil.process_iter() if "moe2dense_ray.watchdog" in _cmdline(p) and pids & set(_cmdline(p))]
+    return [p for p in psutil.process_iter() if "moe2dense_ray.core.watchdog" in _cmdline(p) and pids & set(_cmdline(p))]
 
 
 def _ray_is_up(processes) -> bool:

@@ -12,7 +12,7 @@ from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2F
 
 from moe2dense_ray.distill.codec import CODECS
 from moe2dense_ray.distill.losses import LOSSES, chunked_loss, masked_mean
-from moe2dense_ray.lm_head import LMHead, rows_per_chunk
+from moe2dense_ray.core.lm_head import LMHead, rows_per_chunk
 
 V = 97
 SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -72,9 +72,9 @@ def test_chunked_loss_and_gradients_equal_the_whole_batch(student, codec, loss, 
 
 def test_batch_loss_is_the_chunked_loss(student):
     """The trainer's entry point, at the default chunk size and with one forced to 4 rows."""
-    from moe2dense_ray import lm_head
+    from moe2dense_ray.core import lm_head
     from moe2dense_ray.distill.config import DistillConfig
-    from moe2dense_ray.distill.train import batch_loss
+    from moe2dense_ray.distill.worker import batch_loss
 
     ids, mask, target = _batch("topk")
     cols = CODECS["topk"].encode(2 * torch.randn(3 * 13, V, generator=torch.Generator().manual_seed(1)), k=16)
@@ -97,8 +97,8 @@ def test_batch_loss_is_the_chunked_loss(student):
 
 def test_heldout_metrics_and_shares_add_up(student):
     """Validation goes through the chunked path; two ranks' shares, one padded, add up to the whole."""
-    from moe2dense_ray.distill.train import _val_share
-    from moe2dense_ray.evaluate import heldout_metrics, heldout_sums, metrics_of
+    from moe2dense_ray.distill.worker import _val_share
+    from moe2dense_ray.eval.metrics import heldout_metrics, heldout_sums, metrics_of
 
     ids, mask, _ = _batch("topk")
     cols = CODECS["topk"].encode(torch.randn(3 * 13, V, generator=torch.Generator().manual_seed(3)), k=8)

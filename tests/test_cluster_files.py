@@ -28,9 +28,9 @@ def _load(path: str):
 
 
 def _stage_config(stage: str):
-    from moe2dense_ray.config import CalibrateConfig, ConvertConfig
+    from moe2dense_ray.core.config import CalibrateConfig, ConvertConfig
     from moe2dense_ray.distill.config import DistillConfig, TeacherLogitsConfig
-    from moe2dense_ray.eval import EvalConfig
+    from moe2dense_ray.eval.stage import EvalConfig
     from moe2dense_ray.sweep import SweepConfig
 
     return {"calibrate": CalibrateConfig, "convert": ConvertConfig, "teacher-logits": TeacherLogitsConfig,
@@ -233,7 +233,7 @@ def test_runtime_env_is_one_ray_accepts():
 
 
 def test_custom_resources_are_flags_and_an_unmet_one_is_one_line(ray_cluster, capsys, tmp_path):
-    from moe2dense_ray.config import CalibrateConfig
+    from moe2dense_ray.core.config import CalibrateConfig
 
     cfg = CalibrateConfig.create(src="s", data="d", out="o", teacher_resources={"teacher": 1})
     assert cfg.teacher_resources == {"teacher": 1.0}

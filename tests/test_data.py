@@ -14,8 +14,8 @@ import pytest
 import torch
 from helpers_tokenizer import make_tiny_tokenizer, make_word_tokenizer
 
-from moe2dense_ray.data import CalibrationSet, calibration_blocks, load_texts
-from moe2dense_ray.errors import UserError
+from moe2dense_ray.core.data import CalibrationSet, calibration_blocks, load_texts
+from moe2dense_ray.core.errors import UserError
 
 DOCS = [
     "the quick brown fox jumps over a lazy dog",
@@ -172,7 +172,7 @@ def test_bos_tokenizer_frames_each_document_once(tmp_path: Path) -> None:
 def test_long_documents_cut_between_rounds_tokenize_as_a_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                guess: int) -> None:
     """Cutting a document at whitespace between tokenizer rounds must not change its tokens."""
-    import moe2dense_ray.data as data
+    import moe2dense_ray.core.data as data
 
     monkeypatch.setattr(data, "_CHARS_PER_TOKEN_GUESS", guess)  # 1: every document is cut many times
     tok = make_tiny_tokenizer(vocab_size=128)

@@ -22,8 +22,8 @@ from moe2dense_ray import assets
 from moe2dense_ray.cli import main
 from moe2dense_ray.distill.blocks import Ranges
 from moe2dense_ray.distill.config import DistillConfig, TeacherLogitsConfig
-from moe2dense_ray.distill.run import distill, read_metrics, teacher_logits
-from moe2dense_ray.errors import UserError
+from moe2dense_ray.distill.driver import distill, read_metrics, teacher_logits
+from moe2dense_ray.core.errors import UserError
 
 DATA = assets.calibration_path()
 
@@ -32,7 +32,7 @@ DATA = assets.calibration_path()
 def student(tmp_path_factory):
     """The bundled teacher converted to a dense K=4 student by the paper's plain method (far from the
     teacher before distillation: a few steps show)."""
-    from moe2dense_ray.convert import convert
+    from moe2dense_ray.convert.stage import convert
 
     out = tmp_path_factory.mktemp("student") / "dense"
     convert(assets.teacher_path(), DATA, str(out), experts=4, scoring="cp", samples=8, seq_len=128, workers=0,
@@ -50,10 +50,10 @@ def _cfg(student, out, **kw) -> DistillConfig:
 def test_a_refitted_student_gets_a_gentler_learning_rate(tmp_path, student):
     """`convert` refits by default; the refit's record sets the default peak learning rate to
     PLAIN_LR x sqrt(error after / error before) (run.peak_lr), and a plain student keeps PLAIN_LR."""
-    from moe2dense_ray.convert import convert
-    from moe2dense_ray.distill.run import PLAIN_LR, peak_lr
-    from moe2dense_ray.plan import load_plan
-    from moe2dense_ray.refit import mean_error
+    from moe2dense_ray.convert.stage import convert
+    from moe2dense_ray.distill.driver import PLAIN_LR, peak_lr
+    from moe2dense_ray.convert.plan import load_plan
+    from moe2dense_ray.convert.refit import mean_error
 
     refitted = tmp_path / "refitted"
     convert(assets.teacher_path(), DATA, str(refitted), experts=4, scoring="cp", samples=8, seq_len=128, workers=0,
@@ -88,7 +88,7 @@ def test_config_yaml_flags_and_errors(tmp_path, student, capsys):
 @pytest.mark.parametrize("case", ["not-dense", "vocabulary", "tokens", "run-exists", "bad-loss", "sampled-jsd",
                                   "bad-text"])
 def test_bad_input_is_one_line_before_any_work(tmp_path, student, tokenizer, capsys, case):
-    from moe2dense_ray.testing import make_tiny_moe
+    from tiny import make_tiny_moe
 
     out = tmp_path / "run"
     argv = ["distill", "--teacher", assets.teacher_path(), "--student", student, "--data", DATA,
@@ -230,16 +230,16 @@ def test_worker_and_teacher_killed_mid_run_recover(ray_cluster, student, tmp_pat
 
 def test_offline_stream_gives_the_online_loss(ray_cluster, student, tmp_path):
     """The teacher-logits stream holds exactly what the teacher service computes online."""
-    from moe2dense_ray.calibrate import _tokenizer
+    from moe2dense_ray.core.models import load_tokenizer
     from moe2dense_ray.distill.blocks import local_blocks, text_blocks
     from moe2dense_ray.distill.losses import LOSSES
     from moe2dense_ray.distill.codec import IdOrder
-    from moe2dense_ray.distill.run import _columns, _id_order, _text
+    from moe2dense_ray.distill.driver import _columns, _id_order, _text
     from moe2dense_ray.distill.stream import TeacherPool, blocks_dataset, read_stream, teacher_stream
-    from moe2dense_ray.distill.train import decode_target
+    from moe2dense_ray.distill.worker import decode_target
 
     model = AutoModelForCausalLM.from_pretrained(student).eval()
-    tok = _tokenizer(assets.teacher_path())
+    tok = load_tokenizer(assets.teacher_path())
     for codec in ("topk", "sampled"):
         logits = tmp_path / f"logits-{codec}"
         tcfg = TeacherLogitsConfig(teacher=assets.teacher_path(), data=DATA, tokens=4 * 64 * 4, seq_len=64,
@@ -314,12 +314,12 @@ def _overflowing_student(student, out, cfg: DistillConfig) -> str:
     0..7) and the validation before training pass, and the first training step's loss is not finite."""
     import shutil
 
-    from moe2dense_ray.calibrate import _tokenizer
+    from moe2dense_ray.core.models import load_tokenizer
     from moe2dense_ray.distill.blocks import local_blocks
-    from moe2dense_ray.distill.run import _text
+    from moe2dense_ray.distill.driver import _text
 
-    val, plan, lo, end = _text(cfg, _tokenizer(student))
-    first = local_blocks(plan, _tokenizer(student), lo=lo, hi=lo + cfg.batch_size).input_ids.ravel().tolist()
+    val, plan, lo, end = _text(cfg, load_tokenizer(student))
+    first = local_blocks(plan, load_tokenizer(student), lo=lo, hi=lo + cfg.batch_size).input_ids.ravel().tolist()
     token = max(set(first) - set(val.input_ids.ravel().tolist()) - set(range(8)), key=first.count)
     shutil.copytree(student, out)
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
@@ -348,13 +348,13 @@ def test_a_non_finite_loss_ends_the_run_at_once(ray_cluster, student, tmp_path, 
 
 
 def test_a_user_error_in_a_worker_is_not_retried(ray_cluster, student, tmp_path):
-    from moe2dense_ray.distill.run import _fit
-    from moe2dense_ray.distill.train import guarded
+    from moe2dense_ray.distill.driver import _fit
+    from moe2dense_ray.distill.worker import guarded
 
     attempts = tmp_path / "attempts"
 
     def fails(config):
-        from moe2dense_ray.errors import UserError
+        from moe2dense_ray.core.errors import UserError
 
         with open(attempts, "a") as f:
             f.write("x")

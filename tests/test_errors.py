@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from moe2dense_ray.cli import main
-from moe2dense_ray.testing import make_tiny_moe
+from tiny import make_tiny_moe
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +106,10 @@ def test_corrupted_header(tmp_path, teacher, corpus, capsys):
 
 def test_shapes_disagree_with_config(tmp_path, teacher, corpus, capsys):
     """Found mid-build: the partial output must be removed."""
-    from moe2dense_ray.build import build
-    from moe2dense_ray.calibrate import calibrate
-    from moe2dense_ray.errors import UserError
-    from moe2dense_ray.plan import make_plan
+    from moe2dense_ray.convert.build import build
+    from moe2dense_ray.convert.calibrate import calibrate
+    from moe2dense_ray.core.errors import UserError
+    from moe2dense_ray.convert.plan import make_plan
 
     stats = calibrate(str(teacher), corpus, samples=2, seq_len=16, workers=0, progress=False)
     plan = make_plan(stats, experts=2, scoring="sf")

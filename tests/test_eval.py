@@ -18,8 +18,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from moe2dense_ray import assets, cli  # noqa: E402
-from moe2dense_ray.eval import PAPER_TASKS, TASK_SETS, EvalConfig, evaluate_model  # noqa: E402
-from moe2dense_ray.tasks import TASKS_DIR, shipped_tasks, task_config  # noqa: E402
+from moe2dense_ray.eval.stage import PAPER_TASKS, TASK_SETS, EvalConfig, evaluate_model  # noqa: E402
+from moe2dense_ray.eval.tasks import TASKS_DIR, shipped_tasks, task_config  # noqa: E402
 
 LIMIT = 20  # examples per task: a multiple of 4, so next_line's gold positions are balanced
 REPO = Path(__file__).resolve().parents[1]
@@ -57,12 +57,12 @@ def test_shipped_tasks_on_the_teacher(teacher_result):
 
 def test_perplexity_is_the_one_implementation(teacher_result):
     """eval's perplexity is `evaluate.perplexity` on the blocks the demo would make, to the bit."""
-    from moe2dense_ray.calibrate import _tokenizer
-    from moe2dense_ray.data import calibration_blocks
-    from moe2dense_ray.evaluate import load_model, perplexity
+    from moe2dense_ray.core.models import load_tokenizer
+    from moe2dense_ray.core.data import calibration_blocks
+    from moe2dense_ray.eval.metrics import load_model, perplexity
 
     teacher = assets.teacher_path()
-    blocks = calibration_blocks(assets.heldout_path(), _tokenizer(teacher), samples=4, seq_len=128, shuffle_buffer=1)
+    blocks = calibration_blocks(assets.heldout_path(), load_tokenizer(teacher), samples=4, seq_len=128, shuffle_buffer=1)
     p = teacher_result["perplexity"]
     assert p["ppl"] == perplexity(load_model(teacher), blocks.input_ids, blocks.attention_mask)
     assert (p["tokens"], p["blocks"], p["data"]) == (4 * 127, 4, assets.heldout_path())
@@ -137,7 +137,7 @@ def test_paper_tasks_offline_are_one_error_line(capsys, monkeypatch):
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    from moe2dense_ray.eval import _task_manager
+    from moe2dense_ray.eval.stage import _task_manager
 
     assert all(name in _task_manager(True).task_index for name in PAPER_TASKS)  # real lm_eval task names
     assert PAPER_TASKS == {"winogrande": 5, "hellaswag": 10, "arc_easy": 25, "arc_challenge": 25, "mmlu": 5}

@@ -13,13 +13,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moe2dense_ray.build import build
-from moe2dense_ray.calibrate import calibrate
-from moe2dense_ray.checkpoint import CheckpointReader
-from moe2dense_ray.families import get_family
-from moe2dense_ray.plan import PLAN_FILE, make_plan
-from moe2dense_ray.lm_head import LMHead
-from moe2dense_ray.testing import FAMILY_NAMES, make_tiny_moe
+from moe2dense_ray.convert.build import build
+from moe2dense_ray.convert.calibrate import calibrate
+from moe2dense_ray.core.checkpoint import CheckpointReader
+from moe2dense_ray.core.families import get_family
+from moe2dense_ray.convert.plan import PLAN_FILE, make_plan
+from moe2dense_ray.core.lm_head import LMHead
+from tiny import FAMILY_NAMES, make_tiny_moe
 
 
 
@@ -107,7 +107,7 @@ def test_an_unsupported_family_is_refused_in_one_line_that_says_why(tmp_path, to
     from transformers import AutoConfig
 
     from moe2dense_ray.cli import main
-    from moe2dense_ray.families import UNSUPPORTED
+    from moe2dense_ray.core.families import UNSUPPORTED
 
     cfg = AutoConfig.for_model("jetmoe", vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
@@ -125,9 +125,9 @@ def test_an_unsupported_family_is_refused_in_one_line_that_says_why(tmp_path, to
 
 
 def test_a_family_setting_the_construction_cannot_reproduce_is_refused():
-    from moe2dense_ray.errors import UserError
-    from moe2dense_ray.families import moe_shape
-    from moe2dense_ray.testing import tiny_config
+    from moe2dense_ray.core.errors import UserError
+    from moe2dense_ray.core.families import moe_shape
+    from tiny import tiny_config
 
     family = get_family("cohere2_moe")
     assert moe_shape(family, tiny_config("cohere2_moe")).shared_size == 8  # summed shared experts: fine

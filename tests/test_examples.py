@@ -10,11 +10,10 @@ import shlex
 import subprocess
 import sys
 
-import pytest
 
 from moe2dense_ray import assets, cli
 from moe2dense_ray.demo import DEMO_SCORINGS, run_demo
-from moe2dense_ray.plan import load_plan
+from moe2dense_ray.convert.plan import load_plan
 
 
 # what a line of Ray's, DeepSpeed's or Python's own loggers and warnings looks like on stderr
@@ -56,7 +55,7 @@ def test_demo_on_the_bundled_teacher(tmp_path):
     assert t == teacher and before["ppl"] == best["ppl"] and best["model"] in after["model"]
     assert before_plain["ppl"] == min(r["ppl"] for r in plain)
     assert after["ppl"] < before["ppl"] and peer["params_M"] > 3.5 and peer["ppl"] < 1.2 * teacher["ppl"]
-    from moe2dense_ray.distill.run import peak_lr
+    from moe2dense_ray.distill.driver import peak_lr
 
     assert f"lr: {peak_lr(best['path'])}" in (out / "distill" / "distill.yaml").read_text()  # the refit's rate
     assert (out / "results.md").read_text().count("\n") == 2 + len(result["rows"]) + 4 + 5

@@ -16,8 +16,8 @@ import warnings
 import pytest
 import torch
 
-from moe2dense_ray.errors import UserError
-from moe2dense_ray.methods import (
+from moe2dense_ray.core.errors import UserError
+from moe2dense_ray.convert.methods import (
     GROUPINGS,
     SCALINGS,
     SCORINGS,

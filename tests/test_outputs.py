@@ -17,19 +17,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moe2dense_ray import assets
-from moe2dense_ray.build import inspect_source
-from moe2dense_ray.checkpoint import CheckpointReader
+from moe2dense_ray.core.source import Source
+from moe2dense_ray.core.checkpoint import CheckpointReader
 from moe2dense_ray.cli import main
-from moe2dense_ray.errors import UserError
-from moe2dense_ray.outputs import OutputLock, clean_leftovers, swap_in, url_to_fs
-from moe2dense_ray.plan import LayerPlan, Plan, load_plan, save_plan
+from moe2dense_ray.core.errors import UserError
+from moe2dense_ray.core.storage import OutputLock, clean_leftovers, swap_in, url_to_fs
+from moe2dense_ray.convert.plan import LayerPlan, Plan, load_plan, save_plan
 
 ENV = {**os.environ, "PYTHONPATH": os.getcwd(), "DS_ACCELERATOR": "cpu"}
 
 
 def _plan(src: str, experts: int) -> Plan:
-    reader, _, family, _, shape = inspect_source(src)
-    reader.close()
+    with Source.open(src) as source:
+        family, shape = source.family, source.shape
     E = shape.num_experts
     return Plan(model_type=family.model_type, num_experts=E, experts=experts, groups=experts, scoring="sf",
                 grouping="none", scaling="uniform",
@@ -115,7 +115,7 @@ def test_plan_overwrite_replaces_only_plans(work, tmp_path, capsys):
 
 def test_a_second_writer_is_refused(work, tmp_path, capsys):
     out = tmp_path / "dense"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from moe2dense_ray.outputs import OutputLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from moe2dense_ray.core.storage import OutputLock; "
                                "OutputLock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(120)",
                                str(out)], env=ENV, stdout=subprocess.PIPE, text=True)
     try:
@@ -432,7 +432,7 @@ def test_statistics_sums_symlinked_to_a_device_are_refused(work, tmp_path, capsy
 
 
 def test_data_that_never_ends_is_refused(work, tmp_path, capsys, monkeypatch):
-    from moe2dense_ray import data
+    from moe2dense_ray.core import data
 
     def calibrate(src):
         return main(["-q", "calibrate", str(work / "teacher"), "--data", str(src), "--samples", "2", "--seq-len",

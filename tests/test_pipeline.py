@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moe2dense_ray.checkpoint import CheckpointReader
+from moe2dense_ray.core.checkpoint import CheckpointReader
 from moe2dense_ray.cli import main
-from moe2dense_ray.methods import merge_weights
-from moe2dense_ray.plan import load_plan
-from moe2dense_ray.testing import make_tiny_moe
+from moe2dense_ray.convert.methods import merge_weights
+from moe2dense_ray.convert.plan import load_plan
+from tiny import make_tiny_moe
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +87,8 @@ def test_plan_refuses_output_methods_on_router_stats(tmp_path, tokenizer, corpus
 
 def test_method_settings_reach_the_methods_and_the_plan(staged):
     """Flags such as --ridge-scale are plan settings: passed to the method that reads them, recorded."""
-    from moe2dense_ray.methods import GROUPINGS, SCORINGS, select
-    from moe2dense_ray.stats import Stats
+    from moe2dense_ray.convert.methods import GROUPINGS, SCORINGS, select
+    from moe2dense_ray.convert.stats import Stats
 
     root, _, _ = staged
     path = root / "p-settings.json"
@@ -112,7 +112,7 @@ def test_every_stage_takes_a_config_file(staged, corpus, tmp_path):
     """calibrate, plan, build and convert read the same settings from --config YAML as from flags."""
     import yaml
 
-    from moe2dense_ray.config import ConvertConfig, PlanConfig
+    from moe2dense_ray.core.config import ConvertConfig, PlanConfig
 
     root, src, _ = staged
     cfg = PlanConfig(stats=str(root / "stats"), experts=4, scoring="reap", out=str(tmp_path / "from-yaml.json"))

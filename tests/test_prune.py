@@ -13,11 +13,11 @@ from test_errors import _one_error
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from moe2dense_ray import assets
-from moe2dense_ray.checkpoint import CheckpointReader
+from moe2dense_ray.core.checkpoint import CheckpointReader
 from moe2dense_ray.cli import main
-from moe2dense_ray.data import calibration_blocks
-from moe2dense_ray.prune import PRUNE_FILE, prune_dense
-from moe2dense_ray.testing import _COMMON, make_tiny_moe
+from moe2dense_ray.core.data import calibration_blocks
+from moe2dense_ray.convert.prune import PRUNE_FILE, prune_dense
+from tiny import _COMMON, make_tiny_moe
 
 PEER = assets.dense_peer_path()
 DATA = assets.calibration_path()

@@ -1,4 +1,4 @@
-"""The closed-form refit (moe2dense_ray/refit.py) against exact answers and brute force.
+"""The closed-form refit (moe2dense_ray/convert/refit.py) against exact answers and brute force.
 
 Where the MoE layer's output lies in the span of the kept neurons, the refit must reproduce the
 teacher exactly; the solver must agree with `torch.linalg.lstsq` on the raw activations; the
@@ -13,14 +13,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moe2dense_ray.build import build
-from moe2dense_ray.calibrate import TeacherPool
+from moe2dense_ray.convert.build import build
+from moe2dense_ray.convert.calibrate import TeacherPool
 from moe2dense_ray.cli import main
-from moe2dense_ray.config import RefitConfig
-from moe2dense_ray.families import get_family, moe_shape
-from moe2dense_ray.plan import PLAN_FILE, LayerPlan, Plan, load_plan
-from moe2dense_ray.refit import RefitPass, reconstruction_error, refit, solve
-from moe2dense_ray.testing import FAMILY_NAMES, make_tiny_moe
+from moe2dense_ray.core.config import RefitConfig
+from moe2dense_ray.core.families import get_family, moe_shape
+from moe2dense_ray.convert.plan import PLAN_FILE, LayerPlan, Plan, load_plan
+from moe2dense_ray.convert.refit import RefitPass, reconstruction_error, refit, solve
+from tiny import FAMILY_NAMES, make_tiny_moe
 
 
 def _logits(model, ids):

@@ -26,7 +26,7 @@ from test_distill import _actor_pids
 from test_errors import _one_error
 
 from moe2dense_ray import assets
-from moe2dense_ray.checkpoint import CheckpointReader
+from moe2dense_ray.core.checkpoint import CheckpointReader
 from moe2dense_ray.cli import main
 
 BUCKET = "moe2dense-test"
@@ -165,7 +165,7 @@ def test_a_checkpoint_is_copied_once_per_node(s3, tmp_path):
     download slowed down so that they overlap): one downloads, the other waits for its copy and
     uses it. A kill mid-copy leaves only a `.partial-*`, which the next filler removes; a
     changed source is a new entry, and the old one is evicted."""
-    from moe2dense_ray.calibrate import localize
+    from moe2dense_ray.core.models import localize
 
     root, barrier = tmp_path / "cache", tmp_path / "barrier"
     barrier.mkdir()
@@ -173,7 +173,7 @@ def test_a_checkpoint_is_copied_once_per_node(s3, tmp_path):
     s3.fs.copy(teacher, [k.replace("/teacher/", "/teacher-copy/") for k in teacher])  # changed below
     url, weights = f"s3://{BUCKET}/teacher-copy", f"/{BUCKET}/teacher-copy/model.safetensors"
     code = ("import os, sys, time\n"
-            "from moe2dense_ray.calibrate import localize\n"
+            "from moe2dense_ray.core.models import localize\n"
             "open(os.path.join(sys.argv[2], str(os.getpid())), 'w').close()\n"
             "t = time.time()\n"
             "while len(os.listdir(sys.argv[2])) < 2 and time.time() < t + 60: time.sleep(0.01)\n"
@@ -209,7 +209,7 @@ def test_teacher_logits_distill_resume_and_eval_on_s3(s3, dense, ray_cluster, ca
     the node's copy of the teacher), a distillation from it stopped mid-run (its training
     worker killed once a checkpoint is registered, no retries), resumed from the checkpoint on
     S3, and the distilled student evaluated; results replaced only with --overwrite."""
-    from moe2dense_ray.distill.run import read_metrics
+    from moe2dense_ray.distill.driver import read_metrics
 
     fs = s3.fs
     logits, run = f"s3://{BUCKET}/logits", f"s3://{BUCKET}/run"

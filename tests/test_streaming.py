@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from moe2dense_ray.build import build, read_expert_weights
-from moe2dense_ray.calibrate import calibrate
-from moe2dense_ray.checkpoint import CheckpointReader
-from moe2dense_ray.plan import make_plan
-from moe2dense_ray.testing import make_tiny_moe
+from moe2dense_ray.convert.build import build, read_expert_weights
+from moe2dense_ray.convert.calibrate import calibrate
+from moe2dense_ray.core.checkpoint import CheckpointReader
+from moe2dense_ray.convert.plan import make_plan
+from tiny import make_tiny_moe
 
 IDS = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(3))
 

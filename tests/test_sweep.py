@@ -11,8 +11,8 @@ import pytest
 
 from moe2dense_ray import assets
 from moe2dense_ray.cli import main
-from moe2dense_ray.errors import UserError
-from moe2dense_ray.plan import load_plan
+from moe2dense_ray.core.errors import UserError
+from moe2dense_ray.convert.plan import load_plan
 from moe2dense_ray.sweep import SweepConfig, combinations, load_space, sweep, varying_keys
 
 

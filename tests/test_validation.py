@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moe2dense_ray.cli import main
-from moe2dense_ray.errors import UserError
-from moe2dense_ray.plan import MAX_SCALE, PLAN_FILE, Plan, load_plan, make_plan, save_plan
-from moe2dense_ray.stats import Stats
-from moe2dense_ray.testing import make_tiny_moe
+from moe2dense_ray.core.errors import UserError
+from moe2dense_ray.convert.plan import MAX_SCALE, PLAN_FILE, Plan, load_plan, make_plan, save_plan
+from moe2dense_ray.convert.stats import Stats
+from tiny import make_tiny_moe
 
 E, K, k = 6, 4, 2  # the tiny qwen3_moe teacher has 6 routed experts; plans keep 4 in 2 groups
 
@@ -22,7 +22,7 @@ E, K, k = 6, 4, 2  # the tiny qwen3_moe teacher has 6 routed experts; plans keep
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory, tokenizer, corpus):
     """A tiny teacher calibrated in-process (no Ray) with full statistics, from *relative* paths."""
-    from moe2dense_ray.calibrate import calibrate
+    from moe2dense_ray.convert.calibrate import calibrate
 
     root = tmp_path_factory.mktemp("validation")
     make_tiny_moe("qwen3_moe", str(root / "teacher"), tokenizer=tokenizer)
@@ -192,8 +192,8 @@ def test_validate_checks_plans_made_in_memory(calibrated):
 
 def test_every_method_makes_plans_within_the_bounds(calibrated):
     """The scale bound never refuses a plan the methods compute (make_plan validates its plan)."""
-    from moe2dense_ray.build import read_expert_weights
-    from moe2dense_ray.methods import GROUPINGS, SCALINGS, SCORINGS
+    from moe2dense_ray.convert.build import read_expert_weights
+    from moe2dense_ray.convert.methods import GROUPINGS, SCALINGS, SCORINGS
 
     stats = Stats.load(str(calibrated / "stats"))
     weights = read_expert_weights(str(calibrated / "teacher"))
@@ -379,7 +379,7 @@ def test_cli_plan_with_bad_statistics_is_one_error_line(calibrated, tmp_path, ca
 
 
 def test_a_plan_path_through_a_missing_directory_makes_no_directory(calibrated, real_plan, tmp_path):
-    from moe2dense_ray.plan import save_plan
+    from moe2dense_ray.convert.plan import save_plan
 
     plan = load_plan(str(_write(tmp_path, real_plan)))
     out = tmp_path / "out"

@@ -1,6 +1,25 @@
-"""Distillation: a teacher service streams compact top-k distributions to Ray Train workers.
+"""Distillation: teacher replicas stream compact top-k distributions to Ray Train workers.
 
-`stream.py` packs text into token blocks and runs the teacher actors (Ray Data); `codec.py`
-encodes their distributions; `losses.py` compares them with the student's; `train.py` is the
-per-worker training function (DeepSpeed); `run.py` drives a run (`distill`, `teacher_logits`).
+`driver.py` drives a run on the Ray driver (`distill`, `teacher_logits`): it checks the inputs,
+starts the teacher replicas and the TorchTrainer. `worker.py` is the per-worker training
+function (DeepSpeed). `blocks.py` packs text into token blocks and records what was trained;
+`stream.py` hosts the teacher replicas and moves their targets; `codec.py` encodes a teacher
+distribution; `losses.py` compares it with the student's; `export.py` writes the student.
+
+The stage functions are importable from here; the driver is imported on first use, so a
+training worker that imports `moe2dense_ray.distill.worker` does not load it.
 """
+
+from typing import Any
+
+_EXPORTS = {"distill": "driver", "teacher_logits": "driver", "DistillResult": "driver", "read_metrics": "driver",
+            "DistillConfig": "config", "TeacherLogitsConfig": "config"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 SHARD_BYTES = 16 << 20
 """Bytes of a splittable file per shard: ~4M tokens, a few seconds of one CPU to pack."""
@@ -51,9 +51,28 @@ SHUFFLE_BUFFER = 1000
 """Documents in a shard's shuffle buffer."""
 
 
+@dataclass
+class Blocks:
+    """Token blocks with their global indices: `input_ids`/`attention_mask` are [n, seq_len]."""
+
+    index: np.ndarray
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    def take(self, rows: np.ndarray | slice) -> "Blocks":
+        return Blocks(self.index[rows], self.input_ids[rows], self.attention_mask[rows])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
 @dataclass(frozen=True)
 class Shard:
-    """A file, or one of its `data.pieces` (the lines that start in bytes [start, end), or Parquet
+    """A file, or one of its `core.data.pieces` (the lines that start in bytes [start, end), or Parquet
     row groups [start, end)); its blocks are the global indices [offset, offset + quota)."""
 
     order: int  # position in file order (for what comes next when a shard's text runs out)
@@ -101,8 +120,8 @@ def plan_text(data: str, tokenizer, *, blocks: int, seq_len: int, seed: int, tex
               first_index: int = 0) -> TextPlan:
     """Shards of DATA holding about `blocks` blocks (fewer if DATA is smaller), indexed from
     `first_index`. Reads file listings and one sample per kind of file, never the whole text."""
-    from ..data import is_hub_dataset, pieces, resolve_files, sample_density
-    from ..outputs import is_local
+    from ..core.data import is_hub_dataset, pieces, resolve_files, sample_density
+    from ..core.storage import is_local
 
     if is_hub_dataset(data):  # no sizes to plan with: one shard, packed in order
         return TextPlan(data, text_field, seq_len, seed,
@@ -149,8 +168,8 @@ def plan_text(data: str, tokenizer, *, blocks: int, seq_len: int, seed: int, tex
 
 
 def _docs(shard: Shard, text_field: str) -> Iterator[str]:
-    from ..data import file_docs, is_hub_dataset, load_texts
-    from ..outputs import url_to_fs
+    from ..core.data import file_docs, is_hub_dataset, load_texts
+    from ..core.storage import url_to_fs
 
     if is_hub_dataset(shard.url):
         return load_texts(shard.url, text_field=text_field)
@@ -180,7 +199,7 @@ def pack_shard(plan: TextPlan, shard: Shard, tokenizer, *, lo: int = 0, hi: int 
     Always packs from the shard's start (an index is a position in its packing), but stops at
     `hi`: a rank whose range ends inside a shard reads no further than it needs.
     """
-    from ..data import pack_rows
+    from ..core.data import pack_rows
 
     by_order = sorted(plan.shards, key=lambda s: s.order)
     after = [s for s in by_order if s.order > shard.order] + [s for s in by_order if s.order < shard.order]
@@ -253,7 +272,6 @@ def text_blocks(plan: TextPlan, tokenizer, *, lo: int, hi: int, skip: Ranges | N
 
 def local_blocks(plan: TextPlan, tokenizer, *, lo: int, hi: int):
     """The blocks lo <= index < hi packed here (the held-out blocks: few, and needed by the driver)."""
-    from .stream import Blocks
 
     parts = [b for s in plan.holding(lo, hi) for b in pack_shard(plan, s, tokenizer, lo=lo, hi=hi)]
     if not parts:
@@ -264,7 +282,7 @@ def local_blocks(plan: TextPlan, tokenizer, *, lo: int, hi: int):
 def sample_ids(plan: TextPlan, tokenizer) -> np.ndarray:
     """Token ids of the first `SAMPLE_CHARS` characters of the plan's first shard (in file order):
     enough text to rank the frequent tokens (`codec.frequency_order`)."""
-    from ..data import pack_rows
+    from ..core.data import pack_rows
 
     first = min(plan.shards, key=lambda s: s.order)
     docs, chars = [], 0

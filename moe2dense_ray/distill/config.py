@@ -11,7 +11,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from ..config import Resources, StageConfig, positional
+from ..core.config import Resources, StageConfig, positional
 
 
 class TeacherStreamConfig(StageConfig):

@@ -16,8 +16,8 @@ def export_student(student_src: str, weights: dict[str, torch.Tensor], out: str,
     result loads with `from_pretrained` like the `build` output it started from; the files go
     through the checkpoint writer, which moves them into place only once all are written.
     """
-    from ..checkpoint import AUX_FILES, CheckpointReader, CheckpointWriter
-    from ..evaluate import load_model
+    from ..core.checkpoint import AUX_FILES, CheckpointReader, CheckpointWriter
+    from ..eval.metrics import load_model
 
     model = load_model(student_src)
     reader = CheckpointReader(student_src)

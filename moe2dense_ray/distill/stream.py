@@ -11,41 +11,22 @@ offline streams are identical.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..core.errors import UserError
+from .blocks import Blocks, Ranges, rank_range
 
 STREAM_META = "stream.json"  # what a LOGITS directory holds besides its Parquet files
-
-
-@dataclass
-class Blocks:
-    """Token blocks with their global indices: `input_ids`/`attention_mask` are [n, seq_len]."""
-
-    index: np.ndarray
-    input_ids: np.ndarray
-    attention_mask: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.index.shape[0])
-
-    def take(self, rows: np.ndarray | slice) -> "Blocks":
-        return Blocks(self.index[rows], self.input_ids[rows], self.attention_mask[rows])
-
-    @property
-    def tokens(self) -> int:
-        return int(self.attention_mask.sum())
 
 
 def pack_blocks(data: str, tokenizer, *, blocks: int, seq_len: int, seed: int, text_field: str,
                 first_index: int = 0, shuffle: bool = True) -> Blocks:
     """`blocks` packed blocks of `data` (the same packing as calibration), indexed from `first_index`;
     without `shuffle`, the first blocks of the text in file order (a held-out set anyone can rebuild)."""
-    from ..data import calibration_blocks
+    from ..core.data import calibration_blocks
 
     cal = calibration_blocks(data, tokenizer, samples=blocks, seq_len=seq_len, seed=seed, text_field=text_field,
                              **({} if shuffle else {"shuffle_buffer": 1}))
@@ -75,8 +56,8 @@ class TeacherService:
 
     def __init__(self, teacher: str, *, codec: str, top_k: int, draws: int, temperature: float, seed: int,
                  threads: int | None = None, order: dict | None = None, model=None):
-        from ..calibrate import load_causal_lm
-        from ..lm_head import LMHead
+        from ..core.lm_head import LMHead
+        from ..core.models import load_causal_lm
         from .codec import CODECS, IdOrder
 
         if threads:
@@ -145,7 +126,7 @@ class TeacherPool:
 
         import ray
 
-        from ..cluster import CPU_SHARING_ENV
+        from ..core.ray_session import CPU_SHARING_ENV
 
         options = dict(num_cpus=cfg.cpus_per_teacher, num_gpus=_teacher_gpus(cfg), max_restarts=restarts,
                        max_task_retries=-1, runtime_env={"env_vars": CPU_SHARING_ENV}, **({"resources": dict(cfg.teacher_resources)} if cfg.teacher_resources else {}))
@@ -277,16 +258,12 @@ def teacher_stream(ds, *, teacher: str, cfg, replicas: int | None = None, order:
 def select_blocks(ds, *, lo: int = 0, hi: int, world: int = 1, rank: int = 0, skip=None):
     """Rank `rank`'s blocks of lo <= index < hi (`blocks.rank_range`: a contiguous equal share),
     minus those in `skip` (a `blocks.Ranges`: what a resumed run has trained)."""
-    from .blocks import rank_range
-
     a, b = rank_range(lo, hi, world, rank)
     return ds.map_batches(_select, fn_kwargs=dict(lo=a, hi=b, skip=skip.to_list() if skip else []),
                           batch_format="numpy", num_cpus=0.1)
 
 
 def _select(batch: dict[str, np.ndarray], *, lo: int, hi: int, skip: list) -> dict[str, np.ndarray]:
-    from .blocks import Ranges
-
     idx = batch["block_index"]
     keep = (idx >= lo) & (idx < hi) & ~Ranges(skip).contains(idx)
     return {k: v[keep] for k, v in batch.items()}
@@ -303,7 +280,7 @@ def stream_meta(cfg, *, teacher: str, vocab_size: int, blocks: int, tokens: int,
 
 
 def read_stream_meta(logits: str) -> dict[str, Any]:
-    from ..checkpoint import url_to_fs
+    from ..core.checkpoint import url_to_fs
 
     fs, path = url_to_fs(logits)
     meta_path = f"{path}/{STREAM_META}"
@@ -316,8 +293,17 @@ def read_stream_meta(logits: str) -> dict[str, Any]:
 
 def write_stream(ds, logits: str, meta: dict[str, Any], *, overwrite: bool, sources: tuple[str, ...]) -> None:
     """Write the stream as Parquet next to LOGITS, then swap it into place (never half-written;
-    outputs.py has the guarantees)."""
-    from ..outputs import OutputLock, check_output, clean_leftovers, discard, is_local, partial_name, swap_in, url_to_fs
+    core/storage.py has the guarantees)."""
+    from ..core.storage import (
+        OutputLock,
+        check_output,
+        clean_leftovers,
+        discard,
+        is_local,
+        partial_name,
+        swap_in,
+        url_to_fs,
+    )
 
     check_output(logits, what="logits", overwrite=overwrite, sources=sources)
     fs, path = url_to_fs(logits)
@@ -327,7 +313,7 @@ def write_stream(ds, logits: str, meta: dict[str, Any], *, overwrite: bool, sour
         try:
             from .codec import PARQUET_OPTIONS
 
-            ds.write_parquet(tmp, filesystem=None if is_local(fs) else _arrow_fs(fs), **PARQUET_OPTIONS)
+            ds.write_parquet(tmp, filesystem=None if is_local(fs) else arrow_fs(fs), **PARQUET_OPTIONS)
             with fs.open(f"{tmp}/{STREAM_META}", "w") as f:
                 json.dump(meta, f, indent=1)
             swap_in(fs, tmp, path, overwrite=overwrite)
@@ -340,17 +326,17 @@ def read_stream(logits: str):
     training workers may hold nearly all of a small cluster's CPUs)."""
     import ray
 
-    from ..checkpoint import is_local, url_to_fs
+    from ..core.checkpoint import is_local, url_to_fs
 
     fs, path = url_to_fs(logits)
     # Ray Data's newer Parquet reader lists files in a task that holds a whole CPU, which a sweep
     # trial beside its training worker cannot get on a small node: it would wait forever
     ray.data.DataContext.get_current().use_datasource_v2 = False
-    return ray.data.read_parquet(path, filesystem=None if is_local(fs) else _arrow_fs(fs),
+    return ray.data.read_parquet(path, filesystem=None if is_local(fs) else arrow_fs(fs),
                                  file_extensions=["parquet"], num_cpus=0.1)
 
 
-def _arrow_fs(fs):
+def arrow_fs(fs):
     """pyarrow's view of an fsspec filesystem, for Ray Data's Parquet reader and writer."""
     import pyarrow.fs as pafs
 
