@@ -24,7 +24,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 from codec import sizes  # noqa: E402  (bench/codec.py: raw, Parquet zstd and tuned bytes per token)
 
 from moe2dense_ray.distill.codec import (  # noqa: E402
-    IdOrder, SparseTarget, decode_sampled, decode_topk, encode_sampled, encode_topk, teacher_sample, teacher_topk)
+    IdOrder,
+    SparseTarget,
+    decode_sampled,
+    decode_topk,
+    encode_sampled,
+    encode_topk,
+    teacher_sample,
+    teacher_topk,
+)
 from moe2dense_ray.distill.losses import forward_kl  # noqa: E402
 
 V = 151_936

@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from moe2dense_ray.core.config import BuildConfig, CalibrateConfig, PlanSettings
 
 TOP_K = 256  # this small teacher is flat (its top 128 tokens hold ~84% of the mass); top-64 measured 58.0 at 0.4M
 # tokens, top-256 56.2, the full vocabulary 55.7
@@ -37,14 +38,13 @@ def _student(work: str) -> tuple[str, str]:
     from moe2dense_ray import assets
     from moe2dense_ray.convert.build import build
     from moe2dense_ray.convert.calibrate import calibrate
-    from moe2dense_ray.core.checkpoint import AUX_FILES
     from moe2dense_ray.convert.plan import make_plan
+    from moe2dense_ray.core.checkpoint import AUX_FILES
 
     teacher = assets.teacher_path()
     reap, rand = os.path.join(work, "student-reap"), os.path.join(work, "student-random-init")
-    stats = calibrate(teacher, assets.calibration_path(), samples=64, seq_len=256, workers=0, full=True,
-                      progress=False)
-    build(teacher, make_plan(stats, experts=4, scoring="reap"), reap, overwrite=True, progress=False)
+    stats = calibrate(CalibrateConfig(src=teacher, data=assets.calibration_path(), samples=64, seq_len=256, workers=0, full_stats=True), progress=False)
+    build(BuildConfig(src=teacher, out=reap, overwrite=True), make_plan(stats, PlanSettings(experts=4, scoring="reap")), progress=False)
     model = AutoModelForCausalLM.from_pretrained(reap)
     fresh = AutoModelForCausalLM.from_config(model.config)  # transformers' own initialisation
     shutil.rmtree(rand, ignore_errors=True)
@@ -90,8 +90,8 @@ def plain_loop_tok_per_s(student: str, steps: int = 12) -> float:
     import torch
 
     from moe2dense_ray import assets
-    from moe2dense_ray.core.models import load_tokenizer
     from moe2dense_ray.core.data import calibration_blocks
+    from moe2dense_ray.core.models import load_tokenizer
     from moe2dense_ray.eval.metrics import load_model
 
     teacher, model = load_model(assets.teacher_path()), load_model(student).train()
@@ -112,8 +112,8 @@ def plain_loop_seconds(student: str, tokens: int) -> float:
     import torch
 
     from moe2dense_ray import assets
-    from moe2dense_ray.core.models import load_tokenizer
     from moe2dense_ray.core.data import calibration_blocks
+    from moe2dense_ray.core.models import load_tokenizer
     from moe2dense_ray.eval.metrics import load_model
 
     t0 = time.perf_counter()
@@ -157,10 +157,10 @@ def end_to_end(student: str, tokens: int, work: str) -> dict:
 
 
 def main() -> None:
+    from moe2dense_ray import assets
     from moe2dense_ray.core.ray_session import ensure_ray
     from moe2dense_ray.distill.config import TeacherLogitsConfig
     from moe2dense_ray.distill.driver import distill, teacher_logits
-    from moe2dense_ray import assets
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", type=int, nargs="+", default=[400_000, 800_000])

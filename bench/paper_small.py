@@ -32,6 +32,9 @@ import shutil
 import sys
 import time
 
+from moe2dense_ray.convert.prune import PruneConfig
+from moe2dense_ray.core.config import BuildConfig, PlanSettings
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 K = 4  # the teacher's top-k, the paper's best setting K = k
@@ -126,19 +129,17 @@ def _baselines(cfg, work: str) -> list[dict]:
     with the sweep trials' own settings, from the sweep's stream."""
     from moe2dense_ray import assets
     from moe2dense_ray.convert.build import build
-    from moe2dense_ray.distill.driver import distill, read_metrics
     from moe2dense_ray.convert.plan import make_plan
     from moe2dense_ray.convert.prune import prune_dense
     from moe2dense_ray.convert.stats import Stats
+    from moe2dense_ray.distill.driver import distill, read_metrics
     from moe2dense_ray.sweep import _distill_config, concurrency
 
     moe = os.path.join(work, f"do-acp-K{K}")
-    build(cfg.teacher, make_plan(Stats.load(os.path.join(cfg.out, "stats")), experts=K, scoring="do-acp"), moe,
-          overwrite=True, progress=False)
+    build(BuildConfig(src=cfg.teacher, out=moe, overwrite=True), make_plan(Stats.load(os.path.join(cfg.out, "stats")), PlanSettings(experts=K, scoring="do-acp")), progress=False)
     width = _matched_width(moe, assets.dense_peer_path())
     pruned = os.path.join(work, f"dense-peer-W{width}")
-    prune_dense(assets.dense_peer_path(), assets.calibration_path(), pruned, width=width, samples=SETTINGS["samples"],
-                seq_len=SETTINGS["seq_len"], overwrite=True, progress=False)
+    prune_dense(PruneConfig(src=assets.dense_peer_path(), data=assets.calibration_path(), out=pruned, width=width, samples=SETTINGS["samples"], seq_len=SETTINGS["seq_len"], overwrite=True), progress=False)
     random_ffn = _random_ffn(moe, os.path.join(work, f"random-ffn-K{K}"))
     _, threads = concurrency(cfg)
     rows = []

@@ -18,6 +18,9 @@ import json
 import os
 import time
 
+from moe2dense_ray.convert.prune import PruneConfig
+from moe2dense_ray.core.config import BuildConfig, CalibrateConfig, PlanSettings
+
 
 def main() -> None:
     import torch
@@ -26,11 +29,11 @@ def main() -> None:
     from moe2dense_ray import assets
     from moe2dense_ray.convert.build import build
     from moe2dense_ray.convert.calibrate import calibrate
-    from moe2dense_ray.core.checkpoint import CheckpointReader
-    from moe2dense_ray.eval.metrics import heldout_blocks, load_model, model_perplexity
     from moe2dense_ray.convert.plan import make_plan
     from moe2dense_ray.convert.prune import prune_dense
+    from moe2dense_ray.core.checkpoint import CheckpointReader
     from moe2dense_ray.core.report import markdown_table
+    from moe2dense_ray.eval.metrics import heldout_blocks, load_model, model_perplexity
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=32)
@@ -55,12 +58,11 @@ def main() -> None:
         return sum(int(torch.Size(r.shape(k)).numel()) for k in r.keys())
 
     rows = [{"model": "teacher (MoE)", "params": params(teacher), "W": None, "ppl": ppl(load_model(teacher))}]
-    stats = calibrate(teacher, data, samples=a.samples, seq_len=a.seq_len, workers=0, progress=False)
+    stats = calibrate(CalibrateConfig(src=teacher, data=data, samples=a.samples, seq_len=a.seq_len, workers=0), progress=False)
     K = a.experts
     student_params = None
     for scoring in ("random", "sf", "cp"):
-        rep = build(teacher, make_plan(stats, experts=K, scoring=scoring, scaling="uniform"),
-                    os.path.join(a.work, f"student-K{K}-{scoring}"), overwrite=True, progress=False)
+        rep = build(BuildConfig(src=teacher, out=os.path.join(a.work, f"student-K{K}-{scoring}"), overwrite=True), make_plan(stats, PlanSettings(experts=K, scoring=scoring, scaling="uniform")), progress=False)
         student_params = rep.student_params
         rows.append({"model": f"MoE-to-dense K={K} {scoring}", "params": rep.student_params,
                      "W": rep.intermediate_size, "ppl": ppl(load_model(rep.out))})
@@ -76,8 +78,7 @@ def main() -> None:
 
     widths = sorted({W, I // 2})
     for w in widths:
-        rep = prune_dense(peer, data, os.path.join(a.work, f"peer-W{w}"), width=w, samples=a.samples,
-                          seq_len=a.seq_len, overwrite=True, progress=False)
+        rep = prune_dense(PruneConfig(src=peer, data=data, out=os.path.join(a.work, f"peer-W{w}"), width=w, samples=a.samples, seq_len=a.seq_len, overwrite=True), progress=False)
         rows.append({"model": f"dense peer pruned to W={w} (activation importance)"
                      + (", matched" if w == W else ""), "params": rep.params_after, "W": w,
                      "ppl": ppl(load_model(rep.out))})

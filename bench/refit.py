@@ -23,6 +23,8 @@ import math
 import os
 import time
 
+from moe2dense_ray.core.config import BuildConfig, CalibrateConfig, PlanSettings
+
 
 def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
     """Tokens at which a validation curve first reaches `target` (interpolated in log perplexity
@@ -43,14 +45,14 @@ def main() -> None:
     from moe2dense_ray import assets
     from moe2dense_ray.convert.build import build
     from moe2dense_ray.convert.calibrate import calibrate
-    from moe2dense_ray.core.ray_session import ensure_ray
+    from moe2dense_ray.convert.plan import load_plan, make_plan
+    from moe2dense_ray.convert.refit import mean_error
     from moe2dense_ray.core.config import RefitConfig
+    from moe2dense_ray.core.ray_session import ensure_ray
+    from moe2dense_ray.core.report import markdown_table, plot_curves
     from moe2dense_ray.distill.config import DistillConfig
     from moe2dense_ray.distill.driver import distill
     from moe2dense_ray.eval.metrics import heldout_blocks, model_perplexity
-    from moe2dense_ray.convert.plan import load_plan, make_plan
-    from moe2dense_ray.convert.refit import mean_error
-    from moe2dense_ray.core.report import markdown_table, plot_curves
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=200_000, help="distillation budget per student")
@@ -64,14 +66,14 @@ def main() -> None:
         a.tokens, a.samples = 8192, 8
     t_start = time.time()
     teacher, data = assets.teacher_path(), assets.calibration_path()
-    stats = calibrate(teacher, data, samples=a.samples, seq_len=a.seq_len, workers=0, full=True, progress=False)
+    stats = calibrate(CalibrateConfig(src=teacher, data=data, samples=a.samples, seq_len=a.seq_len, workers=0, full_stats=True), progress=False)
     held = heldout_blocks(teacher, assets.heldout_path(), 32, a.seq_len, seed=123)  # as bench/scoring_grid.py
     teacher_ppl = model_perplexity(teacher, held)
 
     # -- fits, modes, ridge and calibration size, at K = 4 ------------------------------------
-    plan = make_plan(stats, experts=4, scoring="reap")
+    plan = make_plan(stats, PlanSettings(experts=4, scoring="reap"))
     plain_dir = f"{a.work}/reap-K4"
-    build(teacher, plan, plain_dir, overwrite=True, progress=False)
+    build(BuildConfig(src=teacher, out=plain_dir, overwrite=True), plan, progress=False)
     fits = [{"fit": "none", "ppl": model_perplexity(plain_dir, held)}]
     base = dict(data=data, samples=a.samples, seq_len=a.seq_len, workers=0)
     variants = ([dict(refit="down", refit_mode="sequential", refit_ridge=r) for r in (0.0, 1e-4, 1e-3, 1e-2, 1e-1)]
@@ -82,7 +84,7 @@ def main() -> None:
         cfg = RefitConfig(**{**base, **v})
         dst = f"{a.work}/fit"
         t = time.time()
-        build(teacher, plan, dst, overwrite=True, progress=False, refit=cfg)
+        build(BuildConfig(src=teacher, out=dst, overwrite=True, **cfg.model_dump()), plan, progress=False)
         rec = load_plan(dst).refit
         fits.append({"fit": cfg.refit, "mode": cfg.refit_mode, "ridge": cfg.refit_ridge,
                      "tokens": rec["tokens"], "ppl": model_perplexity(dst, held),
@@ -95,10 +97,10 @@ def main() -> None:
     refit = RefitConfig(**base, refit="down")
     runs = []
     for K in (2, 4, 8):
-        plan = make_plan(stats, experts=K, scoring="reap")
+        plan = make_plan(stats, PlanSettings(experts=K, scoring="reap"))
         for name, how in (("plain", None), ("refitted", refit)):
             student = f"{a.work}/reap-K{K}-{name}"
-            build(teacher, plan, student, overwrite=True, progress=False, refit=how)
+            build(BuildConfig(src=teacher, out=student, overwrite=True, **how.model_dump()), plan, progress=False)
             cfg = DistillConfig(teacher=teacher, student=student, data=assets.train_path(),
                                 val_data=assets.heldout_path(), val_blocks=40, seq_len=256, batch_size=16,
                                 tokens=a.tokens, lr=1e-3, report_every=max(1, a.tokens // 4096 // 10),

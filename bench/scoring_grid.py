@@ -17,6 +17,7 @@ import os
 import time
 
 from moe2dense_ray.convert.methods import SCORINGS
+from moe2dense_ray.core.config import CalibrateConfig
 
 
 def main() -> None:
@@ -24,8 +25,9 @@ def main() -> None:
     from moe2dense_ray.convert.build import read_expert_weights
     from moe2dense_ray.convert.calibrate import calibrate
     from moe2dense_ray.core.config import RefitConfig
-    from moe2dense_ray.eval.metrics import heldout_blocks, model_perplexity, students
     from moe2dense_ray.core.report import markdown_table, plot_curves
+    from moe2dense_ray.demo import students
+    from moe2dense_ray.eval.metrics import heldout_blocks, model_perplexity
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--teacher", default=assets.teacher_path())
@@ -44,8 +46,7 @@ def main() -> None:
                         refit_mode=a.refit_mode)
 
     t0 = time.time()
-    stats = calibrate(a.teacher, a.data, samples=a.samples, seq_len=a.seq_len, workers=a.workers, full=True,
-                      progress=False)
+    stats = calibrate(CalibrateConfig(src=a.teacher, data=a.data, samples=a.samples, seq_len=a.seq_len, workers=a.workers, full_stats=True), progress=False)
     E = stats.num_experts
     held = heldout_blocks(a.teacher, a.heldout, a.eval_samples, a.seq_len, seed=123)
     teacher_ppl = model_perplexity(a.teacher, held)

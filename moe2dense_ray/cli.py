@@ -219,132 +219,139 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _convert(args: argparse.Namespace, progress: bool) -> None:
+    from .convert.stage import convert
+    from .core.config import ConvertConfig
+
+    r = convert(ConvertConfig.from_args(args), progress=progress)
+    rep = r.report
+    print(f"wrote {rep.out}: {rep.dense_model_type} with FFN width {rep.intermediate_size}, "
+          f"{rep.student_params / 1e6:.2f}M parameters (teacher {rep.teacher_params / 1e6:.2f}M), "
+          f"calibrated on {r.stats.tokens} tokens{_refitted(rep.out)}")
+
+
+def _calibrate(args: argparse.Namespace, progress: bool) -> None:
+    from .convert.calibrate import calibrate
+    from .core.config import CalibrateConfig
+
+    cfg = CalibrateConfig.from_args(args)
+    if not cfg.out:
+        raise UserError("calibrate needs --out STATS: the directory to write the statistics to")
+    s = calibrate(cfg, progress=progress)
+    print(f"wrote {cfg.out}: {len(s.moe_layers)} MoE layers, {s.tokens} tokens, "
+          f"{'full' if s.full else 'router'} statistics, {s.meta['seconds']:.1f}s")
+
+
+def _plan(args: argparse.Namespace, progress: bool) -> None:
+    from .convert.build import read_expert_weights
+    from .convert.plan import check_plan_output, make_plan, save_plan
+    from .convert.stats import Stats
+    from .core.config import PlanConfig
+    from .core.source import Source
+
+    cfg = PlanConfig.from_args(args)
+    stats = Stats.load(cfg.stats)
+    inputs = (cfg.stats, stats.source, cfg.src)
+    check_plan_output(cfg.out, overwrite=cfg.overwrite, sources=inputs)
+    weights = None
+    if cfg.grouping == "weight":
+        src = cfg.src or stats.source
+        if not src:
+            raise UserError("--grouping weight needs --src (the teacher checkpoint)")
+        source = Source.open(src)  # stays open: the weights are read as the plan groups each layer
+        theirs = (source.family.model_type, source.shape.num_experts, source.shape.hidden_size,
+                  list(source.shape.moe_layers))
+        ours = (stats.model_type, stats.num_experts, stats.meta.get("hidden_size"), list(stats.moe_layers))
+        if theirs != ours:
+            raise UserError(f"--src {src} ({theirs[0]}, {theirs[1]} experts, hidden {theirs[2]}) is not the "
+                            f"model these statistics were calibrated on ({ours[0]}, {ours[1]} experts, "
+                            f"hidden {ours[2]})")
+        weights = read_expert_weights(source)
+    plan = make_plan(stats, cfg, expert_weights=weights)
+    written = save_plan(plan, cfg.out, overwrite=cfg.overwrite, sources=inputs)
+    print(f"wrote {written}: K={plan.experts}, k={plan.groups}, {plan.scoring}/{plan.grouping}/{plan.scaling}, "
+          f"{len(plan.layers)} layers")
+
+
+def _build(args: argparse.Namespace, progress: bool) -> None:
+    from .convert.build import build
+    from .core.config import BuildConfig
+
+    rep = build(BuildConfig.from_args(args), progress=progress)
+    print(f"wrote {rep.out}: {rep.dense_model_type}, FFN width {rep.intermediate_size}, "
+          f"{rep.student_params / 1e6:.2f}M parameters in {rep.seconds:.1f}s{_refitted(rep.out)}")
+
+
+def _prune_dense(args: argparse.Namespace, progress: bool) -> None:
+    from .convert.prune import PruneConfig, prune_dense
+
+    rep = prune_dense(PruneConfig.from_args(args), progress=progress)
+    print(f"wrote {rep.out}: {rep.model_type}, FFN width {rep.width} of {rep.intermediate_size}, "
+          f"{rep.params_after / 1e6:.2f}M parameters (was {rep.params_before / 1e6:.2f}M), importance from "
+          f"{rep.tokens} tokens, {rep.seconds:.1f}s")
+
+
+def _demo(args: argparse.Namespace, progress: bool) -> None:
+    from .demo import DEMO_DISTILL_TOKENS, run_demo
+
+    run_demo(args.out, workers=args.workers, progress=progress, samples=args.samples, seq_len=args.seq_len,
+             distill_tokens=DEMO_DISTILL_TOKENS if args.distill_tokens is None else args.distill_tokens)
+
+
+def _distill(args: argparse.Namespace, progress: bool) -> None:
+    from .distill.driver import distill
+
+    r = distill(_distill_config(args), progress=progress)
+    last = r.final
+    print(f"wrote {r.student}: {r.steps} steps, {r.tokens} tokens in {r.seconds:.0f}s; held-out perplexity "
+          f"{last.get('val_ppl', float('nan')):.2f}, KL to the teacher {last.get('val_kl', float('nan')):.3f}")
+
+
+def _teacher_logits(args: argparse.Namespace, progress: bool) -> None:
+    from .distill.config import TeacherLogitsConfig
+    from .distill.driver import teacher_logits
+
+    meta = teacher_logits(TeacherLogitsConfig.from_args(args), progress=progress)
+    print(f"wrote {args.out}: {meta['blocks']} blocks ({meta['val_blocks']} held out), {meta['codec']} "
+          f"codec, {meta['seconds']:.1f}s")
+
+
+def _sweep(args: argparse.Namespace, progress: bool) -> None:
+    from .sweep import SweepConfig, sweep
+
+    cfg = SweepConfig.from_args(args)
+    summary = sweep(cfg, progress=progress)
+    print(summary["leaderboard"])
+    print(f"wrote {cfg.out}: {summary['trials']} trials ({summary['stopped_early']} stopped early, "
+          f"{summary['errors']} failed), {summary['tokens_spent']:,} distillation tokens = "
+          f"{summary['token_ratio']:.2f} of the full grid's, {summary['seconds']:.0f}s")
+
+
+def _eval(args: argparse.Namespace, progress: bool) -> None:
+    from .eval.stage import EvalConfig, evaluate_model, results_table
+
+    cfg = EvalConfig.from_args(args)
+    result = evaluate_model(cfg, progress=progress)
+    print(results_table(result))
+    if cfg.out:
+        print(f"wrote {cfg.out} in {result['seconds']:.0f}s")
+
+
+def _families(args: argparse.Namespace, progress: bool) -> None:
+    from .core.families import supported_families_table
+
+    print(supported_families_table())
+
+
+# subcommand -> what runs it: each parses its stage's config from the flags and calls the stage
+COMMANDS = {"convert": _convert, "calibrate": _calibrate, "plan": _plan, "build": _build,
+            "prune-dense": _prune_dense, "demo": _demo, "distill": _distill, "teacher-logits": _teacher_logits,
+            "sweep": _sweep, "eval": _eval, "methods": lambda args, progress: print(_methods_help()),
+            "families": _families}
+
+
 def _run(args: argparse.Namespace) -> int:
-    progress = not args.quiet
-    if args.command == "convert":
-        from .convert.stage import convert
-        from .core.config import ConvertConfig
-
-        cfg = ConvertConfig.from_args(args)
-        r = convert(cfg.src, cfg.data, cfg.out, experts=cfg.experts, groups=cfg.groups, scoring=cfg.scoring,
-                    grouping=cfg.grouping, scaling=cfg.scaling, samples=cfg.samples, seq_len=cfg.seq_len,
-                    workers=cfg.workers, full_stats=cfg.full_stats, stats_out=cfg.stats, seed=cfg.seed,
-                    dtype=cfg.dtype, max_shard_bytes=int(cfg.shard_size * (1 << 30)), overwrite=cfg.overwrite,
-                    allow_pickle=cfg.allow_pickle, batch_size=cfg.batch_size, progress=progress,
-                    gpus_per_worker=cfg.gpus_per_worker, text_field=cfg.text_field, options=cfg.method_options(),
-                    teacher_resources=cfg.teacher_resources, refit=cfg.refit_config())
-        rep = r.report
-        print(f"wrote {rep.out}: {rep.dense_model_type} with FFN width {rep.intermediate_size}, "
-              f"{rep.student_params / 1e6:.2f}M parameters (teacher {rep.teacher_params / 1e6:.2f}M), "
-              f"calibrated on {r.stats.tokens} tokens{_refitted(rep.out)}")
-    elif args.command == "calibrate":
-        from .convert.calibrate import calibrate
-        from .core.config import CalibrateConfig
-
-        cfg = CalibrateConfig.from_args(args)
-        s = calibrate(cfg.src, cfg.data, samples=cfg.samples, seq_len=cfg.seq_len, workers=cfg.workers,
-                      full=cfg.full_stats, out=cfg.out, overwrite=cfg.overwrite, batch_size=cfg.batch_size,
-                      seed=cfg.seed, progress=progress, text_field=cfg.text_field,
-                      gpus_per_worker=cfg.gpus_per_worker, allow_pickle=cfg.allow_pickle,
-                      teacher_resources=cfg.teacher_resources)
-        print(f"wrote {cfg.out}: {len(s.moe_layers)} MoE layers, {s.tokens} tokens, "
-              f"{'full' if s.full else 'router'} statistics, {s.meta['seconds']:.1f}s")
-    elif args.command == "plan":
-        from .convert.build import read_expert_weights
-        from .convert.plan import check_plan_output, make_plan, save_plan
-        from .convert.stats import Stats
-        from .core.config import PlanConfig
-
-        cfg = PlanConfig.from_args(args)
-        stats = Stats.load(cfg.stats)
-        inputs = (cfg.stats, stats.source, cfg.src)
-        check_plan_output(cfg.out, overwrite=cfg.overwrite, sources=inputs)
-        weights = None
-        if cfg.grouping == "weight":
-            src = cfg.src or stats.source
-            if not src:
-                raise UserError("--grouping weight needs --src (the teacher checkpoint)")
-            from .core.source import Source
-
-            with Source.open(src) as source:
-                family, shape = source.family, source.shape
-            theirs = (family.model_type, shape.num_experts, shape.hidden_size, list(shape.moe_layers))
-            ours = (stats.model_type, stats.num_experts, stats.meta.get("hidden_size"), list(stats.moe_layers))
-            if theirs != ours:
-                raise UserError(f"--src {src} ({theirs[0]}, {theirs[1]} experts, hidden {theirs[2]}) is not the "
-                                f"model these statistics were calibrated on ({ours[0]}, {ours[1]} experts, "
-                                f"hidden {ours[2]})")
-            weights = read_expert_weights(src)
-        plan = make_plan(stats, experts=cfg.experts, groups=cfg.groups, scoring=cfg.scoring,
-                         grouping=cfg.grouping, scaling=cfg.scaling, seed=cfg.seed, expert_weights=weights,
-                         options=cfg.method_options())
-        written = save_plan(plan, cfg.out, overwrite=cfg.overwrite, sources=inputs)
-        print(f"wrote {written}: K={plan.experts}, k={plan.groups}, {plan.scoring}/{plan.grouping}/{plan.scaling}, "
-              f"{len(plan.layers)} layers")
-    elif args.command == "build":
-        from .convert.build import build
-        from .convert.plan import load_plan
-        from .core.config import BuildConfig
-
-        cfg = BuildConfig.from_args(args)
-        rep = build(cfg.src, load_plan(cfg.plan), cfg.out, dtype=cfg.dtype,
-                    max_shard_bytes=int(cfg.shard_size * (1 << 30)), overwrite=cfg.overwrite,
-                    allow_pickle=cfg.allow_pickle, progress=progress, inputs=(cfg.plan,), refit=cfg.refit_config())
-        print(f"wrote {rep.out}: {rep.dense_model_type}, FFN width {rep.intermediate_size}, "
-              f"{rep.student_params / 1e6:.2f}M parameters in {rep.seconds:.1f}s{_refitted(rep.out)}")
-    elif args.command == "prune-dense":
-        from .convert.prune import PruneConfig, prune_dense
-
-        cfg = PruneConfig.from_args(args)
-        rep = prune_dense(cfg.src, cfg.data, cfg.out, width=cfg.width, samples=cfg.samples, seq_len=cfg.seq_len,
-                          batch_size=cfg.batch_size, seed=cfg.seed, text_field=cfg.text_field, dtype=cfg.dtype,
-                          max_shard_bytes=int(cfg.shard_size * (1 << 30)), overwrite=cfg.overwrite,
-                          allow_pickle=cfg.allow_pickle, progress=progress)
-        print(f"wrote {rep.out}: {rep.model_type}, FFN width {rep.width} of {rep.intermediate_size}, "
-              f"{rep.params_after / 1e6:.2f}M parameters (was {rep.params_before / 1e6:.2f}M), importance from "
-              f"{rep.tokens} tokens, {rep.seconds:.1f}s")
-    elif args.command == "demo":
-        from .demo import DEMO_DISTILL_TOKENS, run_demo
-
-        run_demo(args.out, workers=args.workers, progress=progress, samples=args.samples, seq_len=args.seq_len,
-                 distill_tokens=DEMO_DISTILL_TOKENS if args.distill_tokens is None else args.distill_tokens)
-    elif args.command == "distill":
-        from .distill.driver import distill
-
-        r = distill(_distill_config(args), progress=progress)
-        last = r.final
-        print(f"wrote {r.student}: {r.steps} steps, {r.tokens} tokens in {r.seconds:.0f}s; held-out perplexity "
-              f"{last.get('val_ppl', float('nan')):.2f}, KL to the teacher {last.get('val_kl', float('nan')):.3f}")
-    elif args.command == "teacher-logits":
-        from .distill.config import TeacherLogitsConfig
-        from .distill.driver import teacher_logits
-
-        meta = teacher_logits(TeacherLogitsConfig.from_args(args), progress=progress)
-        print(f"wrote {args.out}: {meta['blocks']} blocks ({meta['val_blocks']} held out), {meta['codec']} "
-              f"codec, {meta['seconds']:.1f}s")
-    elif args.command == "sweep":
-        from .sweep import SweepConfig, sweep
-
-        cfg = SweepConfig.from_args(args)
-        summary = sweep(cfg, progress=progress)
-        print(summary["leaderboard"])
-        print(f"wrote {cfg.out}: {summary['trials']} trials ({summary['stopped_early']} stopped early, "
-              f"{summary['errors']} failed), {summary['tokens_spent']:,} distillation tokens = "
-              f"{summary['token_ratio']:.2f} of the full grid's, {summary['seconds']:.0f}s")
-    elif args.command == "eval":
-        from .eval.stage import EvalConfig, evaluate_model, results_table
-
-        cfg = EvalConfig.from_args(args)
-        result = evaluate_model(cfg, progress=progress)
-        print(results_table(result))
-        if cfg.out:
-            print(f"wrote {cfg.out} in {result['seconds']:.0f}s")
-    elif args.command == "methods":
-        print(_methods_help())
-    elif args.command == "families":
-        from .core.families import supported_families_table
-
-        print(supported_families_table())
+    COMMANDS[args.command](args, not args.quiet)
     return 0
 
 

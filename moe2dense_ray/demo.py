@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Any, Iterator
 
 DEMO_SCORINGS = ("random", "sf", "cp", "acp", "do-acp")
 DEMO_DISTILL_TOKENS = 400_000  # about 2 minutes on 2 CPU cores; a refitted student needs no more
@@ -27,13 +28,48 @@ def _teacher_and_text() -> tuple[str, str, str, str, str]:
             assets.dense_peer_path())
 
 
+def students(teacher: str, stats, configs: dict[str, dict[str, Any]], out_dir: str, held, *,
+             progress: bool = False, refit=None) -> Iterator[dict[str, Any]]:
+    """Plan, build and measure each configuration, from one calibration of `teacher`.
+
+    `configs` maps a name (the student's directory under `out_dir`, rebuilt if present) to the
+    settings of a plan (`config.PlanSettings`). Yields, as each student is measured, a row
+    `{"name", "path", "params_M", "teacher_params_M", "ppl"}` (parameters in millions; perplexity
+    on the blocks `held`), so callers can print as they go. With `refit` (a `config.RefitConfig`)
+    each plan is also built refitted, into `{name}-refit`: the row adds "refit_path", "refit_ppl"
+    and "refit" (the record of the fit)."""
+    from .convert.build import build
+    from .convert.plan import load_plan, make_plan
+    from .core.config import BuildConfig, PlanSettings
+    from .core.progress import Progress
+    from .eval.metrics import model_perplexity
+
+    bar = Progress(len(configs), "students", unit="plans", enabled=progress)
+    try:
+        for name, kwargs in configs.items():
+            dst = os.path.join(out_dir, name)
+            plan = make_plan(stats, PlanSettings(**kwargs))
+            rep = build(BuildConfig(src=teacher, out=dst, overwrite=True), plan, progress=False)
+            row = {"name": name, "path": dst, "params_M": rep.student_params / 1e6,
+                   "teacher_params_M": rep.teacher_params / 1e6, "ppl": model_perplexity(dst, held)}
+            if refit is not None:
+                build(BuildConfig(src=teacher, out=f"{dst}-refit", overwrite=True, **refit.model_dump()), plan,
+                      progress=False)
+                row.update(refit_path=f"{dst}-refit", refit_ppl=model_perplexity(f"{dst}-refit", held),
+                           refit=load_plan(f"{dst}-refit").refit)
+            yield row
+            bar.update(1)
+    finally:
+        bar.close()
+
+
 def run_demo(out: str = "runs/demo", *, workers: int = 2, progress: bool = True,
              scorings: tuple[str, ...] = DEMO_SCORINGS, samples: int = 32, seq_len: int = 256,
              distill_tokens: int = DEMO_DISTILL_TOKENS, heldout_blocks: int = 16) -> dict:
     """Calibrate once; build every scoring plain (the paper's method) and refitted (the default
     of `convert`); distill the best refitted student; tables, results.json and a plot in OUT."""
     from .convert.calibrate import calibrate
-    from .core.config import RefitConfig
+    from .core.config import CalibrateConfig, RefitConfig
     from .core.report import perplexity_table, plot_bars
     from .eval import metrics as evaluate
 
@@ -41,8 +77,9 @@ def run_demo(out: str = "runs/demo", *, workers: int = 2, progress: bool = True,
     teacher, calib_text, held_text, train_text, peer = _teacher_and_text()
     print(f"teacher: {teacher}")
     t0 = time.time()
-    stats = calibrate(teacher, calib_text, samples=samples, seq_len=seq_len, workers=workers, full=True,
-                      out=os.path.join(out, "stats"), overwrite=True, progress=progress)  # re-runnable
+    stats = calibrate(CalibrateConfig(src=teacher, data=calib_text, samples=samples, seq_len=seq_len, workers=workers,
+                                      full_stats=True, out=os.path.join(out, "stats"), overwrite=True),  # re-runnable
+                      progress=progress)
     E = stats.num_experts
     K = max(1, E // 4)
     print(f"calibrated {stats.tokens} tokens on {workers} Ray workers in {time.time() - t0:.1f}s; "
@@ -52,7 +89,7 @@ def run_demo(out: str = "runs/demo", *, workers: int = 2, progress: bool = True,
     configs = {f"student-{name}": {"experts": K, "scoring": name, "scaling": "uniform"} for name in scorings}
     refit = RefitConfig(data=calib_text, refit="down", samples=samples, seq_len=seq_len, workers=0)  # in process
     refitted = []
-    for name, s in zip(scorings, evaluate.students(teacher, stats, configs, out, held, progress=progress,
+    for name, s in zip(scorings, students(teacher, stats, configs, out, held, progress=progress,
                                                    refit=refit)):
         rows.append({"model": f"dense K={K} {name}", "params_M": s["params_M"], "ppl": s["ppl"], "path": s["path"]})
         refitted.append({"model": f"dense K={K} {name}, refitted", "params_M": s["params_M"], "ppl": s["refit_ppl"],

@@ -275,15 +275,18 @@ def build_student(cfg: SweepConfig, config: dict[str, Any], out: str) -> None:
     from .convert.plan import make_plan
     from .convert.refit import refit
     from .convert.stats import Stats
+    from .core.config import BuildConfig, PlanSettings
+    from .core.source import Source
 
     args = _plan_args(config)
-    weights = read_expert_weights(cfg.teacher) if args["grouping"] == "weight" else None
-    plan = make_plan(Stats.load(f"{cfg.out}/stats"), expert_weights=weights, **args)
-    fit, fitted = _refit_config(cfg, config), None
-    if fit is not None:
-        with teacher_pool(cfg) as teachers:
-            fitted = refit(cfg.teacher, plan, fit, progress=False, pool=teachers)
-    build(cfg.teacher, plan, out, progress=False, overwrite=True, refit=fitted)
+    with Source.open(cfg.teacher) as source:
+        weights = read_expert_weights(source) if args["grouping"] == "weight" else None
+        plan = make_plan(Stats.load(f"{cfg.out}/stats"), PlanSettings(**args), expert_weights=weights)
+        fit, fitted = _refit_config(cfg, config), None
+        if fit is not None:
+            with teacher_pool(cfg) as teachers:
+                fitted = refit(source, plan, fit, progress=False, pool=teachers)
+        build(BuildConfig(src=cfg.teacher, out=out, overwrite=True), plan, progress=False, source=source, fitted=fitted)
 
 
 class _TrialEndsItsTraining:
@@ -426,6 +429,7 @@ def _shared_work(cfg: SweepConfig, combos: list[dict[str, Any]], *, progress: bo
     """The one calibration and the one teacher stream (each skipped when a resumed sweep has it)."""
     from .convert.calibrate import calibrate
     from .convert.plan import check_methods
+    from .core.config import CalibrateConfig
     from .core.storage import url_to_fs
     from .distill.config import TeacherLogitsConfig
     from .distill.driver import teacher_logits
@@ -435,9 +439,10 @@ def _shared_work(cfg: SweepConfig, combos: list[dict[str, Any]], *, progress: bo
         full = any(check_methods(*(_plan_args(c)[k] for k in ("scoring", "grouping", "scaling"))) for c in combos)
         workers = cfg.teacher_workers if cfg.calibration_workers is None else cfg.calibration_workers
         with teacher_pool(cfg, workers) as teachers:
-            calibrate(cfg.teacher, cfg.data, samples=cfg.samples, seq_len=cfg.seq_len, workers=workers, full=full,
-                      out=f"{cfg.out}/stats", batch_size=cfg.teacher_batch, progress=progress,
-                      text_field=cfg.text_field, pool=teachers)
+            calibrate(CalibrateConfig(src=cfg.teacher, data=cfg.data, samples=cfg.samples, seq_len=cfg.seq_len,
+                                      workers=workers, full_stats=full, out=f"{cfg.out}/stats",
+                                      batch_size=cfg.teacher_batch, text_field=cfg.text_field),
+                      progress=progress, pool=teachers)
     if not fs.exists(f"{path}/logits/stream.json"):
         teacher_logits(TeacherLogitsConfig(teacher=cfg.teacher, data=cfg.data, text_field=cfg.text_field,
                                            tokens=cfg.tokens, seq_len=cfg.seq_len, top_k=cfg.top_k,

@@ -46,7 +46,14 @@ def make_tiny_tokenizer(vocab_size: int = 96) -> PreTrainedTokenizerFast:
     outside [a-z0-9] and common punctuation become `<unk>`, so any string tokenizes. Decoding
     restores spaces (Metaspace). Saves with `save_pretrained` and reloads with AutoTokenizer.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
 
     if vocab_size < MIN_VOCAB:
         raise ValueError(f"vocab_size must be >= {MIN_VOCAB} (specials + alphabet), got {vocab_size}")

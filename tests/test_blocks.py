@@ -11,10 +11,18 @@ import numpy as np
 import pytest
 
 from moe2dense_ray.core.data import file_docs, load_texts
-from moe2dense_ray.distill import blocks as B
-from moe2dense_ray.distill.blocks import (Ranges, Shard, TextPlan, local_blocks, pack_shard, plan_text, rank_range,
-                                         text_blocks)
 from moe2dense_ray.core.storage import url_to_fs
+from moe2dense_ray.distill import blocks as B
+from moe2dense_ray.distill.blocks import (
+    Ranges,
+    Shard,
+    TextPlan,
+    local_blocks,
+    pack_shard,
+    plan_text,
+    rank_range,
+    text_blocks,
+)
 
 
 def _words(rng: random.Random, n: int) -> str:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import TINY, make_tiny_moe
 
 from moe2dense_ray.convert.calibrate import Calibrator, calibrate
 from moe2dense_ray.convert.methods import SCORINGS, select
-from tiny import TINY, make_tiny_moe
+from moe2dense_ray.core.config import CalibrateConfig
 
 FAMILIES = sorted(TINY)
 
@@ -98,8 +99,8 @@ def test_statistics_match_brute_force_and_skip_padding(tmp_path, tokenizer):
 def test_one_worker_and_two_ray_workers_agree(tmp_path, tokenizer, corpus, ray_cluster):
     src = tmp_path / "t"
     make_tiny_moe("deepseek_v2", str(src), tokenizer=tokenizer)
-    one = calibrate(str(src), corpus, samples=6, seq_len=24, workers=0, full=True, progress=False)
-    two = calibrate(str(src), corpus, samples=6, seq_len=24, workers=2, full=True, progress=False, batch_size=2)
+    one = calibrate(CalibrateConfig(src=str(src), data=corpus, samples=6, seq_len=24, workers=0, full_stats=True), progress=False)
+    two = calibrate(CalibrateConfig(src=str(src), data=corpus, samples=6, seq_len=24, workers=2, full_stats=True, batch_size=2), progress=False)
     assert one.tokens == two.tokens > 0
     assert set(one.sums) == set(two.sums)
     for key in one.sums:  # float32 partial sums of batches of 8 and of 2 blocks: the brute-force test's tolerance

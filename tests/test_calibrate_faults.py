@@ -25,6 +25,7 @@ from test_errors import _one_error
 
 from moe2dense_ray import assets
 from moe2dense_ray.cli import main
+from moe2dense_ray.core.config import CalibrateConfig
 from moe2dense_ray.core.errors import UserError
 
 DATA = assets.calibration_path()
@@ -213,8 +214,9 @@ def test_missing_weights_are_an_error_not_random_values(teacher, tmp_path, capsy
 
 def test_every_family_loads_cleanly_and_a_missing_tensor_is_still_caught(tmp_path, tokenizer):
     """The check is not weakened for anyone, and no supported family trips it when nothing is wrong."""
-    from moe2dense_ray.core.models import load_causal_lm
     from tiny import FAMILY_NAMES, make_tiny_moe
+
+    from moe2dense_ray.core.models import load_causal_lm
 
     for family in FAMILY_NAMES:
         make_tiny_moe(family, str(tmp_path / family), tokenizer=tokenizer)
@@ -299,8 +301,9 @@ def test_broken_config_and_vocabulary_fail_before_any_actor(ray_cluster, teacher
 
 
 def test_grouped_routing_config_is_checked():
-    from moe2dense_ray.core.families import get_family, moe_shape
     from tiny import tiny_config
+
+    from moe2dense_ray.core.families import get_family, moe_shape
 
     v3 = get_family("deepseek_v3")
     moe_shape(v3, tiny_config("deepseek_v3"))
@@ -321,7 +324,7 @@ def test_actor_errors_come_back_as_the_same_line_and_actors_are_killed(ray_clust
     errors = []
     for workers in (0, 1):
         with pytest.raises(UserError) as e:
-            calibrate(teacher, DATA, samples=2, seq_len=16, workers=workers, progress=False)
+            calibrate(CalibrateConfig(src=teacher, data=DATA, samples=2, seq_len=16, workers=workers), progress=False)
         errors.append(str(e.value))
     assert errors[0] == errors[1] and "\n" not in errors[1] and "missing model.layers.0.mlp.gate.weight" in errors[1]
     deadline = time.monotonic() + 20

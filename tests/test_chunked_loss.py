@@ -7,12 +7,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig,
-                          GraniteForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (
+    CohereConfig,
+    CohereForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
+from moe2dense_ray.core.lm_head import LMHead, rows_per_chunk
 from moe2dense_ray.distill.codec import CODECS
 from moe2dense_ray.distill.losses import LOSSES, chunked_loss, masked_mean
-from moe2dense_ray.core.lm_head import LMHead, rows_per_chunk
 
 V = 97
 SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -20,10 +20,11 @@ from transformers import AutoModelForCausalLM
 
 from moe2dense_ray import assets
 from moe2dense_ray.cli import main
+from moe2dense_ray.core.config import ConvertConfig
+from moe2dense_ray.core.errors import UserError
 from moe2dense_ray.distill.blocks import Ranges
 from moe2dense_ray.distill.config import DistillConfig, TeacherLogitsConfig
 from moe2dense_ray.distill.driver import distill, read_metrics, teacher_logits
-from moe2dense_ray.core.errors import UserError
 
 DATA = assets.calibration_path()
 
@@ -35,8 +36,7 @@ def student(tmp_path_factory):
     from moe2dense_ray.convert.stage import convert
 
     out = tmp_path_factory.mktemp("student") / "dense"
-    convert(assets.teacher_path(), DATA, str(out), experts=4, scoring="cp", samples=8, seq_len=128, workers=0,
-            progress=False, refit="none")
+    convert(ConvertConfig(src=assets.teacher_path(), data=DATA, out=str(out), experts=4, scoring="cp", samples=8, seq_len=128, workers=0, refit="none"), progress=False)
     return str(out)
 
 
@@ -50,14 +50,13 @@ def _cfg(student, out, **kw) -> DistillConfig:
 def test_a_refitted_student_gets_a_gentler_learning_rate(tmp_path, student):
     """`convert` refits by default; the refit's record sets the default peak learning rate to
     PLAIN_LR x sqrt(error after / error before) (run.peak_lr), and a plain student keeps PLAIN_LR."""
-    from moe2dense_ray.convert.stage import convert
-    from moe2dense_ray.distill.driver import PLAIN_LR, peak_lr
     from moe2dense_ray.convert.plan import load_plan
     from moe2dense_ray.convert.refit import mean_error
+    from moe2dense_ray.convert.stage import convert
+    from moe2dense_ray.distill.driver import PLAIN_LR, peak_lr
 
     refitted = tmp_path / "refitted"
-    convert(assets.teacher_path(), DATA, str(refitted), experts=4, scoring="cp", samples=8, seq_len=128, workers=0,
-            progress=False)  # the default
+    convert(ConvertConfig(src=assets.teacher_path(), data=DATA, out=str(refitted), experts=4, scoring="cp", samples=8, seq_len=128, workers=0), progress=False)  # the default
     record = load_plan(str(refitted)).refit
     assert record["fit"] == "down" and record["mode"] == "sequential"
     ratio = mean_error(record, "error_after") / mean_error(record, "error_before")
@@ -232,10 +231,15 @@ def test_offline_stream_gives_the_online_loss(ray_cluster, student, tmp_path):
     """The teacher-logits stream holds exactly what the teacher service computes online."""
     from moe2dense_ray.core.models import load_tokenizer
     from moe2dense_ray.distill.blocks import local_blocks, text_blocks
-    from moe2dense_ray.distill.losses import LOSSES
     from moe2dense_ray.distill.codec import IdOrder
     from moe2dense_ray.distill.driver import _columns, _id_order, _text
-    from moe2dense_ray.distill.stream import TeacherPool, blocks_dataset, read_stream, teacher_stream
+    from moe2dense_ray.distill.losses import LOSSES
+    from moe2dense_ray.distill.stream import (
+        TeacherPool,
+        blocks_dataset,
+        read_stream,
+        teacher_stream,
+    )
     from moe2dense_ray.distill.worker import decode_target
 
     model = AutoModelForCausalLM.from_pretrained(student).eval()

@@ -8,9 +8,10 @@ import subprocess
 import sys
 
 import pytest
+from tiny import make_tiny_moe
 
 from moe2dense_ray.cli import main
-from tiny import make_tiny_moe
+from moe2dense_ray.core.config import BuildConfig, CalibrateConfig, PlanSettings
 
 
 @pytest.fixture(scope="module")
@@ -108,17 +109,17 @@ def test_shapes_disagree_with_config(tmp_path, teacher, corpus, capsys):
     """Found mid-build: the partial output must be removed."""
     from moe2dense_ray.convert.build import build
     from moe2dense_ray.convert.calibrate import calibrate
-    from moe2dense_ray.core.errors import UserError
     from moe2dense_ray.convert.plan import make_plan
+    from moe2dense_ray.core.errors import UserError
 
-    stats = calibrate(str(teacher), corpus, samples=2, seq_len=16, workers=0, progress=False)
-    plan = make_plan(stats, experts=2, scoring="sf")
+    stats = calibrate(CalibrateConfig(src=str(teacher), data=corpus, samples=2, seq_len=16, workers=0), progress=False)
+    plan = make_plan(stats, PlanSettings(experts=2, scoring="sf"))
     src = _copy(teacher, tmp_path / "shapes")
     cfg = json.loads((src / "config.json").read_text())
     cfg["moe_intermediate_size"] = 16
     (src / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="has shape"):
-        build(str(src), plan, str(tmp_path / "out"), progress=False)
+        build(BuildConfig(src=str(src), out=str(tmp_path / "out")), plan, progress=False)
     assert not (tmp_path / "out").exists()
     assert not [p for p in os.listdir(tmp_path) if ".partial" in p]
 

@@ -57,8 +57,8 @@ def test_shipped_tasks_on_the_teacher(teacher_result):
 
 def test_perplexity_is_the_one_implementation(teacher_result):
     """eval's perplexity is `evaluate.perplexity` on the blocks the demo would make, to the bit."""
-    from moe2dense_ray.core.models import load_tokenizer
     from moe2dense_ray.core.data import calibration_blocks
+    from moe2dense_ray.core.models import load_tokenizer
     from moe2dense_ray.eval.metrics import load_model, perplexity
 
     teacher = assets.teacher_path()

@@ -11,16 +11,16 @@ import json
 
 import pytest
 import torch
+from tiny import FAMILY_NAMES, make_tiny_moe
 from transformers import AutoModelForCausalLM
 
 from moe2dense_ray.convert.build import build
 from moe2dense_ray.convert.calibrate import calibrate
-from moe2dense_ray.core.checkpoint import CheckpointReader
-from moe2dense_ray.core.families import get_family
 from moe2dense_ray.convert.plan import PLAN_FILE, make_plan
+from moe2dense_ray.core.checkpoint import CheckpointReader
+from moe2dense_ray.core.config import BuildConfig, CalibrateConfig, PlanSettings
+from moe2dense_ray.core.families import get_family
 from moe2dense_ray.core.lm_head import LMHead
-from tiny import FAMILY_NAMES, make_tiny_moe
-
 
 
 def _logits(model, ids):
@@ -33,10 +33,10 @@ def test_uniform_router_all_experts_is_exact(model_type, tmp_path, tokenizer, co
     src, dst = tmp_path / "teacher", tmp_path / "student"
     teacher = make_tiny_moe(model_type, str(src), uniform_router=True, tokenizer=tokenizer)
     E = get_family(model_type)
-    stats = calibrate(str(src), corpus, samples=4, seq_len=32, workers=0, progress=False)
+    stats = calibrate(CalibrateConfig(src=str(src), data=corpus, samples=4, seq_len=32, workers=0), progress=False)
     num_experts = stats.num_experts
-    plan = make_plan(stats, experts=num_experts, scoring="cp", scaling="uniform")
-    build(str(src), plan, str(dst), progress=False)
+    plan = make_plan(stats, PlanSettings(experts=num_experts, scoring="cp", scaling="uniform"))
+    build(BuildConfig(src=str(src), out=str(dst)), plan, progress=False)
 
     student = AutoModelForCausalLM.from_pretrained(str(dst), dtype=torch.float32).eval()
     assert type(student).__name__ == E.dense_architecture  # the class the family's row promises
@@ -61,9 +61,9 @@ def test_selected_experts_are_copied_with_plan_scales(tmp_path, tokenizer, corpu
     """With K < E the dense FFN holds exactly the selected experts' weights with the plan's scales."""
     src, dst = tmp_path / "teacher", tmp_path / "student"
     teacher = make_tiny_moe("qwen3_moe", str(src), tokenizer=tokenizer)
-    stats = calibrate(str(src), corpus, samples=4, seq_len=32, workers=0, progress=False)
-    plan = make_plan(stats, experts=3, scoring="sf", scaling="score")
-    rep = build(str(src), plan, str(dst), progress=False)
+    stats = calibrate(CalibrateConfig(src=str(src), data=corpus, samples=4, seq_len=32, workers=0), progress=False)
+    plan = make_plan(stats, PlanSettings(experts=3, scoring="sf", scaling="score"))
+    rep = build(BuildConfig(src=str(src), out=str(dst)), plan, progress=False)
     r = CheckpointReader(str(dst))
     I = teacher.config.moe_intermediate_size
     for lp in plan.layers:
@@ -125,9 +125,10 @@ def test_an_unsupported_family_is_refused_in_one_line_that_says_why(tmp_path, to
 
 
 def test_a_family_setting_the_construction_cannot_reproduce_is_refused():
+    from tiny import tiny_config
+
     from moe2dense_ray.core.errors import UserError
     from moe2dense_ray.core.families import moe_shape
-    from tiny import tiny_config
 
     family = get_family("cohere2_moe")
     assert moe_shape(family, tiny_config("cohere2_moe")).shared_size == 8  # summed shared experts: fine

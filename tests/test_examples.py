@@ -10,11 +10,9 @@ import shlex
 import subprocess
 import sys
 
-
 from moe2dense_ray import assets, cli
-from moe2dense_ray.demo import DEMO_SCORINGS, run_demo
 from moe2dense_ray.convert.plan import load_plan
-
+from moe2dense_ray.demo import DEMO_SCORINGS, run_demo
 
 # what a line of Ray's, DeepSpeed's or Python's own loggers and warnings looks like on stderr
 NOISE = re.compile(r"\t(INFO|WARNING|ERROR|DEBUG) |\((raylet|pid=|autoscaler|Train|Ray)|core_worker|"

@@ -9,8 +9,20 @@ import math
 import pytest
 import torch
 
-from moe2dense_ray.distill.codec import CODECS, SparseTarget, encode_topk, teacher_sample, teacher_topk
-from moe2dense_ray.distill.losses import LOSSES, forward_kl, jsd, masked_mean, reverse_kl
+from moe2dense_ray.distill.codec import (
+    CODECS,
+    SparseTarget,
+    encode_topk,
+    teacher_sample,
+    teacher_topk,
+)
+from moe2dense_ray.distill.losses import (
+    LOSSES,
+    forward_kl,
+    jsd,
+    masked_mean,
+    reverse_kl,
+)
 
 
 def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

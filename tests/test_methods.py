@@ -16,7 +16,6 @@ import warnings
 import pytest
 import torch
 
-from moe2dense_ray.core.errors import UserError
 from moe2dense_ray.convert.methods import (
     GROUPINGS,
     SCALINGS,
@@ -31,6 +30,7 @@ from moe2dense_ray.convert.methods import (
     merge_weights,
     select,
 )
+from moe2dense_ray.core.errors import UserError
 
 N, E, TOPK, H = 160, 8, 2, 5
 DEAD = E - 1  # an expert no token selects

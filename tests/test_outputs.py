@@ -17,12 +17,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moe2dense_ray import assets
-from moe2dense_ray.core.source import Source
-from moe2dense_ray.core.checkpoint import CheckpointReader
 from moe2dense_ray.cli import main
-from moe2dense_ray.core.errors import UserError
-from moe2dense_ray.core.storage import OutputLock, clean_leftovers, swap_in, url_to_fs
 from moe2dense_ray.convert.plan import LayerPlan, Plan, load_plan, save_plan
+from moe2dense_ray.core.checkpoint import CheckpointReader
+from moe2dense_ray.core.errors import UserError
+from moe2dense_ray.core.source import Source
+from moe2dense_ray.core.storage import OutputLock, clean_leftovers, swap_in, url_to_fs
 
 ENV = {**os.environ, "PYTHONPATH": os.getcwd(), "DS_ACCELERATOR": "cpu"}
 

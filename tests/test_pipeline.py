@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from tiny import make_tiny_moe
 from transformers import AutoModelForCausalLM
 
-from moe2dense_ray.core.checkpoint import CheckpointReader
 from moe2dense_ray.cli import main
 from moe2dense_ray.convert.methods import merge_weights
 from moe2dense_ray.convert.plan import load_plan
-from tiny import make_tiny_moe
+from moe2dense_ray.core.checkpoint import CheckpointReader
 
 
 @pytest.fixture(scope="module")

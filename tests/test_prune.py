@@ -10,14 +10,14 @@ import shutil
 import pytest
 import torch
 from test_errors import _one_error
+from tiny import _COMMON, make_tiny_moe
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from moe2dense_ray import assets
-from moe2dense_ray.core.checkpoint import CheckpointReader
 from moe2dense_ray.cli import main
+from moe2dense_ray.convert.prune import PRUNE_FILE, PruneConfig, prune_dense
+from moe2dense_ray.core.checkpoint import CheckpointReader
 from moe2dense_ray.core.data import calibration_blocks
-from moe2dense_ray.convert.prune import PRUNE_FILE, prune_dense
-from tiny import _COMMON, make_tiny_moe
 
 PEER = assets.dense_peer_path()
 DATA = assets.calibration_path()
@@ -151,8 +151,7 @@ def test_a_neuron_that_never_fires_is_pruned_first(tmp_path, tokenizer, corpus):
 
     src = tmp_path / "dense"
     make_tiny_dense("qwen3", src, tokenizer, edit=zero_rows)
-    r = prune_dense(str(src), corpus, str(tmp_path / "w23"), width=I_TINY - 1, samples=4, seq_len=32,
-                    progress=False)
+    r = prune_dense(PruneConfig(src=str(src), data=corpus, out=str(tmp_path / "w23"), width=I_TINY - 1, samples=4, seq_len=32), progress=False)
     for layer, j in dead.items():
         assert r.importance[layer][j] == 0.0 and min(r.importance[layer][:j] + r.importance[layer][j + 1:]) > 0
         assert r.kept[layer] == [n for n in range(I_TINY) if n != j]
@@ -204,7 +203,7 @@ def test_padding_is_not_counted(tmp_path, tokenizer):
     text = tmp_path / "short.txt"
     text.write_text("the quick brown fox jumps over a lazy dog while seven wizards quietly judge")
     with pytest.warns(UserWarning, match="holds only"):
-        r = prune_dense(str(src), str(text), str(tmp_path / "out"), width=5, samples=4, seq_len=64, progress=False)
+        r = prune_dense(PruneConfig(src=str(src), data=str(text), out=str(tmp_path / "out"), width=5, samples=4, seq_len=64), progress=False)
     blocks = calibration_blocks(str(text), AutoTokenizer.from_pretrained(src), samples=4, seq_len=64)
     n = int(blocks.attention_mask.sum())
     assert blocks.num_samples == 1 and 0 < n < 64 and r.tokens == n

@@ -11,16 +11,16 @@ import json
 
 import pytest
 import torch
+from tiny import FAMILY_NAMES, make_tiny_moe
 from transformers import AutoModelForCausalLM
 
+from moe2dense_ray.cli import main
 from moe2dense_ray.convert.build import build
 from moe2dense_ray.convert.calibrate import TeacherPool
-from moe2dense_ray.cli import main
-from moe2dense_ray.core.config import RefitConfig
-from moe2dense_ray.core.families import get_family, moe_shape
 from moe2dense_ray.convert.plan import PLAN_FILE, LayerPlan, Plan, load_plan
 from moe2dense_ray.convert.refit import RefitPass, reconstruction_error, refit, solve
-from tiny import FAMILY_NAMES, make_tiny_moe
+from moe2dense_ray.core.config import BuildConfig, RefitConfig
+from moe2dense_ray.core.families import get_family, moe_shape
 
 
 def _logits(model, ids):
@@ -65,7 +65,7 @@ def test_refit_recovers_a_moe_output_in_the_span_of_the_kept_neurons(model_type,
     ids = torch.randint(0, teacher.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     t = _logits(teacher, ids)
 
-    build(str(src), plan, str(tmp_path / "plain"), progress=False)
+    build(BuildConfig(src=str(src), out=str(tmp_path / "plain")), plan, progress=False)
     plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "plain"), dtype=torch.float32).eval()
     assert (t - _logits(plain, ids)).abs().max() > 1e-2, "without the refit the student must differ"
 
@@ -73,7 +73,7 @@ def test_refit_recovers_a_moe_output_in_the_span_of_the_kept_neurons(model_type,
         dst = tmp_path / f"refit-{mode}"
         cfg = RefitConfig(data=corpus, samples=8, seq_len=32, workers=0, refit="down", refit_mode=mode,
                           refit_ridge=0.0)
-        build(str(src), plan, str(dst), progress=False, refit=cfg)
+        build(BuildConfig(src=str(src), out=str(dst), **cfg.model_dump()), plan, progress=False)
         student = AutoModelForCausalLM.from_pretrained(str(dst), dtype=torch.float32).eval()
         diff = (t - _logits(student, ids)).abs().max().item()
         assert diff < 1e-4, f"{model_type} {mode}: max |teacher - refitted student| = {diff}"

@@ -26,8 +26,8 @@ from test_distill import _actor_pids
 from test_errors import _one_error
 
 from moe2dense_ray import assets
-from moe2dense_ray.core.checkpoint import CheckpointReader
 from moe2dense_ray.cli import main
+from moe2dense_ray.core.checkpoint import CheckpointReader
 
 BUCKET = "moe2dense-test"
 DATA = assets.calibration_path()
@@ -62,7 +62,11 @@ class LoopbackS3:
 
 @pytest.fixture(scope="module")
 def s3(loopback_s3_socket):
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
     from werkzeug.serving import make_server
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise

@@ -12,13 +12,14 @@ import fsspec
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny import make_tiny_moe
 from transformers import AutoModelForCausalLM
 
 from moe2dense_ray.convert.build import build, read_expert_weights
 from moe2dense_ray.convert.calibrate import calibrate
-from moe2dense_ray.core.checkpoint import CheckpointReader
 from moe2dense_ray.convert.plan import make_plan
-from tiny import make_tiny_moe
+from moe2dense_ray.core.checkpoint import CheckpointReader
+from moe2dense_ray.core.config import BuildConfig, CalibrateConfig, PlanSettings
 
 IDS = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(3))
 
@@ -51,11 +52,11 @@ def test_sharded_in_and_out_and_only_selected_experts_read(tmp_path, tokenizer, 
     teacher.save_pretrained(src, max_shard_size="40KB")
     tokenizer.save_pretrained(src)
     assert (src / "model.safetensors.index.json").exists()
-    stats = calibrate(str(src), corpus, samples=2, seq_len=16, workers=0, progress=False)
-    plan = make_plan(stats, experts=3, scoring="cp")
+    stats = calibrate(CalibrateConfig(src=str(src), data=corpus, samples=2, seq_len=16, workers=0), progress=False)
+    plan = make_plan(stats, PlanSettings(experts=3, scoring="cp"))
 
     with _recorded(monkeypatch, "get") as reads:
-        build(str(src), plan, str(dst), max_shard_bytes=30_000, progress=False)
+        build(BuildConfig(src=str(src), out=str(dst), shard_size=30_000 / (1 << 30)), plan, progress=False)
 
     expert_reads = [k for k in reads if ".experts." in k]
     wanted = {f"model.layers.{lp.layer}.block_sparse_moe.experts.{e}.{w}.weight"
@@ -73,10 +74,9 @@ def test_weight_grouping_reads_only_the_selected_experts(tmp_path, tokenizer, co
     """Weight-space grouping needs expert weights at plan time: K of them per layer, never all E."""
     src = tmp_path / "teacher"
     make_tiny_moe("mixtral", str(src), tokenizer=tokenizer)
-    stats = calibrate(str(src), corpus, samples=2, seq_len=16, workers=0, progress=False)
+    stats = calibrate(CalibrateConfig(src=str(src), data=corpus, samples=2, seq_len=16, workers=0), progress=False)
     with _recorded(monkeypatch, "get") as reads:
-        plan = make_plan(stats, experts=4, groups=2, scoring="sf", grouping="weight",
-                         expert_weights=read_expert_weights(str(src)))
+        plan = make_plan(stats, PlanSettings(experts=4, groups=2, scoring="sf", grouping="weight"), expert_weights=read_expert_weights(str(src)))
     wanted = {f"model.layers.{lp.layer}.block_sparse_moe.experts.{e}.{w}.weight"
               for lp in plan.layers for e in lp.selected for w in ("w1", "w2", "w3")}
     assert {k for k in reads if ".experts." in k} == wanted
@@ -94,12 +94,11 @@ def test_fsspec_urls_end_to_end(tmp_path, tokenizer, corpus):
     fs = fsspec.filesystem("memory")
     for name in os.listdir(local):
         fs.pipe(f"/t2/teacher/{name}", (local / name).read_bytes())
-    stats = calibrate("memory://t2/teacher", corpus, samples=2, seq_len=16, workers=0, progress=False,
-                      out="memory://t2/stats")
+    stats = calibrate(CalibrateConfig(src="memory://t2/teacher", data=corpus, samples=2, seq_len=16, workers=0, out="memory://t2/stats"), progress=False)
     assert fs.exists("/t2/stats/meta.json")
     assert local_copies() == before  # the temporary local copy of the teacher is gone
-    plan = make_plan(stats, experts=6, scoring="pp")
-    build("memory://t2/teacher", plan, "memory://t2/student", progress=False)
+    plan = make_plan(stats, PlanSettings(experts=6, scoring="pp"))
+    build(BuildConfig(src="memory://t2/teacher", out="memory://t2/student"), plan, progress=False)
     assert not [p for p in fs.ls("/t2", detail=False) if "partial" in p]
     out = tmp_path / "fetched"
     out.mkdir()
@@ -147,14 +146,14 @@ def test_gpt_oss_mxfp4_source(tmp_path, tokenizer, corpus):
     cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": []}
     (src / "config.json").write_text(json.dumps(cfg))
 
-    stats = calibrate(str(src), corpus, samples=2, seq_len=16, workers=0, progress=False)
-    plan = make_plan(stats, experts=6, scoring="cp")
-    build(str(src), plan, str(dst), dtype="float32", progress=False)
+    stats = calibrate(CalibrateConfig(src=str(src), data=corpus, samples=2, seq_len=16, workers=0), progress=False)
+    plan = make_plan(stats, PlanSettings(experts=6, scoring="cp"))
+    build(BuildConfig(src=str(src), out=str(dst), dtype="float32"), plan, progress=False)
     student = AutoModelForCausalLM.from_pretrained(dst)
     assert "quantization_config" not in json.loads((dst / "config.json").read_text())
     assert _max_diff(teacher, student) < 1e-4
     # default output dtype for an MXFP4 source is bf16
-    build(str(src), plan, str(tmp_path / "bf16"), progress=False)
+    build(BuildConfig(src=str(src), out=str(tmp_path / "bf16")), plan, progress=False)
     r = CheckpointReader(str(tmp_path / "bf16"))
     assert r.get("model.layers.0.mlp.experts.gate_up_proj").dtype == torch.bfloat16
 
@@ -172,10 +171,10 @@ def test_fused_in_memory_layout_reads_only_selected_rows(family, tmp_path, token
     for index in src.glob("model*.safetensors*"):
         index.unlink()
     save_file(fused, str(src / "model.safetensors"), metadata={"format": "pt"})
-    stats = calibrate(str(src), corpus, samples=2, seq_len=16, workers=0, progress=False)
-    plan = make_plan(stats, experts=stats.num_experts, scoring="sf")
+    stats = calibrate(CalibrateConfig(src=str(src), data=corpus, samples=2, seq_len=16, workers=0), progress=False)
+    plan = make_plan(stats, PlanSettings(experts=stats.num_experts, scoring="sf"))
     with _recorded(monkeypatch, "get_row") as rows:
-        build(str(src), plan, str(dst), progress=False)
+        build(BuildConfig(src=str(src), out=str(dst)), plan, progress=False)
     assert len(rows) == len(set(rows)) == 2 * stats.num_experts * len(plan.layers)
     assert _max_diff(teacher, AutoModelForCausalLM.from_pretrained(dst)) < 1e-4
 
@@ -243,16 +242,16 @@ def test_deepseek_v3_block_fp8_source(tmp_path, tokenizer, corpus):
                                   "weight_block_size": [block, block]}
     (src / "config.json").write_text(json.dumps(cfg))
 
-    stats = calibrate(str(src), corpus, samples=2, seq_len=16, workers=0, progress=False)  # loads dequantized
-    reference = calibrate(str(plain), corpus, samples=2, seq_len=16, workers=0, progress=False)
+    stats = calibrate(CalibrateConfig(src=str(src), data=corpus, samples=2, seq_len=16, workers=0), progress=False)  # loads dequantized
+    reference = calibrate(CalibrateConfig(src=str(plain), data=corpus, samples=2, seq_len=16, workers=0), progress=False)
     for key, value in reference.sums.items():
         torch.testing.assert_close(stats.sums[key], value, rtol=1e-5, atol=1e-5)
-    plan = make_plan(stats, experts=6, scoring="cp")
-    build(str(src), plan, str(dst), dtype="float32", progress=False)
+    plan = make_plan(stats, PlanSettings(experts=6, scoring="cp"))
+    build(BuildConfig(src=str(src), out=str(dst), dtype="float32"), plan, progress=False)
     r = CheckpointReader(str(dst))
     assert not [k for k in r.keys() if "scale_inv" in k]
     assert _max_diff(teacher, AutoModelForCausalLM.from_pretrained(dst)) < 1e-4
-    build(str(src), plan, str(tmp_path / "bf16"), progress=False)
+    build(BuildConfig(src=str(src), out=str(tmp_path / "bf16")), plan, progress=False)
     cfg_out = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert "quantization_config" not in cfg_out and cfg_out["dtype"] == "bfloat16"
     assert CheckpointReader(str(tmp_path / "bf16")).get("model.layers.1.self_attn.o_proj.weight").dtype == torch.bfloat16

@@ -11,9 +11,15 @@ import pytest
 
 from moe2dense_ray import assets
 from moe2dense_ray.cli import main
-from moe2dense_ray.core.errors import UserError
 from moe2dense_ray.convert.plan import load_plan
-from moe2dense_ray.sweep import SweepConfig, combinations, load_space, sweep, varying_keys
+from moe2dense_ray.core.errors import UserError
+from moe2dense_ray.sweep import (
+    SweepConfig,
+    combinations,
+    load_space,
+    sweep,
+    varying_keys,
+)
 
 
 def _args(space, out, *extra):
@@ -40,7 +46,12 @@ def test_bad_spaces_are_one_line_before_any_work(tmp_path, capsys):
 
 def test_trials_take_distills_settings_and_are_counted_by_what_they_hold(tmp_path, ray_cluster, capsys):
     from moe2dense_ray.distill.config import DistillConfig
-    from moe2dense_ray.sweep import HOSTING_KEYS, TRAINING_KEYS, _distill_config, concurrency
+    from moe2dense_ray.sweep import (
+        HOSTING_KEYS,
+        TRAINING_KEYS,
+        _distill_config,
+        concurrency,
+    )
 
     for name in HOSTING_KEYS + TRAINING_KEYS:  # one declaration: the same type, bounds and default
         mine, theirs = SweepConfig.model_fields[name], DistillConfig.model_fields[name]

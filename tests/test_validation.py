@@ -9,12 +9,20 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny import make_tiny_moe
 
 from moe2dense_ray.cli import main
-from moe2dense_ray.core.errors import UserError
-from moe2dense_ray.convert.plan import MAX_SCALE, PLAN_FILE, Plan, load_plan, make_plan, save_plan
+from moe2dense_ray.convert.plan import (
+    MAX_SCALE,
+    PLAN_FILE,
+    Plan,
+    load_plan,
+    make_plan,
+    save_plan,
+)
 from moe2dense_ray.convert.stats import Stats
-from tiny import make_tiny_moe
+from moe2dense_ray.core.config import CalibrateConfig, PlanSettings
+from moe2dense_ray.core.errors import UserError
 
 E, K, k = 6, 4, 2  # the tiny qwen3_moe teacher has 6 routed experts; plans keep 4 in 2 groups
 
@@ -29,7 +37,7 @@ def calibrated(tmp_path_factory, tokenizer, corpus):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        calibrate("teacher", corpus, samples=2, seq_len=16, workers=0, full=True, out="stats", progress=False)
+        calibrate(CalibrateConfig(src="teacher", data=corpus, samples=2, seq_len=16, workers=0, full_stats=True, out="stats"), progress=False)
     finally:
         os.chdir(cwd)
     return root
@@ -38,8 +46,7 @@ def calibrated(tmp_path_factory, tokenizer, corpus):
 @pytest.fixture(scope="module")
 def real_plan(calibrated) -> dict:
     """A real plan (make_plan on real statistics) as the JSON object `save_plan` writes."""
-    plan = make_plan(Stats.load(str(calibrated / "stats")), experts=K, groups=k, scoring="acp",
-                     grouping="output", scaling="score")
+    plan = make_plan(Stats.load(str(calibrated / "stats")), PlanSettings(experts=K, groups=k, scoring="acp", grouping="output", scaling="score"))
     path = save_plan(plan, str(calibrated / "plan.json"))
     d = json.loads(open(path).read())
     assert d["groups"] == k and all(len(lp["groups"]) == k for lp in d["layers"])
@@ -175,7 +182,7 @@ def test_nan_and_infinity_literals_in_the_file(real_plan, tmp_path):
 
 def test_validate_checks_plans_made_in_memory(calibrated):
     """`validate` (which build and make_plan call) catches what never went through JSON."""
-    plan = make_plan(Stats.load(str(calibrated / "stats")), experts=K, groups=k, scoring="sf", grouping="router")
+    plan = make_plan(Stats.load(str(calibrated / "stats")), PlanSettings(experts=K, groups=k, scoring="sf", grouping="router"))
     plan.validate()
     plan.layers[0].scales[0] = float("nan")
     with pytest.raises(UserError, match=r"plan layer 1: scales\[0\] is NaN"):
@@ -202,8 +209,7 @@ def test_every_method_makes_plans_within_the_bounds(calibrated):
         for scoring in SCORINGS.names():
             for grouping in GROUPINGS.names():
                 groups = K if grouping == "none" else k
-                plan = make_plan(stats, experts=K, groups=groups, scoring=scoring, grouping=grouping,
-                                 scaling=scaling, expert_weights=weights)
+                plan = make_plan(stats, PlanSettings(experts=K, groups=groups, scoring=scoring, grouping=grouping, scaling=scaling), expert_weights=weights)
                 seen += [a for lp in plan.layers for a in (*lp.scales, lp.shared_scale)]
     assert seen and all(0 < a <= 1.0 + 1e-9 for a in seen), (min(seen), max(seen))
 

@@ -5,10 +5,10 @@ dense checkpoint, streamed tensor by tensor). `stage.convert` chains them; `prun
 dense-to-dense baseline.
 """
 
-# (`calibrate`, `refit` and `build` are both a module and its stage function: import those from
-# their modules, so the package's attributes stay the modules)
-from .plan import make_plan
-from .prune import prune_dense
-from .stage import ConvertResult, convert
+from ..core.lazy import exports
 
+# (`calibrate`, `refit` and `build` are each a module and its stage function: import those from
+# their modules, so that the package's attributes stay the modules)
+__getattr__ = exports(__name__, {"convert": "stage", "ConvertResult": "stage", "make_plan": "plan",
+                                 "prune_dense": "prune"})
 __all__ = ["convert", "ConvertResult", "make_plan", "prune_dense"]

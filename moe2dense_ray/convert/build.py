@@ -28,7 +28,7 @@ from ..core.checkpoint import (
     TensorSpec,
     copy_aux_files,
 )
-from ..core.config import RefitConfig
+from ..core.config import BuildConfig, BuildOutput
 from ..core.errors import UserError
 from ..core.families import Family, dense_config_dict, dense_width
 from ..core.progress import Progress
@@ -44,7 +44,7 @@ from .ffn import (
     meta_ffn,
     plan_ffn,
 )
-from .plan import PLAN_FILE, Plan
+from .plan import PLAN_FILE, Plan, load_plan
 from .refit import Refit
 from .refit import refit as fit_ffns
 
@@ -135,44 +135,37 @@ class BuildReport:
     seconds: float
 
 
-def build(
-    src: "str | Source",
-    plan: Plan,
-    out: str,
-    *,
-    dtype: str | None = None,
-    max_shard_bytes: int = 1 << 30,
-    overwrite: bool = False,
-    allow_pickle: bool = False,
-    progress: bool = True,
-    on_layer: Callable[[int], None] | None = None,
-    inputs: tuple[str | None, ...] = (),
-    refit: "Refit | RefitConfig | None" = None,
-) -> BuildReport:
-    """Stream `src` into a dense checkpoint at `out` following `plan` (see module docstring).
+def build(cfg: BuildConfig, plan: Plan | None = None, *, progress: bool = True, source: Source | None = None,
+          fitted: Refit | None = None) -> BuildReport:
+    """Stream `cfg.src` into a dense checkpoint at `cfg.out` following the plan (see the module
+    docstring): `plan`, or the one in the file `cfg.plan`.
 
-    `inputs` are the run's other inputs (the plan's file, the statistics), which `out` may not
-    replace or contain, as it may not `src`. `refit` replaces each MoE layer's down projection by
-    its closed-form fit (docs/refit.md), recorded in the written plan: a `config.RefitConfig` is
-    fitted first, on the teacher, while DST is already checked and held; a `refit.Refit` is one
-    already fitted."""
+    With `cfg.refit` other than none, each MoE layer's down projection is first replaced by its
+    closed-form fit on the teacher (docs/refit.md; DST is checked and held while the teacher runs),
+    recorded in the written plan. `fitted` is a refit already made (`convert` fits on the replicas
+    that calibrated); `source` the checkpoint the caller has open."""
     t0 = time.time()
-    with opened(src, allow_pickle=allow_pickle) as source:
+    inputs: tuple[str | None, ...] = ()
+    if plan is None:
+        if not cfg.plan:
+            raise UserError("build needs a PLAN (a plan file, or a directory holding moe2dense_plan.json)")
+        plan, inputs = load_plan(cfg.plan), (cfg.plan,)
+    refit = None if fitted is not None else cfg.refit_config()
+    with opened(source or cfg.src, allow_pickle=cfg.allow_pickle) as source:
         check_plan_fits(plan, source.family, source.shape, source.url)
-        if isinstance(refit, RefitConfig):
-            check_output(out, what="checkpoint", overwrite=overwrite, sources=(source.url, *inputs, refit.data))
-            with OutputLock(out):
+        if refit is not None:
+            check_output(cfg.out, what="checkpoint", overwrite=cfg.overwrite, sources=(source.url, *inputs, refit.data))
+            with OutputLock(cfg.out):
                 fitted = fit_ffns(source, plan, refit, progress=progress)
-                return _write(source, plan, out, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
-                              progress=progress, on_layer=on_layer, inputs=(*inputs, refit.data), refit=fitted, t0=t0)
-        return _write(source, plan, out, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
-                      progress=progress, on_layer=on_layer, inputs=inputs, refit=refit, t0=t0)
+                return _write(source, plan, cfg, progress=progress, inputs=(*inputs, refit.data), refit=fitted, t0=t0)
+        return _write(source, plan, cfg, progress=progress, inputs=inputs, refit=fitted, t0=t0)
 
 
-def _write(source: Source, plan: Plan, out: str, *, dtype: str | None, max_shard_bytes: int, overwrite: bool,
-           progress: bool, on_layer: Callable[[int], None] | None, inputs: tuple[str | None, ...],
-           refit: "Refit | None", t0: float) -> BuildReport:
+def _write(source: Source, plan: Plan, dst: BuildOutput, *, progress: bool, inputs: tuple[str | None, ...],
+           refit: Refit | None, t0: float) -> BuildReport:
     """The streaming writer: one step per tensor or FFN, each produced only when written."""
+    out, dtype, overwrite = dst.out, dst.dtype, dst.overwrite
+    max_shard_bytes = dst.max_shard_bytes
     reader, cfg_dict, family, shape, src = source.reader, source.config, source.family, source.shape, source.url
     if refit is not None:
         plan = refit.recorded(plan)
@@ -251,8 +244,6 @@ def _write(source: Source, plan: Plan, out: str, *, dtype: str | None, max_shard
                 writer.add(spec.name, t)
             if step.layer is not None:
                 bar.update(1)
-                if on_layer:
-                    on_layer(step.layer)
         bar.close()
         writer.write_json("config.json", dense_cfg)
         copy_aux_files(reader, writer)

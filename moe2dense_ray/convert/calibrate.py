@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..core.config import CalibrateConfig
 from ..core.data import token_blocks
 from ..core.errors import UserError
 from ..core.families import Family
@@ -126,57 +127,40 @@ class Calibrator(TeacherPass):
         return hook
 
 
-def calibrate(
-    src: "str | Source",
-    data: str,
-    *,
-    samples: int = 64,
-    seq_len: int = 512,
-    workers: int = 1,
-    full: bool = False,
-    out: str | None = None,
-    batch_size: int = 4,
-    seed: int = 0,
-    dtype: str = "auto",
-    gpus_per_worker: float | None = None,
-    progress: bool = True,
-    text_field: str = "text",
-    allow_pickle: bool = False,
-    overwrite: bool = False,
-    teacher_resources: dict[str, float] | None = None,
-    pool: "TeacherPool | None" = None,
-) -> Stats:
-    """Calibrate `src` on `data` and return (and, with `out`, save) its statistics.
+def calibrate(cfg: CalibrateConfig, *, progress: bool = True, source: Source | None = None,
+              pool: TeacherPool | None = None) -> Stats:
+    """Calibrate `cfg.src` on `cfg.data` and return (and, with `cfg.out`, save) its statistics.
 
     `workers=0` runs in this process (no Ray); `workers=N>=1` runs N Ray actors, each holding a
     teacher replica on its own GPU when there is one, and adds their sums. Everything that can be
     checked is checked here, before a replica loads the model: the config, the expert tensors, and
-    that the tokenizer's ids fit the model's vocabulary. `pool`: replicas already loaded (and
-    kept for the caller's next pass), instead of a pool of this call's own.
+    that the tokenizer's ids fit the model's vocabulary. `source`: the checkpoint already opened
+    by the caller (`convert`); `pool`: replicas already loaded (and kept for the caller's next
+    pass), instead of a pool of this call's own.
     """
-    with opened(src, allow_pickle=allow_pickle) as source:  # validate first
+    data, out, overwrite, seq_len = cfg.data, cfg.out, cfg.overwrite, cfg.seq_len
+    with opened(source or cfg.src, allow_pickle=cfg.allow_pickle) as source:  # validate first
         source.check_experts()
-        cfg = source.hf_config
+        hf_cfg = source.hf_config
     src = source.url
     with contextlib.ExitStack() as held:
         if out:  # checked now and held to the end: a second run for the same STATS fails at once
             check_output(out, what="statistics", overwrite=overwrite, sources=(src, data))
             held.enter_context(OutputLock(out))
-        max_len = getattr(cfg, "max_position_embeddings", None)
+        max_len = getattr(hf_cfg, "max_position_embeddings", None)
         if max_len and seq_len > max_len:
             raise UserError(f"--seq-len {seq_len} is longer than {src} was trained for "
                             f"(max_position_embeddings {max_len})")
-        if batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, not {batch_size}")
-        calib = token_blocks(src, data, cfg, samples=samples, seq_len=seq_len, seed=seed, text_field=text_field)
+        calib = token_blocks(src, data, hf_cfg, samples=cfg.samples, seq_len=seq_len, seed=cfg.seed,
+                             text_field=cfg.text_field)
         t0 = time.time()
         bar = Progress(int(calib.num_tokens), "calibrate", unit="tok", enabled=progress)
         try:
             with (contextlib.nullcontext(pool) if pool is not None else
-                  TeacherPool(src, workers=workers, dtype=dtype, gpus_per_worker=gpus_per_worker,
-                              resources=teacher_resources)) as teachers:
-                results = teachers.run_pass("stats", {"full": full}, teachers.parts(calib, batch_size), batch_size,
-                                            on_tokens=bar.update)
+                  TeacherPool(src, workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker,
+                              resources=cfg.teacher_resources)) as teachers:
+                results = teachers.run_pass("stats", {"full": cfg.full_stats}, teachers.parts(calib, cfg.batch_size),
+                                            cfg.batch_size, on_tokens=bar.update)
                 describe = teachers.describe
         finally:
             bar.close()
@@ -189,7 +173,7 @@ def calibrate(
         meta = {
             "version": STATS_VERSION, **describe, "source": src, "data": data,
             "tokens": tokens, "samples": sum(r["samples"] for r in results), "seq_len": seq_len,
-            "full": full, "workers": workers, "seconds": round(time.time() - t0, 3),
+            "full": cfg.full_stats, "workers": cfg.workers, "seconds": round(time.time() - t0, 3),
         }
         stats = Stats(sums, meta)
         if out:

@@ -16,7 +16,7 @@ from typing import Any
 import pydantic
 import torch
 
-from ..core.config import MethodOptions
+from ..core.config import MethodOptions, PlanSettings
 from ..core.errors import UserError
 from ..core.storage import first_nonfinite_json
 from .stats import Stats
@@ -316,31 +316,20 @@ def check_methods(scoring: str, grouping: str, scaling: str, *, full_stats: bool
     return "full" in needs
 
 
-def make_plan(
-    stats: Stats,
-    *,
-    experts: int,
-    scoring: str,
-    grouping: str = "none",
-    scaling: str = "uniform",
-    groups: int | None = None,
-    seed: int = 0,
-    expert_weights=None,
-    options: MethodOptions | None = None,
-) -> Plan:
-    """Score, select, group and scale every MoE layer from calibration statistics.
-
-    `options` holds the methods' own settings (defaults: `MethodOptions()`); the plan records them.
+def make_plan(stats: Stats, cfg: PlanSettings, *, expert_weights=None) -> Plan:
+    """Score, select, group and scale every MoE layer from calibration statistics, as `cfg` says
+    (the methods' own settings included; the plan records them).
 
     `expert_weights(layer, experts) -> Tensor[len(experts), D]` gives flattened weights of the
     selected experts for weight-space grouping; it is only called when that grouping is chosen.
     """
     from .methods import GROUPINGS, SCALINGS, SCORINGS, select
 
+    experts, scoring, grouping, scaling, seed = cfg.experts, cfg.scoring, cfg.grouping, cfg.scaling, cfg.seed
     E = stats.num_experts
-    k = check_counts(E, experts, groups)
+    k = check_counts(E, experts, cfg.groups)
     check_methods(scoring, grouping, scaling, full_stats=stats.full)
-    options = options or MethodOptions()
+    options = cfg.method_options()
     score_fn, group_fn, scale_fn = SCORINGS.get(scoring), GROUPINGS.get(grouping), SCALINGS.get(scaling)
     score_kw, group_kw, scale_kw = (SCORINGS.options(scoring, options), GROUPINGS.options(grouping, options),
                                     SCALINGS.options(scaling, options))

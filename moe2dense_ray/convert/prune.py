@@ -212,55 +212,36 @@ def keep_top(importance, width: int):
     return torch.sort(order).values
 
 
-def prune_dense(
-    src: str,
-    data: str,
-    out: str,
-    *,
-    width: int,
-    samples: int = 64,
-    seq_len: int = 512,
-    batch_size: int = 4,
-    seed: int = 0,
-    text_field: str = "text",
-    dtype: str | None = None,
-    max_shard_bytes: int = 1 << 30,
-    overwrite: bool = False,
-    allow_pickle: bool = False,
-    progress: bool = True,
-) -> PruneReport:
-    """Width-prune the FFNs of the dense model `src` to `width` neurons per layer (module docstring).
+def prune_dense(cfg: PruneConfig, *, progress: bool = True) -> PruneReport:
+    """Width-prune the FFNs of the dense model `cfg.src` to `cfg.width` neurons per layer (module
+    docstring).
 
-    Everything that can be checked is checked before the model is loaded: the structure, `width`,
-    `out` (never an input, locked for the whole run), the tokenizer's ids against the vocabulary.
+    Everything that can be checked is checked before the model is loaded: the structure, the
+    width against the model's, DST (never an input, locked for the whole run), the tokenizer's ids
+    against the vocabulary.
     """
     import torch
 
-    from ..core.checkpoint import (
-        CheckpointWriter,
-        TensorSpec,
-        check_output,
-        copy_aux_files,
-    )
+    from ..core.checkpoint import CheckpointWriter, TensorSpec, copy_aux_files
     from ..core.data import token_blocks
     from ..core.families import Family
     from ..core.models import load_causal_lm
     from ..core.progress import Progress
-    from ..core.storage import OutputLock
+    from ..core.storage import OutputLock, check_output
     from .build import check_complete
 
     t0 = time.time()
-    reader, cfg_dict, cfg, shape = inspect_dense(src, allow_pickle=allow_pickle)
+    src, data, out, width, seq_len, dtype = cfg.src, cfg.data, cfg.out, cfg.width, cfg.seq_len, cfg.dtype
+    overwrite = cfg.overwrite
+    reader, cfg_dict, hf_cfg, shape = inspect_dense(src, allow_pickle=cfg.allow_pickle)
     with contextlib.ExitStack() as held:
         held.callback(reader.close)
         I = shape.intermediate_size
-        if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= I:
+        if width > I:
             raise UserError(f"--width {width} must be between 1 and the model's intermediate_size {I}")
-        if batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, not {batch_size}")
         check_output(out, what="checkpoint", overwrite=overwrite, sources=(src, data))
         held.enter_context(OutputLock(out))  # held to the end: a second run for the same DST fails at once
-        max_len = getattr(cfg, "max_position_embeddings", None)
+        max_len = getattr(hf_cfg, "max_position_embeddings", None)
         if isinstance(max_len, int) and seq_len > max_len:
             raise UserError(f"--seq-len {seq_len} is longer than {src} was trained for "
                             f"(max_position_embeddings {max_len})")
@@ -293,13 +274,13 @@ def prune_dense(
             model_type=shape.model_type, dense_model_type=shape.model_type, dense_architecture=arch,
             dense_layout="mlp", expert_layout="per_expert", experts_attr="", expert_size_attr="intermediate_size"))
 
-        calib = token_blocks(src, data, cfg, samples=samples, seq_len=seq_len, seed=seed, text_field=text_field,
-                             doing="pruning")
+        calib = token_blocks(src, data, hf_cfg, samples=cfg.samples, seq_len=seq_len, seed=cfg.seed,
+                             text_field=cfg.text_field, doing="pruning")
         model, _, _ = load_causal_lm(src, moe=False)
         bar = Progress(calib.num_tokens, "importance", unit="tok", enabled=progress)
         try:
             sums, tokens = neuron_importance(model, calib.input_ids, calib.attention_mask,
-                                             batch_size=batch_size, bar=bar)
+                                             batch_size=cfg.batch_size, bar=bar)
         finally:
             bar.close()
         del model
@@ -327,13 +308,13 @@ def prune_dense(
         record = {
             "version": PRUNE_VERSION, "method": "activation", "importance_definition": IMPORTANCE,
             "source": _recorded(src), "data": _recorded(data), "samples": calib.num_samples, "seq_len": seq_len,
-            "seed": seed, "tokens": tokens, "model_type": shape.model_type, "intermediate_size": I,
+            "seed": cfg.seed, "tokens": tokens, "model_type": shape.model_type, "intermediate_size": I,
             "width": width,
             "layers": [{"layer": i, "kept": kept[i].tolist(), "importance": sums[i].tolist()}
                        for i in range(shape.num_layers)],
         }
         params_before = sum(int(torch.Size(reader.shape(k)).numel()) for k in reader.keys())
-        with CheckpointWriter(out, max_shard_bytes=max_shard_bytes, overwrite=overwrite, sources=(src, data),
+        with CheckpointWriter(out, max_shard_bytes=cfg.max_shard_bytes, overwrite=overwrite, sources=(src, data),
                               layout=layout) as writer:
             wbar = Progress(len(layout), "write", unit="tensors", enabled=progress)
             for key, _, dt in steps:

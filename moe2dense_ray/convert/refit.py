@@ -42,6 +42,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..core.config import RefitConfig
 from ..core.data import token_blocks
 from ..core.errors import UserError
 from ..core.progress import Progress
@@ -251,8 +252,8 @@ def _blocks(plan: Plan, layer: int, expert_size: int, shared_size: int, biased: 
     return [expert_size] * len(plan.layer(layer).groups) + ([shared_size] if shared_size else []) + ([1] if biased else [])
 
 
-def refit(src: "str | Source", plan: Plan, cfg, *, dtype: str = "auto", allow_pickle: bool = False, progress: bool = True,
-          pool=None) -> Refit:
+def refit(src: "str | Source", plan: Plan, cfg: RefitConfig, *, progress: bool = True,
+          pool: TeacherPool | None = None) -> Refit:
     """Fit the student's FFNs of `plan` on calibration blocks of `cfg.data` (a `config.RefitConfig`).
 
     Everything that can be checked is checked before the teacher is loaded: the checkpoint, that
@@ -262,7 +263,7 @@ def refit(src: "str | Source", plan: Plan, cfg, *, dtype: str = "auto", allow_pi
 
     if cfg.refit not in FITS:
         raise UserError(f"--refit must be one of {', '.join(FITS)}, not {cfg.refit!r}")
-    with opened(src, allow_pickle=allow_pickle) as source:
+    with opened(src) as source:
         source.check_experts()
         reader, family, hf_cfg, shape, src = source.reader, source.family, source.hf_config, source.shape, source.url
         check_plan_fits(plan, family, shape, src)
@@ -286,7 +287,7 @@ def refit(src: "str | Source", plan: Plan, cfg, *, dtype: str = "auto", allow_pi
         bar = Progress(int(calib.num_tokens) * len(rounds), "refit", unit="tok", enabled=progress)
         try:
             with (contextlib.nullcontext(pool) if pool is not None else
-                  TeacherPool(src, workers=cfg.workers, dtype=dtype, gpus_per_worker=cfg.gpus_per_worker,
+                  TeacherPool(src, workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker,
                               resources=cfg.teacher_resources)) as teachers:
                 parts = teachers.parts(calib, cfg.batch_size)
                 for collect in rounds:

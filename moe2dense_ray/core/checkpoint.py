@@ -24,8 +24,7 @@ import fsspec
 import torch
 
 from .errors import UserError
-from .storage import (  # noqa: F401
-    OUTPUT_MARKERS,
+from .storage import (
     OutputLock,
     check_output,
     clean_leftovers,

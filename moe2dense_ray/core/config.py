@@ -243,8 +243,8 @@ class CalibrateConfig(CalibrationSettings):
     full_stats: bool = Field(False, description="also run every expert on every token (needed by acp, do-acp, reap, "
                              "ean, output grouping)")
     seed: int = Field(0, description="seed for the choice and order of calibration blocks")
-    out: str = Field(..., description="statistics directory (local or URL)",
-                     json_schema_extra={"metavar": "STATS", "aliases": ["-o"]})
+    out: Optional[str] = Field(None, description="statistics directory (local or URL)",
+                               json_schema_extra={"metavar": "STATS", "aliases": ["-o"]})
     overwrite: bool = Field(False, description="replace STATS if it holds statistics")
 
 
@@ -286,10 +286,15 @@ class BuildOutput(StageConfig):
                             "files, never SRC)")
     allow_pickle: bool = Field(False, description="accept pickle (.bin) checkpoints; they can run code when loaded")
 
+    @property
+    def max_shard_bytes(self) -> int:
+        return max(1, round(self.shard_size * (1 << 30)))
+
 
 class _BuildInputs(StageConfig):
     src: str = positional("the MoE checkpoint the plan was made for (local or URL)", metavar="SRC")
-    plan: str = positional("plan file, or a directory holding moe2dense_plan.json", metavar="PLAN")
+    plan: Optional[str] = Field(None, description="plan file, or a directory holding moe2dense_plan.json",
+                                json_schema_extra={"positional": True, "metavar": "PLAN"})
 
 
 class _RefitText(StageConfig):

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 
-from .checkpoint import is_local, url_to_fs
 from .errors import UserError
+from .storage import is_local, url_to_fs
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem

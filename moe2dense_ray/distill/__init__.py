@@ -10,16 +10,8 @@ The stage functions are importable from here; the driver is imported on first us
 training worker that imports `moe2dense_ray.distill.worker` does not load it.
 """
 
-from typing import Any
+from ..core.lazy import exports
 
-_EXPORTS = {"distill": "driver", "teacher_logits": "driver", "DistillResult": "driver", "read_metrics": "driver",
-            "DistillConfig": "config", "TeacherLogitsConfig": "config"}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = exports(__name__, {"distill": "driver", "teacher_logits": "driver", "DistillResult": "driver",
+                                 "read_metrics": "driver", "DistillConfig": "config", "TeacherLogitsConfig": "config"})
+__all__ = ["distill", "teacher_logits", "DistillResult", "read_metrics", "DistillConfig", "TeacherLogitsConfig"]

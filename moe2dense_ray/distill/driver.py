@@ -17,10 +17,16 @@ from typing import Any
 
 import numpy as np
 
-from ..core.checkpoint import check_output, is_local, parse_config, url_to_fs
+from ..core.checkpoint import parse_config
 from ..core.errors import UserError
 from ..core.progress import Progress
-from ..core.storage import OutputLock, start_directory
+from ..core.storage import (
+    OutputLock,
+    check_output,
+    is_local,
+    start_directory,
+    url_to_fs,
+)
 from .config import DistillConfig, TeacherLogitsConfig, TeacherStreamConfig
 from .stream import (
     TeacherPool,

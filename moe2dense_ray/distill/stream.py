@@ -280,7 +280,7 @@ def stream_meta(cfg, *, teacher: str, vocab_size: int, blocks: int, tokens: int,
 
 
 def read_stream_meta(logits: str) -> dict[str, Any]:
-    from ..core.checkpoint import url_to_fs
+    from ..core.storage import url_to_fs
 
     fs, path = url_to_fs(logits)
     meta_path = f"{path}/{STREAM_META}"
@@ -326,7 +326,7 @@ def read_stream(logits: str):
     training workers may hold nearly all of a small cluster's CPUs)."""
     import ray
 
-    from ..core.checkpoint import is_local, url_to_fs
+    from ..core.storage import is_local, url_to_fs
 
     fs, path = url_to_fs(logits)
     # Ray Data's newer Parquet reader lists files in a task that holds a whole CPU, which a sweep

@@ -157,7 +157,7 @@ def _val_share(val: dict[str, np.ndarray], rank: int, world: int, codec: str, or
 
 def _write_metrics(run: str, row: dict[str, Any]) -> None:
     """Append one report to RUN/metrics.jsonl (rewritten whole where the filesystem cannot append)."""
-    from ..core.checkpoint import is_local, url_to_fs
+    from ..core.storage import is_local, url_to_fs
 
     fs, path = url_to_fs(f"{run}/{METRICS_FILE}")
     line = json.dumps(row) + "\n"
@@ -174,7 +174,7 @@ class _Logger:
     """Rank 0's record of every report: RUN/metrics.jsonl, and TensorBoard events when RUN is local."""
 
     def __init__(self, run: str, enabled: bool):
-        from ..core.checkpoint import is_local, url_to_fs
+        from ..core.storage import is_local, url_to_fs
 
         self.run, self.enabled, self.tb = run, enabled, None
         fs, path = url_to_fs(run)
@@ -210,8 +210,8 @@ def fatal_errors() -> tuple[type[BaseException], ...]:
 
 def record_failure(run: str, error: BaseException, rank: int) -> None:
     """Write RUN/failure.json (whole or not at all) for the driver and for `StopOnFailure`."""
-    from ..core.checkpoint import url_to_fs
     from ..core.ray_session import first_line
+    from ..core.storage import url_to_fs
 
     fs, path = url_to_fs(f"{run}/{FAILURE_FILE}")
     record = {"kind": type(error).__name__, "error": first_line(error), "rank": rank}
@@ -221,7 +221,7 @@ def record_failure(run: str, error: BaseException, rank: int) -> None:
 
 
 def read_failure(run: str) -> dict[str, Any] | None:
-    from ..core.checkpoint import url_to_fs
+    from ..core.storage import url_to_fs
 
     fs, path = url_to_fs(f"{run}/{FAILURE_FILE}")
     try:

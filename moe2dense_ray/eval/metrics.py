@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Iterator
 
 import torch
 
@@ -109,36 +108,4 @@ def model_perplexity(model, held, *, batch_size: int = 8) -> float:
     return perplexity(model, held.input_ids, held.attention_mask, batch_size=batch_size)
 
 
-def students(teacher: str, stats, configs: dict[str, dict[str, Any]], out_dir: str, held, *,
-             progress: bool = False, refit=None) -> Iterator[dict[str, Any]]:
-    """Plan, build and measure each configuration, from one calibration of `teacher`.
-
-    `configs` maps a name (the student's directory under `out_dir`, rebuilt if present) to the
-    keyword arguments of `plan.make_plan(stats, ...)`. Yields, as each student is measured, a row
-    `{"name", "path", "params_M", "teacher_params_M", "ppl"}` (parameters in millions; perplexity
-    on the blocks `held`), so callers can print as they go. With `refit` (a `config.RefitConfig`)
-    each plan is also built refitted, into `{name}-refit`: the row adds "refit_path", "refit_ppl"
-    and "refit" (the record of the fit)."""
-    from ..convert.build import build
-    from ..convert.plan import load_plan, make_plan
-    from ..core.progress import Progress
-
-    bar = Progress(len(configs), "students", unit="plans", enabled=progress)
-    try:
-        for name, kwargs in configs.items():
-            dst = os.path.join(out_dir, name)
-            plan = make_plan(stats, **kwargs)
-            rep = build(teacher, plan, dst, overwrite=True, progress=False)
-            row = {"name": name, "path": dst, "params_M": rep.student_params / 1e6,
-                   "teacher_params_M": rep.teacher_params / 1e6, "ppl": model_perplexity(dst, held)}
-            if refit is not None:
-                build(teacher, plan, f"{dst}-refit", overwrite=True, progress=False, refit=refit)
-                row.update(refit_path=f"{dst}-refit", refit_ppl=model_perplexity(f"{dst}-refit", held),
-                           refit=load_plan(f"{dst}-refit").refit)
-            yield row
-            bar.update(1)
-    finally:
-        bar.close()
-
-
-__all__ = ["load_model", "heldout_metrics", "heldout_sums", "metrics_of", "perplexity", "heldout_blocks", "model_perplexity", "students"]
+__all__ = ["load_model", "heldout_metrics", "heldout_sums", "metrics_of", "perplexity", "heldout_blocks", "model_perplexity"]
