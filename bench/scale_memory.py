@@ -32,7 +32,7 @@ import gc, json, sys, threading, time
 import numpy as np, psutil, torch
 side, mode, tokens, path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 torch.set_num_threads(2)
-from moe2dense_ray import lm_head
+from moe2dense_ray.core import lm_head
 if mode == "whole":
     lm_head.CHUNK_ELEMENTS = 1 << 62  # one chunk: every row's logits at once
 B, S = tokens // 1024, 1024

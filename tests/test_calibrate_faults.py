@@ -395,9 +395,9 @@ def test_metadata_files_that_never_end_are_refused(tmp_path):
         import sys
         import transformers
         transformers.utils.logging.disable_progress_bar()
-        from moe2dense_ray.convert.calibrate import _tokenizer, load_causal_lm
         from moe2dense_ray.core.errors import UserError
-        for load, path in ((load_causal_lm, sys.argv[1]), (_tokenizer, sys.argv[2]), (load_causal_lm, sys.argv[3])):
+        from moe2dense_ray.core.models import load_causal_lm, load_tokenizer
+        for load, path in ((load_causal_lm, sys.argv[1]), (load_tokenizer, sys.argv[2]), (load_causal_lm, sys.argv[3])):
             try:
                 load(path)
                 print("LOADED", flush=True)
@@ -421,7 +421,8 @@ def test_embedded_ray_is_shut_down_on_error_and_on_interrupt(tmp_path):
         import sys
         import psutil
         import ray
-        from moe2dense_ray import calibrate as C
+        from moe2dense_ray.convert import calibrate as C
+        from moe2dense_ray.core.config import CalibrateConfig
         from moe2dense_ray.core.errors import UserError
 
         broken, good, data = sys.argv[1:4]
@@ -431,7 +432,7 @@ def test_embedded_ray_is_shut_down_on_error_and_on_interrupt(tmp_path):
                           if p.status() != psutil.STATUS_ZOMBIE)
 
         try:
-            C.calibrate(broken, data, samples=2, seq_len=16, workers=1, progress=False)
+            C.calibrate(CalibrateConfig(src=broken, data=data, samples=2, seq_len=16, workers=1), progress=False)
             print("NO ERROR")
         except UserError as e:
             print("ERROR", e)
@@ -449,7 +450,7 @@ def test_embedded_ray_is_shut_down_on_error_and_on_interrupt(tmp_path):
 
         C.Progress = Interrupted
         try:
-            C.calibrate(good, data, samples=2, seq_len=16, workers=1, progress=False)
+            C.calibrate(CalibrateConfig(src=good, data=data, samples=2, seq_len=16, workers=1), progress=False)
             print("NO INTERRUPT")
         except KeyboardInterrupt:
             print("INTERRUPTED")

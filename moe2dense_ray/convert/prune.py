@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import Field
 
-from ..core.config import BuildOutput, positional
+from ..core.config import DATA_HELP, BuildOutput, CalibrationBlocks, positional
 from ..core.errors import UserError
 
 PRUNE_FILE = "moe2dense_prune.json"
@@ -44,19 +44,15 @@ _PROJ = ("gate_proj", "up_proj", "down_proj")
 _MLP_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.(.+)$")
 
 
-class PruneConfig(BuildOutput):
-    """`moe2dense prune-dense`: where it writes is what `build` takes (`BuildOutput`)."""
+class PruneConfig(CalibrationBlocks, BuildOutput):
+    """`moe2dense prune-dense`: where it writes is what `build` takes (`BuildOutput`), what it reads
+    is calibration blocks as every conversion pass reads them (`CalibrationBlocks`)."""
 
     src: str = positional("dense checkpoint to prune (local or URL)", metavar="MODEL")
     width: int = Field(..., ge=1, description="FFN neurons kept per layer, 1..intermediate_size",
                        json_schema_extra={"metavar": "W", "aliases": ["-W"]})
-    data: str = Field(..., description="calibration text: .txt, .jsonl (field `text`), .parquet, a directory of "
-                      "those, or hf:NAME[:CONFIG] for a Hugging Face dataset", json_schema_extra={"metavar": "DATA"})
-    samples: int = Field(64, ge=1, description="number of token blocks", json_schema_extra={"metavar": "N"})
-    seq_len: int = Field(512, ge=2, description="tokens per block", json_schema_extra={"metavar": "L"})
+    data: str = Field(..., description=DATA_HELP, json_schema_extra={"metavar": "DATA"})
     batch_size: int = Field(4, ge=1, description="blocks per forward pass", json_schema_extra={"metavar": "B"})
-    seed: int = Field(0, description="seed for the choice and order of calibration blocks")
-    text_field: str = Field("text", description="field/column holding the text")
 
 
 @dataclass(frozen=True)

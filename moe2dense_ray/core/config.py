@@ -184,15 +184,22 @@ class MethodOptions(StageConfig):
         "sum", description="score scaling: a group's score is the sum or the mean of its members'")
 
 
-class TeacherRunSettings(StageConfig):
-    """How the teacher is run over calibration blocks: by `calibrate`, and by the refit pass."""
+class CalibrationBlocks(StageConfig):
+    """Calibration text as token blocks, declared once for every pass over it: `calibrate`,
+    `convert`, the refit, `prune-dense`."""
 
+    text_field: str = Field("text", description="field/column holding the text")
     samples: int = Field(64, ge=1, description="number of token blocks (paper: 512)", json_schema_extra={"metavar": "N"})
     seq_len: int = Field(512, ge=2, description="tokens per block (paper: 2048)", json_schema_extra={"metavar": "L"})
+    seed: int = Field(0, description="seed for the choice and order of calibration blocks")
+
+
+class TeacherRunSettings(CalibrationBlocks):
+    """How the teacher is run over calibration blocks: by `calibrate`, and by the refit pass."""
+
     workers: int = Field(1, ge=0, description="Ray actors, one teacher replica each (0 = in this process, no Ray)",
                          json_schema_extra={"metavar": "N"})
     batch_size: int = Field(4, ge=1, description="blocks per forward pass", json_schema_extra={"metavar": "B"})
-    text_field: str = Field("text", description="field/column holding the text")
     gpus_per_worker: Optional[float] = Field(None, gt=0, description="GPUs per Ray actor (default: 1 when the cluster "
                                              "has GPUs); a teacher larger than one GPU is sharded over the actor's GPUs",
                                              json_schema_extra={"metavar": "G"})
@@ -201,10 +208,13 @@ class TeacherRunSettings(StageConfig):
                                          json_schema_extra={"metavar": "RES"})
 
 
+DATA_HELP = ("calibration text: .txt, .jsonl (field `text`), .parquet, a directory of those, or hf:NAME[:CONFIG] "
+             "for a Hugging Face dataset")
+
+
 class _TeacherAndText(StageConfig):
     src: str = positional("MoE checkpoint directory (local or URL)", metavar="SRC")
-    data: str = Field(..., description="calibration text: .txt, .jsonl (field `text`), .parquet, a directory of "
-                      "those, or hf:NAME[:CONFIG] for a Hugging Face dataset", json_schema_extra={"metavar": "DATA"})
+    data: str = Field(..., description=DATA_HELP, json_schema_extra={"metavar": "DATA"})
 
 
 class CalibrationSettings(TeacherRunSettings, _TeacherAndText):  # bases in reverse: SRC and DATA first
@@ -234,7 +244,6 @@ class RefitConfig(RefitSettings, TeacherRunSettings):
     """What a refit runs with: its method, and the teacher run over the calibration text."""
 
     data: str = Field(..., description="calibration text for the refit")
-    seed: int = Field(0, description="seed for the choice and order of calibration blocks")
 
 
 class CalibrateConfig(CalibrationSettings):
@@ -242,7 +251,6 @@ class CalibrateConfig(CalibrationSettings):
 
     full_stats: bool = Field(False, description="also run every expert on every token (needed by acp, do-acp, reap, "
                              "ean, output grouping)")
-    seed: int = Field(0, description="seed for the choice and order of calibration blocks")
     out: Optional[str] = Field(None, description="statistics directory (local or URL)",
                                json_schema_extra={"metavar": "STATS", "aliases": ["-o"]})
     overwrite: bool = Field(False, description="replace STATS if it holds statistics")
@@ -300,7 +308,6 @@ class _BuildInputs(StageConfig):
 class _RefitText(StageConfig):
     data: Optional[str] = Field(None, description="calibration text for --refit (as for `calibrate`)",
                                 json_schema_extra={"metavar": "DATA"})
-    seed: int = Field(0, description="seed for the choice and order of the --refit calibration blocks")
 
 
 class BuildConfig(TeacherRunSettings, _RefitText, RefitSettings, BuildOutput, _BuildInputs):  # flags: reverse order
