@@ -87,6 +87,7 @@ def inspect_dense(src: str, *, allow_pickle: bool = False):
     from transformers import CONFIG_MAPPING
 
     from ..core.checkpoint import CheckpointReader
+    from ..core.source import hf_config
 
     reader = CheckpointReader(src, allow_pickle=allow_pickle)
     try:
@@ -94,11 +95,7 @@ def inspect_dense(src: str, *, allow_pickle: bool = False):
         mt = cfg_dict.get("model_type")
         if not isinstance(mt, str) or mt not in CONFIG_MAPPING:
             raise UserError(f"{src}/config.json has model_type {mt!r}, which transformers does not know")
-        try:
-            cfg = CONFIG_MAPPING[mt].from_dict({k: v for k, v in cfg_dict.items() if k != "quantization_config"})
-        except Exception as e:  # noqa: BLE001 - config classes raise anything for a field of the wrong type
-            why = " ".join(str(e).split()) or type(e).__name__
-            raise UserError(f"{src}/config.json is not a valid {mt} config: {why[:300]}") from None
+        cfg = hf_config(src, cfg_dict)
         experts = [k for k in reader.keys() if ".experts." in k or k.endswith(".experts")]
         if experts:
             raise UserError(f"{src} is a Mixture-of-Experts model ({mt}, e.g. {experts[0]}): prune-dense prunes "

@@ -16,8 +16,6 @@ from .storage import first_nonfinite_json
 
 
 def _load_config(reader: CheckpointReader):
-    from transformers import CONFIG_MAPPING
-
     d = reader.config_dict()
     mt = d.get("model_type")
     family = get_family(mt)
@@ -25,12 +23,20 @@ def _load_config(reader: CheckpointReader):
     if bad is not None:  # json reads NaN and Infinity; a NaN rms_norm_eps would make every output NaN
         where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in bad[0]).lstrip(".")
         raise UserError(f"{reader.url}/config.json: {where} is {bad[1]}, not a finite number: the config is broken")
+    return d, family, hf_config(reader.url, d)
+
+
+def hf_config(url: str, d: dict[str, Any]):
+    """transformers' config object for the parsed config.json `d` of checkpoint `url`, or one
+    error line (config classes raise anything for a field of the wrong type)."""
+    from transformers import CONFIG_MAPPING
+
+    mt = d.get("model_type")
     try:
-        cfg = CONFIG_MAPPING[mt].from_dict({k: v for k, v in d.items() if k != "quantization_config"})
-    except Exception as e:  # noqa: BLE001 - config classes raise anything for a field of the wrong type
+        return CONFIG_MAPPING[mt].from_dict({k: v for k, v in d.items() if k != "quantization_config"})
+    except Exception as e:  # noqa: BLE001
         why = " ".join(str(e).split()) or type(e).__name__
-        raise UserError(f"{reader.url}/config.json is not a valid {mt} config: {why[:300]}") from None
-    return d, family, cfg
+        raise UserError(f"{url}/config.json is not a valid {mt} config: {why[:300]}") from None
 
 
 def _check_weight_dtypes(reader: CheckpointReader, cfg_dict: dict) -> None:
@@ -126,4 +132,4 @@ def opened(src: "str | Source", *, allow_pickle: bool = False) -> Iterator[Sourc
         yield source
 
 
-__all__ = ["Source", "opened"]
+__all__ = ["Source", "opened", "hf_config"]
