@@ -112,6 +112,8 @@ class _SweepSettings(StageConfig):
     max_concurrent: Optional[PositiveInt] = Field(None, description="trials at once (default: as many as the "
                                                   "cluster holds now; on an autoscaling cluster, set it: the "
                                                   "cluster grows to it)", json_schema_extra={"metavar": "N"})
+    max_trials: PositiveInt = Field(256, description="refuse a space of more combinations than this (each is a "
+                                    "trial: a student built and distilled)", json_schema_extra={"metavar": "N"})
     calibration_workers: Optional[int] = Field(None, ge=0, description="teacher replicas of the one calibration "
                                                "(default --teacher-workers; 0: in the driver)",
                                                json_schema_extra={"metavar": "N"})
@@ -161,14 +163,23 @@ def _grid(raw: dict[str, Any], where: str) -> dict[str, list[Any]]:
     return grid
 
 
-def combinations(space: list[dict[str, list[Any]]]) -> list[dict[str, Any]]:
-    """Every combination of every grid, in file order, each once (grids may overlap)."""
+def combinations(space: list[dict[str, list[Any]]], limit: int | None = None) -> list[dict[str, Any]]:
+    """Every combination of every grid, in file order, each once (grids may overlap; a set of
+    seen combinations keeps this linear). With `limit`, a space whose grids hold more is refused
+    before any is built: the count is a product of list lengths, known at once."""
+    total = sum(math.prod(len(v) for v in grid.values()) for grid in space)
+    if limit is not None and total > limit:
+        raise UserError(f"the space has {total:,} combinations, more than --max-trials {limit}: narrow it, or "
+                        f"raise --max-trials if you mean to run that many trials")
     out: list[dict[str, Any]] = []
+    seen: set[str] = set()
     for grid in space:
         keys = list(grid)
         for values in itertools.product(*(grid[k] for k in keys)):
             combo = dict(zip(keys, values))
-            if combo not in out:
+            key = json.dumps(combo, sort_keys=True, default=repr)
+            if key not in seen:
+                seen.add(key)
                 out.append(combo)
     return out
 
@@ -203,7 +214,7 @@ def teacher_pool(cfg: SweepConfig, workers: int | None = None):
     """The teacher replicas (`core.teachers.TeacherPool`) of the calibration and of refit trials,
     hosted as `--teacher-workers`, `--gpus-per-teacher`, `--cpus-per-teacher` and
     `--teacher-resources` say."""
-    from .convert.calibrate import TeacherPool
+    from .core.teachers import TeacherPool
 
     return TeacherPool(cfg.teacher, workers=cfg.teacher_workers if workers is None else workers,
                        gpus_per_worker=cfg.gpus_per_teacher, resources=cfg.teacher_resources,
@@ -226,7 +237,7 @@ def check_space(cfg: SweepConfig, space: list[dict[str, list[Any]]], num_experts
     from .convert.refit import FITS
     from .distill.losses import LOSSES
 
-    combos = combinations(space)
+    combos = combinations(space, limit=cfg.max_trials)
     for c in combos:
         try:
             args = _plan_args(c)
@@ -393,6 +404,7 @@ def sweep(cfg: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
     with Source.open(cfg.teacher) as source:
         shape = source.shape
     combos = check_space(cfg, space, shape.num_experts)
+    print(f"sweep: {len(combos)} trial{'s' if len(combos) != 1 else ''} from {cfg.space}", flush=True)
     if not cfg.resume:
         check_output(cfg.out, what="sweep", overwrite=cfg.overwrite, sources=(cfg.teacher, cfg.data, cfg.space))
     with OutputLock(cfg.out):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -84,8 +85,104 @@ def test_config_yaml_flags_and_errors(tmp_path, student, capsys):
     assert job.teacher.endswith("teacher-qwen3moe") and job.tokens == 800_000
 
 
+@pytest.mark.parametrize("run", ["local", "memory"])
+def test_a_torn_metrics_line_is_closed_by_the_next_report_and_skipped(tmp_path, run):
+    """A kill mid-append leaves half a line; the resumed run's next report starts on a fresh line,
+    and readers skip (and count) the torn one instead of failing after the training is done."""
+    from moe2dense_ray.core.storage import url_to_fs
+    from moe2dense_ray.distill.driver import metrics_and_torn
+    from moe2dense_ray.distill.worker import METRICS_FILE, _write_metrics
+
+    run = str(tmp_path) if run == "local" else f"memory://torn-{os.getpid()}"
+    fs, path = url_to_fs(f"{run}/{METRICS_FILE}")
+    _write_metrics(run, {"step": 0})
+    fs.pipe_file(path, fs.cat_file(path) + b'{"step": 2, "lo')  # killed mid-append
+    assert read_metrics(run) == [{"step": 0}]  # a last line without its newline may be being written
+    _write_metrics(run, {"step": 2})
+    assert metrics_and_torn(run) == ([{"step": 0}, {"step": 2}], 1)
+    assert fs.cat_file(path).decode().splitlines()[1] == '{"step": 2, "lo'
+
+
+@pytest.mark.parametrize("case", ["fifo", "huge", "bad-json", "missing-key", "wrong-type"])
+def test_a_damaged_stream_json_is_one_line(tmp_path, student, capsys, case):
+    """`distill --logits` reads stream.json through the capped reader and its schema: one line for
+    each way it can be damaged, and a FIFO is refused, not waited on."""
+    logits = tmp_path / "logits"
+    logits.mkdir()
+    meta = {"vocab_size": 4096, "codec": "topk", "top_k": 16, "draws": 12, "temperature": 1.0, "seq_len": 64,
+            "blocks": 40, "val_blocks": 2}
+    path = logits / "stream.json"
+    if case == "fifo":
+        os.mkfifo(path)
+    elif case == "huge":
+        with open(path, "wb") as f:
+            f.truncate((64 << 20) + 1)  # sparse: a file of more than 64 MiB of nothing
+    elif case == "bad-json":
+        path.write_text("{")
+    else:
+        meta.pop("val_blocks") if case == "missing-key" else meta.update(top_k="many")
+        path.write_text(json.dumps(meta))
+    fragment = {"fifo": "not a regular file", "huge": "more than a metadata file may be (64 MiB)", "bad-json": "is not valid JSON",
+                "missing-key": "stream.json: val_blocks: Field required",
+                "wrong-type": "stream.json: top_k: Input should be a valid integer"}[case]
+    argv = ["distill", "--logits", str(logits), "--student", student, "--out", str(tmp_path / "run")]
+    _one_error(capsys, main(argv), fragment)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case", ["uniform", "worse", "better"])
+def test_a_wrecked_student_is_an_error_and_kept_only_as_a_diagnostic(tmp_path, student, case):
+    """Finite losses, wrecked student (`--lr 1e9`: perplexity 4,095.99 on a 4,096-token vocabulary,
+    where it was 498.6): the run ends in one line naming the learning rate, and RUN/student is
+    moved aside, never announced as the result."""
+    from moe2dense_ray.distill.driver import DIAGNOSTIC, check_outcome
+
+    run = tmp_path / "run"
+    (run / "student").mkdir(parents=True)
+    (run / "student" / "config.json").write_text("{}")
+    end = {"uniform": (4095.99, 0.14), "worse": (520.0, 0.16), "better": (300.0, 0.1)}[case]
+    metrics = [{"step": 0, "val_ppl": 498.6, "val_kl": 0.15}, {"step": 6, "val_ppl": 400.0, "val_kl": 0.12},
+               {"step": 12, "val_ppl": end[0], "val_kl": end[1]}]
+    cfg = _cfg(student, run, lr=1e9)
+    if case == "better":
+        check_outcome(cfg, metrics)
+        assert (run / "student" / "config.json").exists()
+        return
+    fragment = ("collapsed to a uniform distribution (held-out perplexity 4096.0 at step 12" if case == "uniform"
+                else "made the student worse (held-out perplexity 498.6 at step 0, 520 at the end, KL")
+    with pytest.raises(UserError, match=re.escape(fragment)) as e:
+        check_outcome(cfg, metrics)
+    assert "lower --lr (was 1e+09) or raise --warmup" in str(e.value)
+    assert not (run / "student").exists() and (run / DIAGNOSTIC / "config.json").exists()
+
+
+def _without(student: str, out, name: str) -> str:
+    """A copy of the student whose weights lack tensor `name` (its config unchanged)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(student, out)
+    (path,) = out.glob("*.safetensors")
+    weights = load_file(str(path))
+    del weights[name]
+    save_file(weights, str(path), metadata={"format": "pt"})
+    return str(out)
+
+
+def test_a_student_missing_a_tensor_is_refused_by_every_loader(tmp_path, student):
+    """The loader of training workers, export and evaluation refuses what the driver refuses."""
+    from moe2dense_ray.core.errors import UserError
+    from moe2dense_ray.eval.metrics import load_model
+
+    torn = _without(student, tmp_path / "torn", "model.layers.1.mlp.down_proj.weight")
+    with pytest.raises(UserError, match="missing model.layers.1.mlp.down_proj.weight"):
+        load_model(torn)
+    assert load_model(student) is not None
+
+
 @pytest.mark.parametrize("case", ["not-dense", "vocabulary", "tokens", "run-exists", "bad-loss", "sampled-jsd",
-                                  "bad-text"])
+                                  "bad-text", "missing-tensor"])
 def test_bad_input_is_one_line_before_any_work(tmp_path, student, tokenizer, capsys, case):
     from tiny import make_tiny_moe
 
@@ -94,7 +191,8 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, student, tokenizer, cap
             "--tokens", "4096", "--out", str(out)]
     fragment = {"not-dense": "not dense", "vocabulary": "vocabulary", "tokens": "fewer than one optimizer step",
                 "run-exists": "already exists",
-                "bad-loss": "unknown loss", "sampled-jsd": "sampled", "bad-text": "cannot read"}[case]
+                "bad-loss": "unknown loss", "sampled-jsd": "sampled", "bad-text": "cannot read",
+                "missing-tensor": "lacks 1 tensor(s) its model (config.json) needs, e.g. model.layers.1.mlp.down_proj"}[case]
     if case == "not-dense":
         argv[4] = assets.teacher_path()
     elif case == "vocabulary":
@@ -111,6 +209,8 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, student, tokenizer, cap
         argv += ["--loss", "kl-ish"]
     elif case == "sampled-jsd":
         argv += ["--codec", "sampled", "--loss", "jsd"]
+    elif case == "missing-tensor":  # transformers would fill it in at random inside the training worker
+        argv[4] = _without(student, tmp_path / "torn", "model.layers.1.mlp.down_proj.weight")
     else:  # a truncated compressed file: found by the driver's plan, before Ray starts
         with open(assets.train_path(), "rb") as f:
             (tmp_path / "cut.jsonl.gz").write_bytes(f.read(200_000))
@@ -141,6 +241,17 @@ def test_distill_lowers_perplexity_and_exports_a_dense_student(ray_cluster, stud
     assert any(not torch.equal(a, b) for a, b in zip(dense.state_dict().values(), before.state_dict().values()))
     assert os.listdir(run / "tensorboard")
     assert json.loads((run / "results.json").read_text())["steps"] == 12
+    # --resume from a copy whose latest checkpoint lost DeepSpeed's model states: one line naming
+    # the file, on the driver, before any worker starts
+    import shutil
+
+    damaged = shutil.copytree(run, tmp_path / "damaged")
+    last = sorted((damaged / "train").glob("checkpoint-*"))[-1]
+    (last / "deepspeed" / "mp_rank_00_model_states.pt").unlink()
+    t0 = time.time()
+    with pytest.raises(UserError, match=f"{last.name} lacks deepspeed/mp_rank_00_model_states.pt"):
+        distill(_cfg(student, damaged).model_copy(update={"resume": True}), progress=False)
+    assert time.time() - t0 < 30
 
 
 def _actor_pids(class_fragment: str) -> list[int]:
@@ -304,6 +415,21 @@ def test_a_stream_of_many_files_trains_the_same_student_twice(ray_cluster, stude
                                   report_every=1, checkpoint_every=1 << 20), progress=False)
         runs.append([(m["step"], m["loss"], m.get("val_ppl")) for m in r.metrics if "loss" in m])
     assert len(runs[0]) == 10 and runs[0] == runs[1]
+    # the same stream damaged: found from the footers, in one line, before any work
+    import shutil
+
+    for damage, fragment in (("truncate", "is not a whole Parquet file"), ("remove", "a file is missing")):
+        broken = shutil.copytree(logits, tmp_path / f"logits-{damage}")
+        victim = sorted(broken.glob("*.parquet"))[1]
+        if damage == "truncate":
+            victim.write_bytes(victim.read_bytes()[:-100])
+        else:
+            victim.unlink()
+        t0 = time.time()
+        with pytest.raises(UserError, match=fragment):
+            distill(DistillConfig(logits=str(broken), student=student, out=str(tmp_path / f"run-{damage}")),
+                    progress=False)
+        assert time.time() - t0 < 30 and not (tmp_path / f"run-{damage}").exists()
 
 
 def _actors(fragment: str) -> set[str]:

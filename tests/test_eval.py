@@ -178,3 +178,17 @@ def test_shipped_task_files(tmp_path):
     check = subprocess.run([sys.executable, str(REPO / "scripts" / "make_eval_tasks.py"), "--check"],
                            capture_output=True, text=True, cwd=tmp_path)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_results_that_are_not_finite_are_written_as_null_with_a_note(tmp_path):
+    """A model whose perplexity overflows still gets its results file, in strict JSON."""
+    from moe2dense_ray.eval.stage import write_results
+
+    out = tmp_path / "r.json"
+    write_results({"model": "m", "perplexity": {"ppl": float("nan"), "tokens": 10},
+                   "tasks": {"t": {"metrics": {"acc": float("inf")}}}}, str(out))
+    r = json.loads(out.read_text())  # json.loads would accept NaN; the file must not hold it
+    assert "NaN" not in out.read_text() and "Infinity" not in out.read_text()
+    assert r["perplexity"] == {"ppl": None, "tokens": 10} and r["tasks"]["t"]["metrics"]["acc"] is None
+    assert r["notes"] == ["perplexity.ppl was nan, not a finite number: written as null",
+                          "tasks.t.metrics.acc was inf, not a finite number: written as null"]

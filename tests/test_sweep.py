@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 
 import pytest
 
@@ -35,13 +36,30 @@ def test_bad_spaces_are_one_line_before_any_work(tmp_path, capsys):
              "k.yaml": ("scoring: cp\nexperts: [4, 99]\n", "--experts must be between 1 and 16"),
              "lr.yaml": ("scoring: cp\nexperts: 4\nlr: -1\n", "lr"),
              "loss.yaml": ("scoring: cp\nexperts: 4\nloss: l2\n", "unknown loss 'l2'"),
-             "refit.yaml": ("scoring: cp\nexperts: 4\nrefit: [down, all]\n", "unknown refit 'all'")}
+             "refit.yaml": ("scoring: cp\nexperts: 4\nrefit: [down, all]\n", "unknown refit 'all'"),
+             # 10 x 10 x 10 x 10: counted from the list lengths, refused before a combination is built
+             "large.yaml": ("scoring: cp\nexperts: 4\nseed: " + str(list(range(10))) + "\nlr: " +
+                            str([i * 1e-4 for i in range(1, 11)]) + "\nbatch_size: " + str(list(range(1, 11))) +
+                            "\nwarmup: " + str([i / 100 for i in range(10)]) + "\n",
+                            "the space has 10,000 combinations, more than --max-trials 256")}
     for name, (text, fragment) in cases.items():
         (tmp_path / name).write_text(text)
         code = main(_args(tmp_path / name, tmp_path / "out"))
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], (name, err)
     assert not (tmp_path / "out").exists()
+
+
+def test_combinations_are_each_once_in_file_order_in_linear_time():
+    from moe2dense_ray.sweep import combinations
+
+    grids = [{"scoring": ["cp", "sf"], "experts": [4, 8]}, {"scoring": ["sf", "reap"], "experts": [8]}]
+    assert combinations(grids) == [{"scoring": "cp", "experts": 4}, {"scoring": "cp", "experts": 8},
+                                   {"scoring": "sf", "experts": 4}, {"scoring": "sf", "experts": 8},
+                                   {"scoring": "reap", "experts": 8}]
+    t0 = time.time()  # 20,000 combinations, half of them repeats: was quadratic (40 s for 10,000)
+    big = combinations([{"seed": list(range(100)), "lr": list(range(100))}] * 2)
+    assert len(big) == 10_000 and time.time() - t0 < 5
 
 
 def test_trials_take_distills_settings_and_are_counted_by_what_they_hold(tmp_path, ray_cluster, capsys):

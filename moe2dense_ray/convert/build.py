@@ -13,7 +13,6 @@ layer's selected experts plus one output shard, whatever the size of the teacher
 from __future__ import annotations
 
 import math
-import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,7 +29,8 @@ from ..core.checkpoint import (
 )
 from ..core.config import BuildConfig, BuildOutput
 from ..core.errors import UserError
-from ..core.families import Family, dense_config_dict, dense_width
+from ..core.families import dense_config_dict, dense_width
+from ..core.models import check_complete
 from ..core.progress import Progress
 from ..core.source import Source, opened
 from ..core.storage import OutputLock, check_output
@@ -56,72 +56,6 @@ class _Step:
     specs: list[TensorSpec]
     produce: Callable[[], list[torch.Tensor]]
     layer: int | None = None  # set on a layer's last step, for progress
-
-
-def check_complete(dense_cfg: dict, specs: list[TensorSpec], family: Family) -> None:
-    """The output holds exactly the tensors the dense model has, with its shapes.
-
-    transformers would random-initialise a missing tensor (a student without embeddings) and
-    ignore an unexpected one, so both are errors here, before any tensor is read. The model is
-    instantiated on the meta device: no memory, whatever its size.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.for_model(**dense_cfg)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    required: dict[str, tuple[int, ...]] = {}
-    tied: dict[str, tuple[int, ...]] = {}  # a second name of a tied weight: saved or not, both load
-    seen: set[int] = set()
-    for k, v in model.state_dict(keep_vars=True).items():
-        (tied if id(v) in seen else required)[k] = tuple(v.shape)
-        seen.add(id(v))
-    expected = {**tied, **required}
-    have = _as_loaded(specs, family)
-    missing = sorted(set(required) - set(have))
-    unexpected = sorted(set(have) - set(expected))
-    wrong = sorted(k for k in set(have) & set(expected) if have[k] != expected[k])
-    if missing:
-        raise UserError(f"the source checkpoint lacks {len(missing)} tensor(s) the dense model needs, "
-                        f"e.g. {', '.join(missing[:3])}: it is incomplete or not the model its config describes")
-    if unexpected:
-        raise UserError(f"the dense model has no place for {len(unexpected)} tensor(s) of the source, "
-                        f"e.g. {', '.join(unexpected[:3])}")
-    if wrong:
-        k = wrong[0]
-        raise UserError(f"tensor {k} would have shape {have[k]}, the dense model needs {expected[k]}")
-
-
-_PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight$")
-
-
-def _as_loaded(specs: list[TensorSpec], family: Family) -> dict[str, tuple[int, ...]]:
-    """Names and shapes as transformers holds them in memory: renamed as its checkpoint-conversion
-    mapping renames them, and the per-expert tensors of an MoE-layout student
-    (`experts.0.{gate,up,down}`) fused into `gate_up_proj`/`down_proj`."""
-    g, u, d = family.expert_keys or ("gate_proj", "up_proj", "down_proj")  # a bare row: prune-dense's dense model
-    out: dict[str, tuple[int, ...]] = {}
-    fused: dict[str, dict[str, list[tuple[int, ...]]]] = {}
-    on_disk, in_memory = f".{family.moe_prefix or family.moe_module}.", f".{family.moe_module}."
-    for spec in specs:
-        if on_disk != in_memory and on_disk in spec.name:  # Mixtral-style `block_sparse_moe` is `mlp` in memory
-            spec = TensorSpec(spec.name.replace(on_disk, in_memory, 1), spec.shape, spec.dtype)
-        for disk, memory in family.disk_renames:  # transformers' other renamings (MiMo's attention sinks)
-            if disk in spec.name:
-                spec = TensorSpec(spec.name.replace(disk, memory, 1), spec.shape, spec.dtype)
-        m = _PER_EXPERT.match(spec.name)
-        if m is None or m.group(3) not in (g, u, d):
-            out[spec.name] = spec.shape
-        else:
-            fused.setdefault(m.group(1), {}).setdefault(m.group(3), []).append(spec.shape)
-    for prefix, projs in fused.items():
-        if not projs.get(g) or not projs.get(d):
-            out.update({f"{prefix}.{p}": shapes[0] for p, shapes in projs.items()})  # reported as missing
-            continue
-        (inner, hidden), n = projs[g][0], len(projs[g])
-        out[f"{prefix}.gate_up_proj"] = (n, 2 * inner, hidden)
-        out[f"{prefix}.down_proj"] = (n, hidden, inner)
-    return out
 
 
 @dataclass
@@ -281,4 +215,4 @@ def read_expert_weights(src: "str | Source", *, allow_pickle: bool = False) -> C
     return ExpertReader(source.reader, source.family, source.shape).expert_weights
 
 
-__all__ = ["build", "BuildReport", "read_expert_weights", "check_complete"]
+__all__ = ["build", "BuildReport", "read_expert_weights"]

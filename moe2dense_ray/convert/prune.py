@@ -218,10 +218,9 @@ def prune_dense(cfg: PruneConfig, *, progress: bool = True) -> PruneReport:
     from ..core.checkpoint import CheckpointWriter, TensorSpec, copy_aux_files
     from ..core.data import token_blocks
     from ..core.families import Family
-    from ..core.models import load_causal_lm
+    from ..core.models import check_complete, load_causal_lm
     from ..core.progress import Progress
     from ..core.storage import OutputLock, check_output
-    from .build import check_complete
 
     t0 = time.time()
     src, data, out, width, seq_len, dtype = cfg.src, cfg.data, cfg.out, cfg.width, cfg.seq_len, cfg.dtype

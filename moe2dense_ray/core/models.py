@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from typing import Any, Iterator
 
 import torch
 
-from .checkpoint import TOKENIZER_FILES
+from .checkpoint import TOKENIZER_FILES, CheckpointReader, TensorSpec
 from .errors import UserError
-from .families import get_family
+from .families import Family, get_family
 from .ray_session import first_line
 from .storage import check_small_files, is_local, read_json, url_to_fs
 
@@ -209,3 +210,94 @@ def load_tokenizer(src: str):
         raise UserError(f"cannot load the tokenizer of {src}: {first_line(e)}") from None
 
 
+def check_complete(dense_cfg: dict, specs: list[TensorSpec], family: Family | None = None, *,
+                   owner: str = "the source checkpoint", model_name: str = "the dense model") -> None:
+    """`specs` (an output's tensors, or a checkpoint's) are exactly the tensors the model of
+    `dense_cfg` has, with its shapes; `family` renames them as transformers does when it loads.
+
+    transformers would random-initialise a missing tensor (a student without embeddings) and
+    ignore an unexpected one, so both are errors here, before any tensor is read. The model is
+    instantiated on the meta device: no memory, whatever its size.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**dense_cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    required: dict[str, tuple[int, ...]] = {}
+    tied: dict[str, tuple[int, ...]] = {}  # a second name of a tied weight: saved or not, both load
+    seen: set[int] = set()
+    for k, v in model.state_dict(keep_vars=True).items():
+        (tied if id(v) in seen else required)[k] = tuple(v.shape)
+        seen.add(id(v))
+    expected = {**tied, **required}
+    have = _as_loaded(specs, family)
+    missing = sorted(set(required) - set(have))
+    unexpected = sorted(set(have) - set(expected))
+    wrong = sorted(k for k in set(have) & set(expected) if have[k] != expected[k])
+    if missing:
+        raise UserError(f"{owner} lacks {len(missing)} tensor(s) {model_name} needs, e.g. "
+                        f"{', '.join(missing[:3])}: it is incomplete or not the model its config describes")
+    if unexpected:
+        raise UserError(f"{model_name} has no place for {len(unexpected)} tensor(s) of {owner.removeprefix('the ')}, "
+                        f"e.g. {', '.join(unexpected[:3])}")
+    if wrong:
+        k = wrong[0]
+        raise UserError(f"tensor {k} {'would have' if owner == 'the source checkpoint' else 'of ' + owner + ' has'} "
+                        f"shape {have[k]}, {model_name} needs {expected[k]}")
+
+
+_PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight$")
+
+
+def _as_loaded(specs: list[TensorSpec], family: Family | None) -> dict[str, tuple[int, ...]]:
+    """Names and shapes as transformers holds them in memory: renamed as its checkpoint-conversion
+    mapping renames them, and the per-expert tensors of an MoE-layout student
+    (`experts.0.{gate,up,down}`) fused into `gate_up_proj`/`down_proj`."""
+    if family is None:  # a dense model saved by transformers: its names are already the loaded ones
+        return {spec.name: spec.shape for spec in specs}
+    g, u, d = family.expert_keys or ("gate_proj", "up_proj", "down_proj")  # a bare row: prune-dense's dense model
+    out: dict[str, tuple[int, ...]] = {}
+    fused: dict[str, dict[str, list[tuple[int, ...]]]] = {}
+    on_disk, in_memory = f".{family.moe_prefix or family.moe_module}.", f".{family.moe_module}."
+    for spec in specs:
+        if on_disk != in_memory and on_disk in spec.name:  # Mixtral-style `block_sparse_moe` is `mlp` in memory
+            spec = TensorSpec(spec.name.replace(on_disk, in_memory, 1), spec.shape, spec.dtype)
+        for disk, memory in family.disk_renames:  # transformers' other renamings (MiMo's attention sinks)
+            if disk in spec.name:
+                spec = TensorSpec(spec.name.replace(disk, memory, 1), spec.shape, spec.dtype)
+        m = _PER_EXPERT.match(spec.name)
+        if m is None or m.group(3) not in (g, u, d):
+            out[spec.name] = spec.shape
+        else:
+            fused.setdefault(m.group(1), {}).setdefault(m.group(3), []).append(spec.shape)
+    for prefix, projs in fused.items():
+        if not projs.get(g) or not projs.get(d):
+            out.update({f"{prefix}.{p}": shapes[0] for p, shapes in projs.items()})  # reported as missing
+            continue
+        (inner, hidden), n = projs[g][0], len(projs[g])
+        out[f"{prefix}.gate_up_proj"] = (n, 2 * inner, hidden)
+        out[f"{prefix}.down_proj"] = (n, hidden, inner)
+    return out
+
+
+def check_weights(src: str, *, what: str) -> dict[str, Any]:
+    """The checkpoint `src` holds exactly the tensors of the model its config.json describes, with
+    their shapes, read from the safetensors headers alone (no weight loaded, the model built on
+    the meta device): one line naming a missing, unexpected or mis-shaped tensor, on the driver,
+    before any worker loads it (where transformers would fill a missing one with random values).
+    Returns the config."""
+    reader = CheckpointReader(src)
+    try:
+        cfg = reader.config_dict()
+        specs = [TensorSpec(k, tuple(reader.shape(k)), reader.dtype(k)) for k in reader.keys()
+                 if str(reader.key_to_file.get(k, "")).endswith(".safetensors")]
+    finally:
+        reader.close()
+    try:  # an MoE-layout model (one expert kept) is stored per expert and fused when loaded
+        family: Family | None = get_family(cfg.get("model_type"))
+    except UserError:
+        family = None  # a dense model: its names on disk are the loaded ones
+    if specs:  # pickle (.bin) weights have no headers to read: the loader checks them when it loads
+        check_complete(cfg, specs, family, owner=f"{what} {src}", model_name="its model (config.json)")
+    return cfg

@@ -496,6 +496,23 @@ def start_directory(url: str, files: dict[str, str | bytes], *, overwrite: bool)
         discard(fs, tmp)
 
 
+def finite_json(obj: Any, loc: str = "") -> tuple[Any, list[tuple[str, float]]]:
+    """`obj` with every NaN or infinity replaced by None (JSON's null: strict JSON has no NaN), and
+    where each was (`a.b[2]`) with its value, so that a result file can say what it could not hold."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None, [(loc or "value", obj)]
+    if isinstance(obj, dict):
+        out, where = {}, []
+        for k, v in obj.items():
+            out[k], w = finite_json(v, f"{loc}.{k}" if loc else str(k))
+            where += w
+        return out, where
+    if isinstance(obj, (list, tuple)):
+        pairs = [finite_json(v, f"{loc}[{i}]") for i, v in enumerate(obj)]
+        return [v for v, _ in pairs], [w for _, ws in pairs for w in ws]
+    return obj, []
+
+
 def first_nonfinite_json(obj: Any, loc: tuple = ()) -> tuple[tuple, float] | None:
     """Where the first NaN or infinity in parsed JSON is (json.loads accepts NaN and Infinity)."""
     if isinstance(obj, float):

@@ -24,6 +24,8 @@ from ..core.storage import (
     OutputLock,
     check_output,
     is_local,
+    read_json,
+    read_small,
     start_directory,
     url_to_fs,
 )
@@ -31,6 +33,7 @@ from .config import DistillConfig, TeacherLogitsConfig, TeacherStreamConfig
 from .stream import (
     TeacherPool,
     blocks_dataset,
+    check_stream_files,
     pack_blocks,
     read_stream,
     read_stream_meta,
@@ -40,8 +43,10 @@ from .stream import (
     write_stream,
 )
 from .worker import (
+    DS_TAG,
     FAILURE_FILE,
     METRICS_FILE,
+    STATE_FILE,
     read_failure,
     stop_on_failure,
     train_func,
@@ -88,11 +93,16 @@ def _read_config(src: str, what: str) -> dict[str, Any]:
 
 
 def _check_student(student: str) -> dict[str, Any]:
+    """A dense student whose weights are all there, checked from its headers before any work: a
+    training worker would otherwise train a model transformers had filled in at random."""
+    from ..core.models import check_weights
+
     cfg = _read_config(student, "student")
     experts = max((int(cfg.get(k) or 0) for k in EXPERT_COUNT_KEYS), default=0)
     if experts > 1:
         raise UserError(f"the student {student} is not dense ({cfg.get('model_type')} with {experts} experts); "
                         f"make one with `moe2dense build` or `moe2dense convert`")
+    check_weights(student, what="the student")
     return cfg
 
 
@@ -142,6 +152,33 @@ def _check_run(cfg: DistillConfig, sources: tuple[str, ...]) -> None:
             raise UserError(f"--resume: {cfg.out} holds no distillation run (no {CONFIG_FILE})")
         return
     check_output(cfg.out, what="run", overwrite=cfg.overwrite, sources=sources)
+
+
+SNAPSHOT_FILE = "train/checkpoint_manager_snapshot.json"  # Ray Train's record of RUN's checkpoints
+
+
+def _check_resumable(cfg: DistillConfig) -> None:
+    """The checkpoint a `--resume` restores from (the latest that Ray Train registered) holds every
+    file the workers will load: one line naming a missing one, before any work, instead of
+    DeepSpeed's bare assertion inside a worker after start-up."""
+    fs, path = url_to_fs(cfg.out)
+    if not fs.exists(f"{path}/{SNAPSHOT_FILE}"):
+        return  # no checkpoint yet: the run starts from its first step
+    snapshot = read_json(fs, f"{path}/{SNAPSHOT_FILE}", what=f"{cfg.out}/{SNAPSHOT_FILE}")
+    latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    if not isinstance(latest, str):
+        return
+    ranks = range(cfg.workers)
+    if cfg.zero_stage == 3:
+        needed = [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in ranks for kind in ("model", "optim")]
+    else:
+        needed = ["mp_rank_00_model_states.pt"] + (
+            [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in ranks] if cfg.zero_stage else [])
+    for name in [STATE_FILE] + [f"{DS_TAG}/{n}" for n in needed]:
+        if not fs.exists(f"{path}/train/{latest}/{name}"):
+            raise UserError(f"--resume: the latest checkpoint {cfg.out}/train/{latest} lacks {name}, so the run "
+                            f"cannot continue from it (a damaged or half-copied RUN); restore the file, or start "
+                            f"again with --overwrite")
 
 
 def _start_run(cfg: DistillConfig) -> None:
@@ -276,6 +313,7 @@ def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None
     sources = tuple(s for s in (cfg.student, cfg.teacher, cfg.data, cfg.logits, cfg.val_data) if s)
     if cfg.logits:
         meta = read_stream_meta(cfg.logits)
+        check_stream_files(cfg.logits, meta)
         order = meta.get("id_order")  # streams written before ids were coded by frequency have none
         if (int(meta["vocab_size"]) != int(student_cfg["vocab_size"])
                 or meta.get("tokenizer") != tokenizer_digest(cfg.student)):
@@ -301,6 +339,8 @@ def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None
         raise UserError(f"--loss {cfg.loss} needs the teacher's top-k distribution; sampled streams "
                         f"estimate forward KL only")
     _check_run(cfg, sources)
+    if cfg.resume:
+        _check_resumable(cfg)
     if not cfg.logits:  # the text's plan and the held-out blocks, before Ray starts: bad text is one line
         from ..core.models import load_tokenizer
 
@@ -365,16 +405,57 @@ def _fit(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], source: 
     finally:
         watcher.stop()
     _raise_failure(cfg)  # a restarted worker that found the record returned at once
-    metrics = read_metrics(cfg.out)
+    metrics, torn = metrics_and_torn(cfg.out)
+    if torn:
+        import warnings
+
+        warnings.warn(f"{cfg.out}/{METRICS_FILE}: skipped {torn} torn line{'s' if torn > 1 else ''} (a report cut "
+                      f"short by a kill)")
     fs, path = url_to_fs(cfg.out)
     if not fs.exists(f"{path}/student/config.json"):
         raise RuntimeError(f"training finished but {cfg.out}/student was not written")
+    check_outcome(cfg, metrics)
     out = DistillResult(run=cfg.out, student=f"{cfg.out}/student", steps=steps,
                         tokens=int(metrics[-1]["tokens"]) if metrics else 0, metrics=metrics,
                         seconds=round(time.time() - t0, 2))
     with fs.open(f"{path}/{RESULTS_FILE}", "w") as f:
         json.dump({"steps": out.steps, "tokens": out.tokens, "seconds": out.seconds, "final": out.final}, f, indent=1)
     return out
+
+
+UNIFORM = 0.9  # held-out perplexity at this fraction of the vocabulary or above: the student predicts ~nothing
+WORSE = 1.01  # ending above the step-0 value by more than this factor: training made the student worse
+DIAGNOSTIC = "diagnostic-student"  # where a rejected student is kept, never announced as the result
+
+
+def check_outcome(cfg: DistillConfig, metrics: list[dict[str, Any]]) -> None:
+    """A run whose losses stayed finite can still have wrecked the student (`--lr 1e9`: weights of
+    1e9, a uniform distribution, a finite loss): its held-out perplexity or KL to the teacher ends
+    above their step-0 values, or it collapses to uniform at a report. Such a student is moved to
+    RUN/diagnostic-student and the run ends with one line naming the likely cause."""
+    reports = [m for m in metrics if isinstance(m.get("val_ppl"), (int, float))]
+    if len(reports) < 2:
+        return
+    first, last = reports[0], reports[-1]
+    vocab = int(_read_config(cfg.student, "student").get("vocab_size") or 0)
+    collapsed = next((m for m in reports[1:] if vocab and m["val_ppl"] >= UNIFORM * vocab), None)
+    worse = [k for k in ("val_ppl", "val_kl") if k in first and k in last and last[k] > WORSE * first[k]]
+    if collapsed is None and not worse:
+        return
+    if collapsed is not None:
+        what = (f"the student collapsed to a uniform distribution (held-out perplexity {collapsed['val_ppl']:.1f} "
+                f"at step {collapsed['step']}, against {vocab} tokens in its vocabulary)")
+    else:
+        what = "training made the student worse (" + ", ".join(
+            f"{'held-out perplexity' if k == 'val_ppl' else 'KL to the teacher'} {first[k]:.4g} at step 0, "
+            f"{last[k]:.4g} at the end" for k in worse) + ")"
+    fs, path = url_to_fs(cfg.out)
+    if fs.exists(f"{path}/{DIAGNOSTIC}"):
+        fs.rm(f"{path}/{DIAGNOSTIC}", recursive=True)
+    fs.mv(f"{path}/student", f"{path}/{DIAGNOSTIC}", recursive=True)
+    raise UserError(f"{what}: the learning rate is likely too high for this student; lower --lr (was {cfg.lr:g}) "
+                    f"or raise --warmup (was {cfg.warmup:g}). The student is kept in {cfg.out}/{DIAGNOSTIC} "
+                    f"to look at, not as the result")
 
 
 def tokenizer_digest(src: str) -> str:
@@ -455,14 +536,36 @@ def _ordered():
     return options
 
 
+METRICS_LIMIT = 256 << 20  # a report is ~300 bytes: a million of them, not a file that never ends
+
+
 def read_metrics(run: str) -> list[dict[str, Any]]:
     """The reports of RUN in order, including those of attempts that a failure cut short."""
+    return metrics_and_torn(run)[0]
+
+
+def metrics_and_torn(run: str) -> tuple[list[dict[str, Any]], int]:
+    """RUN's reports, and how many lines were torn: a line that a kill cut mid-append is not a
+    report (the next append starts on a fresh line after it); a last line without its newline is
+    one rank 0 may be writing right now."""
     fs, path = url_to_fs(f"{run}/{METRICS_FILE}")
     if not fs.exists(path):
-        return []
-    text = fs.cat_file(path).decode()
-    complete = text[: text.rfind("\n") + 1]  # rank 0 may be writing the last line right now
-    return [json.loads(line) for line in complete.splitlines() if line.strip()]
+        return [], 0
+    text = read_small(fs, path, what=f"{run}/{METRICS_FILE}", limit=METRICS_LIMIT).decode("utf-8", errors="replace")
+    rows, torn = [], 0
+    for line in text[: text.rfind("\n") + 1].splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            torn += 1
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            torn += 1
+    return rows, torn
 
 
 class _MetricsWatcher:

@@ -11,10 +11,19 @@ offline streams are identical.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+)
 
 from ..core.errors import UserError
 from .blocks import Blocks, Ranges, rank_range
@@ -279,16 +288,42 @@ def stream_meta(cfg, *, teacher: str, vocab_size: int, blocks: int, tokens: int,
             "data": cfg.data, "blocks": blocks, "tokens": tokens}
 
 
+class StreamMeta(BaseModel):
+    """What `distill --logits` reads of stream.json, typed: a damaged file is one line naming the
+    key, not a KeyError after Ray has started. Other keys (the id order, provenance) pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    vocab_size: PositiveInt
+    codec: Literal["topk", "sampled"]
+    top_k: PositiveInt
+    draws: PositiveInt
+    temperature: PositiveFloat
+    seq_len: int = Field(ge=2)
+    blocks: PositiveInt
+    val_blocks: NonNegativeInt
+    tokenizer: Optional[str] = None
+
+
 def read_stream_meta(logits: str) -> dict[str, Any]:
-    from ..core.storage import url_to_fs
+    """LOGITS/stream.json through the capped reader (a FIFO, a device or a huge file is refused,
+    never read forever), checked against `StreamMeta`."""
+    from ..core.storage import read_json, url_to_fs
 
     fs, path = url_to_fs(logits)
     meta_path = f"{path}/{STREAM_META}"
     if not fs.exists(meta_path):
         raise UserError(f"{logits} is not a teacher stream (no {STREAM_META}; write one with "
                         f"`moe2dense teacher-logits`)")
-    with fs.open(meta_path, "r") as f:
-        return json.load(f)
+    where = f"{logits.rstrip('/')}/{STREAM_META}"
+    meta = read_json(fs, meta_path, what=where)
+    try:
+        StreamMeta.model_validate(meta)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise UserError(f"{where}: {'.'.join(str(x) for x in err['loc'])}: {err['msg']} (a damaged stream, or "
+                        f"not one `moe2dense teacher-logits` wrote)") from None
+    return meta
 
 
 def write_stream(ds, logits: str, meta: dict[str, Any], *, overwrite: bool, sources: tuple[str, ...]) -> None:
@@ -321,6 +356,30 @@ def write_stream(ds, logits: str, meta: dict[str, Any], *, overwrite: bool, sour
             discard(fs, tmp)
 
 
+def check_stream_files(logits: str, meta: dict[str, Any]) -> None:
+    """Every Parquet file of LOGITS has a whole footer, and their rows add up to the blocks that
+    stream.json records: a truncated or missing file is one line naming it, read from the footers
+    alone in seconds, not an Arrow error from a Ray task minutes into training."""
+    import pyarrow.parquet as pq
+
+    from ..core.storage import url_to_fs
+
+    fs, path = url_to_fs(logits)
+    files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+    rows = 0
+    for name in files:
+        try:
+            with fs.open(name, "rb") as f:
+                rows += pq.read_metadata(f).num_rows
+        except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError... for a damaged file
+            raise UserError(f"{logits}: {name.rsplit('/', 1)[-1]} is not a whole Parquet file "
+                            f"({' '.join(str(e).split())[:200]}): the stream is damaged; write it again with "
+                            f"`moe2dense teacher-logits`") from None
+    if rows != int(meta["blocks"]):
+        raise UserError(f"{logits} holds {rows} blocks in {len(files)} Parquet file(s), but its {STREAM_META} "
+                        f"records {meta['blocks']}: a file is missing or extra; write the stream again")
+
+
 def read_stream(logits: str):
     """The Parquet stream of LOGITS as a Ray dataset (read with little CPU: it is I/O, and the
     training workers may hold nearly all of a small cluster's CPUs)."""
@@ -344,4 +403,4 @@ def arrow_fs(fs):
 
 
 __all__ = ["Blocks", "pack_blocks", "blocks_dataset", "TeacherService", "TeacherPool", "joined", "replica_share", "teacher_batches", "prefetched", "teacher_stream", "select_blocks",
-           "stream_meta", "read_stream_meta", "write_stream", "read_stream"]
+           "stream_meta", "read_stream_meta", "check_stream_files", "write_stream", "read_stream"]

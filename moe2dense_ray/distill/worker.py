@@ -160,14 +160,19 @@ def _write_metrics(run: str, row: dict[str, Any]) -> None:
     from ..core.storage import is_local, url_to_fs
 
     fs, path = url_to_fs(f"{run}/{METRICS_FILE}")
-    line = json.dumps(row) + "\n"
+    line = (json.dumps(row) + "\n").encode()
     if is_local(fs):
-        with open(path, "a") as f:
+        with open(path, "ab+") as f:  # a line that a kill tore is closed first: a report never joins it
+            end = f.seek(0, os.SEEK_END)
+            if end:
+                f.seek(end - 1)
+                if f.read(1) != b"\n":
+                    line = b"\n" + line
             f.write(line)
         return
-    old = fs.cat_file(path).decode() if fs.exists(path) else ""
-    with fs.open(path, "w") as f:
-        f.write(old + line)
+    old = fs.cat_file(path) if fs.exists(path) else b""
+    with fs.open(path, "wb") as f:
+        f.write(old + (b"\n" if old and not old.endswith(b"\n") else b"") + line)
 
 
 class _Logger:

@@ -10,12 +10,12 @@ import torch
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32):
-    from transformers import AutoModelForCausalLM
+    """A dense model (a student, a peer) on the CPU for evaluation or training, through the strict
+    loader: a missing, unexpected or mis-shaped tensor is one error line, never a random value."""
+    from ..core.models import load_causal_lm
 
-    from ..core.models import localize
-
-    with localize(path) as local:
-        return AutoModelForCausalLM.from_pretrained(local, dtype=dtype).eval()
+    model, _, _ = load_causal_lm(path, device="cpu", dtype=str(dtype).removeprefix("torch."), moe=False)
+    return model.eval()
 
 
 @torch.no_grad()  # not inference_mode: under ZeRO-3 the model trains on after this

@@ -321,16 +321,23 @@ def results_table(result: dict[str, Any]) -> str:
 
 def write_results(result: dict[str, Any], url: str, *, overwrite: bool = False,
                   sources: tuple[str | None, ...] = ()) -> None:
-    """Write `result` as JSON to `url`, whole or not at all (written beside it, then renamed)."""
+    """Write `result` as JSON to `url`, whole or not at all (written beside it, then renamed). A
+    value that is not finite (the perplexity of a model that overflows) is written as null, and
+    `notes` says which it was."""
     from ..core.storage import (
         OutputLock,
         check_output,
+        finite_json,
         partial_name,
         swap_in,
         url_to_fs,
     )
 
     fs, path = url_to_fs(url)
+    result, where = finite_json(result)
+    if where:
+        result["notes"] = [*result.get("notes", []),
+                           *(f"{loc} was {value}, not a finite number: written as null" for loc, value in where)]
     text = json.dumps(result, indent=1, allow_nan=False) + "\n"
     with OutputLock(url):
         check_output(url, what=RESULTS_KIND, overwrite=overwrite, sources=sources)
