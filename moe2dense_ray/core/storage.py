@@ -513,6 +513,15 @@ def finite_json(obj: Any, loc: str = "") -> tuple[Any, list[tuple[str, float]]]:
     return obj, []
 
 
+def noted_finite(result: dict[str, Any]) -> dict[str, Any]:
+    """A result for a JSON file: every non-finite value as null, and a `notes` line for each."""
+    out, where = finite_json(result)
+    if where:
+        out["notes"] = [*out.get("notes", []),
+                        *(f"{loc} was {value}, not a finite number: written as null" for loc, value in where)]
+    return out
+
+
 def first_nonfinite_json(obj: Any, loc: tuple = ()) -> tuple[tuple, float] | None:
     """Where the first NaN or infinity in parsed JSON is (json.loads accepts NaN and Infinity)."""
     if isinstance(obj, float):

@@ -24,6 +24,7 @@ from ..core.storage import (
     OutputLock,
     check_output,
     is_local,
+    noted_finite,
     read_json,
     read_small,
     start_directory,
@@ -418,8 +419,9 @@ def _fit(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], source: 
     out = DistillResult(run=cfg.out, student=f"{cfg.out}/student", steps=steps,
                         tokens=int(metrics[-1]["tokens"]) if metrics else 0, metrics=metrics,
                         seconds=round(time.time() - t0, 2))
+    result = noted_finite({"steps": out.steps, "tokens": out.tokens, "seconds": out.seconds, "final": out.final})
     with fs.open(f"{path}/{RESULTS_FILE}", "w") as f:
-        json.dump({"steps": out.steps, "tokens": out.tokens, "seconds": out.seconds, "final": out.final}, f, indent=1)
+        json.dump(result, f, indent=1, allow_nan=False)
     return out
 
 

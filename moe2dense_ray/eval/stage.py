@@ -327,18 +327,14 @@ def write_results(result: dict[str, Any], url: str, *, overwrite: bool = False,
     from ..core.storage import (
         OutputLock,
         check_output,
-        finite_json,
+        noted_finite,
         partial_name,
         swap_in,
         url_to_fs,
     )
 
     fs, path = url_to_fs(url)
-    result, where = finite_json(result)
-    if where:
-        result["notes"] = [*result.get("notes", []),
-                           *(f"{loc} was {value}, not a finite number: written as null" for loc, value in where)]
-    text = json.dumps(result, indent=1, allow_nan=False) + "\n"
+    text = json.dumps(noted_finite(result), indent=1, allow_nan=False) + "\n"
     with OutputLock(url):
         check_output(url, what=RESULTS_KIND, overwrite=overwrite, sources=sources)
         parent = path.rsplit("/", 1)[0] if "/" in path else "."
