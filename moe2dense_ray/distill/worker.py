@@ -301,6 +301,7 @@ def _train(config: dict[str, Any]) -> None:
 
     from ..core.errors import UserError
     from ..core.lm_head import LMHead
+    from ..core.storage import read_json, url_to_fs
     from ..eval.metrics import heldout_sums, load_model, metrics_of
     from .blocks import Ranges, rank_range
     from .codec import IdOrder
@@ -333,8 +334,8 @@ def _train(config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(d, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
-            with open(os.path.join(d, STATE_FILE)) as f:
-                state = json.load(f)
+            # through the capped reader: the trained ranges are intervals, so it stays small at any size
+            state = read_json(url_to_fs(d)[0], os.path.join(d, STATE_FILE), what=f"{STATE_FILE} of the checkpoint")
     step, tokens = state["step"], state["tokens"]
     trained = Ranges.of(state["trained"])  # every rank's, as of the checkpoint
     resumed_from = step
