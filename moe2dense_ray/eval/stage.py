@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from typing import Any, Iterator, Literal, Optional
 
 from pydantic import Field, field_validator
@@ -292,6 +293,9 @@ def evaluate_model(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
         m = heldout_metrics(model, blocks.input_ids, blocks.attention_mask, batch_size=cfg.batch_size)
         perplexity = {"ppl": m["ppl"], "tokens": m["tokens"], "blocks": blocks.num_samples, "seq_len": cfg.seq_len,
                       "data": data}
+        if not math.isfinite(m["ppl"]):
+            warnings.warn(f"the held-out perplexity of {cfg.model} is {m['ppl']}: the model's outputs are not finite, "
+                          f"so its task scores below come from non-finite log-likelihoods and mean nothing")
     tasks = run_tasks(model, tokenizer, task_dict, info, limit=cfg.limit, batch_size=cfg.batch_size,
                       progress=progress) if names else {}
     result = {"model": cfg.model, "perplexity": perplexity, "tasks": tasks, "config": cfg.model_dump(mode="json"),
