@@ -79,9 +79,9 @@ def ray_cluster():
     """One embedded Ray for the whole session: starting Ray costs ~7 s."""
     import ray
 
-    from moe2dense_ray.core.ray_session import CPU_SHARING_ENV
+    from moe2dense_ray.core.ray_session import EMBEDDED_RAY_ENV
 
-    os.environ.update(CPU_SHARING_ENV)  # inherited by the session Ray's processes, as cluster.ensure_ray does
+    os.environ.update(EMBEDDED_RAY_ENV)  # inherited by the session Ray's processes, as ensure_ray does
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
