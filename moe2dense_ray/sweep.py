@@ -268,14 +268,23 @@ def _trial(config: dict[str, Any], *, sweep: dict[str, Any], threads: int | None
 
     from .core.ray_session import RAY_ADDRESS_ENV
     from .distill.driver import distill
+    from .distill.worker import read_failure, record_failure
 
     if ray_address:  # a Ray worker's environment does not say whether its Ray can grow; the driver's does
         os.environ.setdefault(RAY_ADDRESS_ENV, ray_address)
     cfg = SweepConfig(**sweep)
     trial = f"{cfg.out}/trials/{tune.get_context().get_trial_id()}"
-    build_student(cfg, config, f"{trial}/student")
-    dcfg = _distill_config(cfg, config, student=f"{trial}/student", run=f"{trial}/run", threads=threads)
-    distill(dcfg, progress=False, callbacks=[TuneReportCallback(), _owned_by(ray.get_runtime_context().current_actor)])
+    failure = read_failure(trial)
+    if failure:  # an earlier attempt met an error of its settings (a wrecked student, a bad space): again at once
+        raise UserError(failure["error"])
+    try:
+        build_student(cfg, config, f"{trial}/student")
+        dcfg = _distill_config(cfg, config, student=f"{trial}/student", run=f"{trial}/run", threads=threads)
+        distill(dcfg, progress=False,
+                callbacks=[TuneReportCallback(), _owned_by(ray.get_runtime_context().current_actor)])
+    except UserError as e:  # Tune retries a failed trial; this failure would only repeat
+        record_failure(trial, e, 0)
+        raise
 
 
 def build_student(cfg: SweepConfig, config: dict[str, Any], out: str) -> None:
@@ -568,13 +577,17 @@ def leaderboard(cfg: SweepConfig, grid) -> list[dict[str, Any]]:
         trial_id = os.path.basename(result.path.rstrip("/"))  # trial_dirname_creator: the trial id
         history = _history(cfg, trial_id, read_metrics)
         last = history[-1] if history else {}
+        error = _trial_failure(cfg, trial_id) or _error_line(result.error)
         row = {"trial": trial_id, **{k: config.get(k) for k in keys},
                "ppl before": history[0][METRIC] if history and history[0].get("tokens") == 0 else None,
                "ppl after": last.get(METRIC), "KL after": last.get("val_kl"), "tokens": last.get("tokens", 0),
-               "stopped early": bool(last) and last.get("tokens", 0) < _planned_tokens(cfg, config),
-               "error": _error_line(result.error)}
+               "stopped early": not error and bool(last) and last.get("tokens", 0) < _planned_tokens(cfg, config),
+               "error": error}
         rows.append(row)
-    rows.sort(key=lambda r: (r["ppl after"] is None, r["ppl after"] if r["ppl after"] is not None else math.inf))
+    # a failed trial (an error, or a student its distillation wrecked: distill/outcome.py) ranks
+    # after every trial that finished or was stopped, whatever perplexity it last reported
+    rows.sort(key=lambda r: (r["error"] is not None, r["ppl after"] is None,
+                             r["ppl after"] if r["ppl after"] is not None else math.inf))
     return rows
 
 
@@ -591,6 +604,14 @@ def _planned_tokens(cfg: SweepConfig, config: dict[str, Any]) -> int:
     per_step = int(config.get("batch_size") or cfg.batch_size) * cfg.grad_accum * cfg.workers
     blocks = cfg.tokens // cfg.seq_len
     return (blocks // per_step) * per_step * cfg.seq_len
+
+
+def _trial_failure(cfg: SweepConfig, trial_id: str) -> str | None:
+    """The one line of a trial's recorded failure (`_trial`), without Tune's traceback around it."""
+    from .distill.worker import read_failure
+
+    failure = read_failure(f"{cfg.out}/trials/{trial_id}")
+    return failure["error"] if failure else None
 
 
 def _error_line(error) -> str | None:
@@ -626,7 +647,7 @@ def write_results(cfg: SweepConfig, grid, *, trials: int, seconds: float) -> dic
                     xlabel="distillation tokens")
     spent = sum(int(r["tokens"] or 0) for r in rows)
     budget = sum(_planned_tokens(cfg, r) for r in rows) or 1
-    best = rows[0] if rows and rows[0]["ppl after"] is not None else None
+    best = rows[0] if rows and rows[0]["ppl after"] is not None and not rows[0]["error"] else None
     summary = {"trials": trials, "finished": sum(1 for r in rows if not r["stopped early"] and not r["error"]),
                "stopped_early": sum(1 for r in rows if r["stopped early"]),
                "errors": sum(1 for r in rows if r["error"]), "tokens_spent": spent, "grid_tokens": budget,

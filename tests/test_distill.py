@@ -135,7 +135,7 @@ def test_a_wrecked_student_is_an_error_and_kept_only_as_a_diagnostic(tmp_path, s
     """Finite losses, wrecked student (`--lr 1e9`: perplexity 4,095.99 on a 4,096-token vocabulary,
     where it was 498.6): the run ends in one line naming the learning rate, and RUN/student is
     moved aside, never announced as the result."""
-    from moe2dense_ray.distill.driver import DIAGNOSTIC, check_outcome
+    from moe2dense_ray.distill.outcome import DIAGNOSTIC, check_outcome
 
     run = tmp_path / "run"
     (run / "student").mkdir(parents=True)
@@ -145,13 +145,13 @@ def test_a_wrecked_student_is_an_error_and_kept_only_as_a_diagnostic(tmp_path, s
                {"step": 12, "val_ppl": end[0], "val_kl": end[1]}]
     cfg = _cfg(student, run, lr=1e9)
     if case == "better":
-        check_outcome(cfg, metrics)
+        check_outcome(cfg, metrics, 4096)
         assert (run / "student" / "config.json").exists()
         return
     fragment = ("collapsed to a uniform distribution (held-out perplexity 4096.0 at step 12" if case == "uniform"
                 else "made the student worse (held-out perplexity 498.6 at step 0, 520 at the end, KL")
     with pytest.raises(UserError, match=re.escape(fragment)) as e:
-        check_outcome(cfg, metrics)
+        check_outcome(cfg, metrics, 4096)
     assert "lower --lr (was 1e+09) or raise --warmup" in str(e.value)
     assert not (run / "student").exists() and (run / DIAGNOSTIC / "config.json").exists()
 
@@ -485,9 +485,12 @@ def test_a_learning_rate_that_wrecks_the_student_is_one_line(ray_cluster, studen
                  "--out", str(run), "--seq-len", "64", "--batch-size", "4", "--tokens", str(4 * 64 * 4),
                  "--val-blocks", "2", "--teacher-batch", "4", "--report-every", "2", "--lr", "1e9"])
     line = _one_error(capsys, code, "lower --lr (was 1e+09) or raise --warmup")
-    assert "collapsed to a uniform distribution" in line or "made the student worse" in line
+    assert "collapsed to a uniform distribution (held-out perplexity 40" in line and "at step 2," in line
     assert not (run / "student").exists() and (run / "diagnostic-student" / "config.json").exists()
     assert not (run / "results.json").exists()
+    # stopped at the first report that found it uniform, not trained on to step 4
+    assert [m["step"] for m in read_metrics(str(run))] == [0, 2]
+    assert json.loads((run / "diagnostic-student" / "distill_metrics.json").read_text())["steps"] == 2
 
 
 def test_a_user_error_in_a_worker_is_not_retried(ray_cluster, student, tmp_path):

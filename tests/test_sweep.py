@@ -95,18 +95,21 @@ def test_trials_take_distills_settings_and_are_counted_by_what_they_hold(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_two_trials_at_once_asha_stops_one_and_every_training_group_is_released(tmp_path, ray_cluster):
+def test_trials_at_once_asha_stops_one_a_wrecked_one_fails_and_every_training_group_is_released(tmp_path, ray_cluster):
     """Two trials at once on the 2-CPU session Ray (half a CPU per training worker). The good one
-    reaches ASHA's first rung in 2 steps; the bad one first refits its student on a teacher replica
-    (a Ray actor, not the trial's process), which starts it far better than the same plan
-    unfitted, then wrecks it with lr 0.05 for the 16 steps to that rung, where it is compared and
-    stopped while the other trains on. The stopped trial releases its own training placement
-    group; a group the sweep did not make is left alone."""
+    reaches ASHA's first rung in 2 steps; the bad one (one expert a layer, a rate that learns
+    nothing) takes the 16 steps of batch 1 to that rung, where it is compared and stopped while
+    the other trains on. The stopped trial releases its own training placement group; a group the
+    sweep did not make is left alone. A third trial refits its student on a teacher replica (a Ray
+    actor, not the trial's process), which starts it far better than the same plan unfitted, then
+    collapses it to uniform with lr 1e9 by its first report: it is marked failed with distill's
+    line, ranked last, never best, and not tried again."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
     space = tmp_path / "space.yaml"
-    space.write_text("- {scoring: sf, experts: 4, lr: 0.002, batch_size: 8}\n"  # two grids: nothing crossed
-                     "- {scoring: sf, experts: 4, lr: 0.05, batch_size: 1, refit: down}\n")
+    space.write_text("- {scoring: sf, experts: 4, lr: 0.002, batch_size: 8}\n"  # three grids: nothing crossed
+                     "- {scoring: sf, experts: 1, lr: 1.0e-7, batch_size: 1}\n"
+                     "- {scoring: sf, experts: 4, lr: 1.0e+9, batch_size: 8, refit: down}\n")
     out = tmp_path / "sweep"
     foreign = placement_group([{"CPU": 0.01}])  # another job's group, of no concern to the sweep
     ray_cluster.get(foreign.ready(), timeout=60)
@@ -120,27 +123,36 @@ def test_two_trials_at_once_asha_stops_one_and_every_training_group_is_released(
     # the shared work was done once
     assert (out / "stats" / "meta.json").exists() and (out / "logits" / "stream.json").exists()
     trials = sorted(os.listdir(out / "trials"))
-    assert len(trials) == 2
-    good, bad = sorted(csv.DictReader(open(out / "leaderboard.csv")), key=lambda r: float(r["lr"]))
+    assert len(trials) == 3
+    board = list(csv.DictReader(open(out / "leaderboard.csv")))
+    good, bad, wrecked = ({float(r["lr"]): r for r in board}[lr] for lr in (0.002, 1e-7, 1e9))
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["trials"] == 2 and summary["errors"] == 0 and summary["stopped_early"] == 1
-    assert summary["tokens_spent"] < summary["grid_tokens"] == 2 * 4096
+    assert summary["trials"] == 3 and summary["errors"] == 1 and summary["stopped_early"] == 1
+    assert summary["tokens_spent"] < summary["grid_tokens"] == 3 * 4096
+    assert board[-1] == wrecked and wrecked["stopped early"] == "False"
+    assert wrecked["error"].startswith("the student collapsed to a uniform distribution (held-out perplexity")
+    assert "lower --lr (was 1e+09)" in wrecked["error"]
+    failed = out / "trials" / wrecked["trial"]
+    assert (failed / "run" / "diagnostic-student" / "config.json").exists() and not (failed / "run" / "student").exists()
+    # Tune's retry of the trial met the recorded failure at once: the student was not built again
+    assert os.path.getmtime(failed / "student" / "config.json") < os.path.getmtime(failed / "failure.json")
     assert good["stopped early"] == "False" and int(good["tokens"]) == 4096
     assert bad["stopped early"] == "True" and 1024 <= int(bad["tokens"]) < 2048  # at the rung of 2 x 8 x 64
-    assert float(bad["ppl before"]) < 0.5 * float(good["ppl before"])  # the fit, on the same plan
+    assert float(wrecked["ppl before"]) < 0.5 * float(good["ppl before"])  # the fit, on the same plan
     assert float(good["ppl after"]) < float(good["ppl before"]) < float(bad["ppl after"])
     assert summary["best"]["trial"] == good["trial"]
     for r in (good, bad):
         assert (load_plan(str(out / "trials" / r["trial"] / "student")).refit or {}).get("fit", "") == r["refit"]
     assert (out / "trials" / good["trial"] / "run" / "student" / "config.json").exists()
-    spans = [[m["time"] for m in map(json.loads, open(out / "trials" / t / "run" / "metrics.jsonl"))] for t in trials]
+    spans = [[m["time"] for m in map(json.loads, open(out / "trials" / r["trial"] / "run" / "metrics.jsonl"))]
+             for r in (good, bad)]
     assert max(s[0] for s in spans) < min(s[-1] for s in spans)  # they trained at once
     assert (out / "curves.png").stat().st_size > 1000 and (out / "leaderboard.md").exists()
     # resuming a finished sweep runs no trial again and rewrites the same leaderboard
     before = {t: os.path.getmtime(out / "trials" / t / "student" / "config.json") for t in trials}
     again = sweep(SweepConfig(teacher=assets.teacher_path(), data=assets.calibration_path(), space=str(space),
                               out=str(out), resume=True), progress=False)
-    assert again["trials"] == 2 and again["tokens_spent"] == summary["tokens_spent"]
+    assert again["trials"] == 3 and again["tokens_spent"] == summary["tokens_spent"] and again["errors"] == 1
     assert before == {t: os.path.getmtime(out / "trials" / t / "student" / "config.json") for t in trials}
 
 

@@ -31,6 +31,7 @@ from ..core.storage import (
     url_to_fs,
 )
 from .config import DistillConfig, TeacherLogitsConfig, TeacherStreamConfig
+from .outcome import check_outcome
 from .stream import (
     TeacherPool,
     blocks_dataset,
@@ -415,7 +416,7 @@ def _fit(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], source: 
     fs, path = url_to_fs(cfg.out)
     if not fs.exists(f"{path}/student/config.json"):
         raise RuntimeError(f"training finished but {cfg.out}/student was not written")
-    check_outcome(cfg, metrics)
+    check_outcome(cfg, metrics, int(_read_config(cfg.student, "student").get("vocab_size") or 0))
     out = DistillResult(run=cfg.out, student=f"{cfg.out}/student", steps=steps,
                         tokens=int(metrics[-1]["tokens"]) if metrics else 0, metrics=metrics,
                         seconds=round(time.time() - t0, 2))
@@ -423,41 +424,6 @@ def _fit(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], source: 
     with fs.open(f"{path}/{RESULTS_FILE}", "w") as f:
         json.dump(result, f, indent=1, allow_nan=False)
     return out
-
-
-UNIFORM = 0.9  # held-out perplexity at this fraction of the vocabulary or above: the student predicts ~nothing
-WORSE = 1.01  # ending above the step-0 value by more than this factor: training made the student worse
-DIAGNOSTIC = "diagnostic-student"  # where a rejected student is kept, never announced as the result
-
-
-def check_outcome(cfg: DistillConfig, metrics: list[dict[str, Any]]) -> None:
-    """A run whose losses stayed finite can still have wrecked the student (`--lr 1e9`: weights of
-    1e9, a uniform distribution, a finite loss): its held-out perplexity or KL to the teacher ends
-    above their step-0 values, or it collapses to uniform at a report. Such a student is moved to
-    RUN/diagnostic-student and the run ends with one line naming the likely cause."""
-    reports = [m for m in metrics if isinstance(m.get("val_ppl"), (int, float))]
-    if len(reports) < 2:
-        return
-    first, last = reports[0], reports[-1]
-    vocab = int(_read_config(cfg.student, "student").get("vocab_size") or 0)
-    collapsed = next((m for m in reports[1:] if vocab and m["val_ppl"] >= UNIFORM * vocab), None)
-    worse = [k for k in ("val_ppl", "val_kl") if k in first and k in last and last[k] > WORSE * first[k]]
-    if collapsed is None and not worse:
-        return
-    if collapsed is not None:
-        what = (f"the student collapsed to a uniform distribution (held-out perplexity {collapsed['val_ppl']:.1f} "
-                f"at step {collapsed['step']}, against {vocab} tokens in its vocabulary)")
-    else:
-        what = "training made the student worse (" + ", ".join(
-            f"{'held-out perplexity' if k == 'val_ppl' else 'KL to the teacher'} {first[k]:.4g} at step 0, "
-            f"{last[k]:.4g} at the end" for k in worse) + ")"
-    fs, path = url_to_fs(cfg.out)
-    if fs.exists(f"{path}/{DIAGNOSTIC}"):
-        fs.rm(f"{path}/{DIAGNOSTIC}", recursive=True)
-    fs.mv(f"{path}/student", f"{path}/{DIAGNOSTIC}", recursive=True)
-    raise UserError(f"{what}: the learning rate is likely too high for this student; lower --lr (was {cfg.lr:g}) "
-                    f"or raise --warmup (was {cfg.warmup:g}). The student is kept in {cfg.out}/{DIAGNOSTIC} "
-                    f"to look at, not as the result")
 
 
 def tokenizer_digest(src: str) -> str:

@@ -226,14 +226,12 @@ def record_failure(run: str, error: BaseException, rank: int) -> None:
 
 
 def read_failure(run: str) -> dict[str, Any] | None:
-    from ..core.storage import url_to_fs
+    from ..core.storage import read_json, url_to_fs
 
     fs, path = url_to_fs(f"{run}/{FAILURE_FILE}")
-    try:
-        with fs.open(path, "r") as f:
-            return json.load(f)
-    except FileNotFoundError:
+    if not fs.exists(path):
         return None
+    return read_json(fs, path, what=f"{run}/{FAILURE_FILE}")
 
 
 def _stop_on_failure_callback():
@@ -307,6 +305,7 @@ def _train(config: dict[str, Any]) -> None:
     from .codec import IdOrder
     from .config import DistillConfig
     from .export import export_student
+    from .outcome import DIAGNOSTIC, collapse, collapsed, wrecked
 
     cfg = DistillConfig(**config["cfg"])
     steps, run = config["steps"], config["run"]
@@ -340,6 +339,7 @@ def _train(config: dict[str, Any]) -> None:
     trained = Ranges.of(state["trained"])  # every rank's, as of the checkpoint
     resumed_from = step
 
+    vocab = int(engine.module.config.vocab_size)
     head = LMHead(engine)
     head.check()  # the split model (body, then the head a chunk at a time) gives the model's own logits
     val = config.get("val")
@@ -371,6 +371,15 @@ def _train(config: dict[str, Any]) -> None:
                                 f"inf or NaN?)")
             raise FloatingPointError(f"non-finite validation (perplexity {m['ppl']}, KL {m['kl']}) at step {step}")
         return {"val_ppl": m["ppl"], "val_kl": m["kl"]}
+
+    def export(out: str) -> None:
+        weights = (engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3  # a collective
+                   else engine.module.state_dict())
+        if rank == 0:
+            export_student(cfg.student, weights, out,
+                           extra={"distill.yaml": cfg.to_yaml(),
+                                  "distill_metrics.json": json.dumps({"steps": step, "tokens": tokens}, indent=1)})
+        dist.barrier()
 
     source = config["source"]
     lo, hi = rank_range(source["lo"], source["hi"], world, rank)
@@ -421,6 +430,9 @@ def _train(config: dict[str, Any]) -> None:
                    "time": time.time()}
         window = _new_window()
         logger.log(metrics)
+        if "val_ppl" in metrics and collapsed(metrics["val_ppl"], vocab):  # no later step brings it back
+            export(f"{run}/{DIAGNOSTIC}")
+            raise wrecked(cfg, collapse(metrics["val_ppl"], step, vocab))
         if not save:
             ray.train.report(metrics)
             continue
@@ -437,13 +449,7 @@ def _train(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=f"checkpoint-{step:08d}")
 
-    weights = (engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3
-               else engine.module.state_dict())
-    if rank == 0:
-        export_student(cfg.student, weights, f"{run}/student",
-                       extra={"distill.yaml": cfg.to_yaml(),
-                              "distill_metrics.json": json.dumps({"steps": step, "tokens": tokens}, indent=1)})
-    dist.barrier()
+    export(f"{run}/student")
 
 
 train_func = guarded(_train)
