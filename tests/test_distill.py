@@ -348,7 +348,8 @@ def test_offline_stream_gives_the_online_loss(ray_cluster, student, tmp_path):
     from moe2dense_ray.distill.stream import (
         TeacherPool,
         blocks_dataset,
-        read_stream,
+        joined,
+        read_blocks,
         teacher_stream,
     )
     from moe2dense_ray.distill.worker import decode_target
@@ -361,17 +362,14 @@ def test_offline_stream_gives_the_online_loss(ray_cluster, student, tmp_path):
                                    val_blocks=2, codec=codec, out=str(logits), teacher_batch=4)
         meta = teacher_logits(tcfg, progress=False)
         assert meta["blocks"] == 18 and (logits / "stream.json").exists()
-        offline = _columns(read_stream(str(logits)))
+        offline = joined(list(read_blocks(str(logits), 0, 18, rows=5)))  # what distill --logits reads
         assert list(offline["block_index"]) == list(range(18))
         # online: the validation blocks packed by the driver, the rest by Ray Data tasks, in two ranges
         val, plan, lo, end = _text(tcfg, tok)
         order = json.loads((logits / "stream.json").read_text())["id_order"]  # ids coded by frequency
         assert order == _id_order(plan, tok, 4096) and len(order["ids"]) > 1000
-        parts = [blocks_dataset(val), text_blocks(plan, tok, lo=lo, hi=10), text_blocks(plan, tok, lo=10, hi=end)]
-        online = {}
-        for part in parts:
-            cols = _columns(teacher_stream(part, teacher=assets.teacher_path(), cfg=tcfg, order=order))
-            online = {k: np.concatenate([online[k], v]) if k in online else v for k, v in cols.items()}
+        parts = blocks_dataset(val).union(text_blocks(plan, tok, lo=lo, hi=10), text_blocks(plan, tok, lo=10, hi=end))
+        online = _columns(teacher_stream(parts, teacher=assets.teacher_path(), cfg=tcfg, order=order))
         assert sorted(online) == sorted(offline)
         losses = []
         for cols in (online, offline):

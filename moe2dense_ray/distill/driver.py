@@ -37,9 +37,9 @@ from .stream import (
     blocks_dataset,
     check_stream_files,
     pack_blocks,
-    read_stream,
+    joined,
+    read_blocks,
     read_stream_meta,
-    select_blocks,
     stream_meta,
     teacher_stream,
     write_stream,
@@ -367,15 +367,11 @@ def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None
     t0 = time.time()
     V = cfg.val_blocks
     with OutputLock(cfg.out):  # one run at a time writes RUN
-        if cfg.logits:
+        if cfg.logits:  # each training worker reads its own share of the files (stream.read_blocks)
             steps = n_train // per_step
-            stream = read_stream(cfg.logits)
-            val = _columns(select_blocks(stream, hi=V))
-            hi = V + steps * per_step
-            datasets = {f"train_{r}": select_blocks(stream, lo=V, hi=hi, world=cfg.workers, rank=r)
-                        for r in range(cfg.workers)}
-            return _fit(cfg, steps=steps, val=val, source={"logits": cfg.logits, "lo": V, "hi": hi},
-                        progress=progress, t0=t0, callbacks=callbacks, order=order, datasets=datasets)
+            val = joined(list(read_blocks(cfg.logits, 0, V)))
+            return _fit(cfg, steps=steps, val=val, source={"logits": cfg.logits, "lo": V, "hi": V + steps * per_step},
+                        progress=progress, t0=t0, callbacks=callbacks, order=order)
         # the teacher replicas live as long as this run, not as long as a training worker
         pool = TeacherPool(cfg.teacher, cfg, order=order, restarts=cfg.max_failures)
         try:
@@ -389,14 +385,13 @@ def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None
 
 
 def _fit(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], source: dict[str, Any], progress: bool,
-         t0: float, callbacks: list | None, order: dict | None, train_loop=None,
-         datasets: dict[str, Any] | None = None) -> DistillResult:
+         t0: float, callbacks: list | None, order: dict | None, train_loop=None) -> DistillResult:
     _start_run(cfg)  # only now: a check that failed before leaves no RUN behind
     fs, path = url_to_fs(cfg.out)
     if fs.exists(f"{path}/{FAILURE_FILE}"):
         fs.rm(f"{path}/{FAILURE_FILE}")  # what stopped an earlier attempt: the user has seen it, and resumes
     trainer = _trainer(cfg, steps=steps, val=val, source=source, callbacks=[*(callbacks or []), stop_on_failure(cfg.out)],
-                       order=order, train_loop=train_loop, datasets=datasets)
+                       order=order, train_loop=train_loop)
     watcher = _MetricsWatcher(cfg.out, steps, enabled=progress)
     watcher.start()
     try:
@@ -460,12 +455,10 @@ def _raise_failure(cfg: DistillConfig) -> None:
 
 
 def _trainer(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], source: dict[str, Any],
-             callbacks: list | None = None, order: dict | None = None, train_loop=None,
-             datasets: dict[str, Any] | None = None):
+             callbacks: list | None = None, order: dict | None = None, train_loop=None):
     import ray
     from ray.train import (
         CheckpointConfig,
-        DataConfig,
         FailureConfig,
         RunConfig,
         ScalingConfig,
@@ -488,20 +481,7 @@ def _trainer(cfg: DistillConfig, *, steps: int, val: dict[str, np.ndarray], sour
         run_config=RunConfig(name="train", **storage, failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              callbacks=callbacks or None),
-        **({"datasets": datasets, "dataset_config": DataConfig(datasets_to_split=[], execution_options=_ordered())}
-           if datasets else {}),
     )
-
-
-def _ordered():
-    """Train's ingest options, with the blocks kept in stream order: a stream spread over several
-    Parquet files otherwise reaches the worker in whatever order its read tasks finish, and the
-    same run gives different students (1-2% in perplexity at 32k tokens)."""
-    from ray.train import DataConfig
-
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
 
 
 METRICS_LIMIT = 256 << 20  # a report is ~300 bytes: a million of them, not a file that never ends

@@ -1,17 +1,17 @@
 """The teacher as a service: token blocks in, the teacher's compact distribution per token out.
 
-A Ray Data pipeline `blocks -> drop already-trained blocks -> teacher actor pool` streams to the
-training workers (or to Parquet, offline). Ray Data's streaming executor keeps teacher and
-student busy at once with bounded buffers between them, and restarts a teacher actor that dies
-(its actors run with `max_restarts=-1`). Every block carries its global `block_index`: a resumed
-run skips what it has trained on, and the same index seeds the sampled codec, so online and
-offline streams are identical.
+A distillation's teacher replicas are Ray actors (`TeacherPool`) that outlive its training
+workers; each worker sends them its own blocks, a few requests ahead (worker.rank_stream).
+`teacher-logits` runs the same service as a Ray Data actor pool over the text and writes the
+stream as Parquet (`write_stream`); `read_blocks` reads it back a row group at a time. Every
+block carries its global `block_index`: a resumed run skips what it has trained on, and the same
+index seeds the sampled codec, so online and offline streams are identical.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from ..core.errors import UserError
-from .blocks import Blocks, Ranges, rank_range
+from .blocks import Blocks
 
 STREAM_META = "stream.json"  # what a LOGITS directory holds besides its Parquet files
 
@@ -264,20 +264,6 @@ def teacher_stream(ds, *, teacher: str, cfg, replicas: int | None = None, order:
     )
 
 
-def select_blocks(ds, *, lo: int = 0, hi: int, world: int = 1, rank: int = 0, skip=None):
-    """Rank `rank`'s blocks of lo <= index < hi (`blocks.rank_range`: a contiguous equal share),
-    minus those in `skip` (a `blocks.Ranges`: what a resumed run has trained)."""
-    a, b = rank_range(lo, hi, world, rank)
-    return ds.map_batches(_select, fn_kwargs=dict(lo=a, hi=b, skip=skip.to_list() if skip else []),
-                          batch_format="numpy", num_cpus=0.1)
-
-
-def _select(batch: dict[str, np.ndarray], *, lo: int, hi: int, skip: list) -> dict[str, np.ndarray]:
-    idx = batch["block_index"]
-    keep = (idx >= lo) & (idx < hi) & ~Ranges(skip).contains(idx)
-    return {k: v[keep] for k, v in batch.items()}
-
-
 # -- offline streams (LOGITS) -------------------------------------------------------------------
 
 
@@ -380,19 +366,79 @@ def check_stream_files(logits: str, meta: dict[str, Any]) -> None:
                         f"records {meta['blocks']}: a file is missing or extra; write the stream again")
 
 
-def read_stream(logits: str):
-    """The Parquet stream of LOGITS as a Ray dataset (read with little CPU: it is I/O, and the
-    training workers may hold nearly all of a small cluster's CPUs)."""
-    import ray
+def read_blocks(logits: str, lo: int, hi: int, *, skip=None, rows: int = 64) -> Iterator[dict[str, np.ndarray]]:
+    """The blocks lo <= index < hi of the stream LOGITS minus `skip` (a `blocks.Ranges`), as numpy
+    batches of up to `rows` blocks, in block order.
 
-    from ..core.storage import is_local, url_to_fs
+    Read here, with pyarrow through the stream's fsspec filesystem, a row group at a time: the
+    Parquet footers say which row groups hold which blocks (`block_index` statistics), so a
+    training worker reads its own share and nothing else, and the driver only the held-out
+    blocks. A Ray Data pipeline here started worker processes and read tasks before the first
+    block came: 35 s of a 60 s test run (`docs/results/distill.md`), and a whole read of the
+    stream for the driver's few held-out blocks. Row groups whose ranges overlap (a writer that
+    did not keep order) are read together and sorted, so the order is the blocks' whatever the
+    files' order."""
+    import pyarrow.parquet as pq
+
+    from ..core.storage import url_to_fs
 
     fs, path = url_to_fs(logits)
-    # Ray Data's newer Parquet reader lists files in a task that holds a whole CPU, which a sweep
-    # trial beside its training worker cannot get on a small node: it would wait forever
-    ray.data.DataContext.get_current().use_datasource_v2 = False
-    return ray.data.read_parquet(path, filesystem=None if is_local(fs) else arrow_fs(fs),
-                                 file_extensions=["parquet"], num_cpus=0.1)
+    groups = []  # (first block, last block, file, row group)
+    for name in sorted(p for p in fs.find(path) if p.endswith(".parquet")):
+        with fs.open(name, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+            column = meta.schema.to_arrow_schema().get_field_index("block_index")
+            for g in range(meta.num_row_groups):
+                stats = meta.row_group(g).column(column).statistics
+                if stats is not None and stats.has_min_max:
+                    first, last = int(stats.min), int(stats.max)
+                else:  # a writer that kept no statistics: read the index column itself
+                    idx = pq.ParquetFile(f).read_row_group(g, columns=["block_index"]).column(0).to_numpy()
+                    first, last = (int(idx.min()), int(idx.max())) if len(idx) else (hi, hi - 1)
+                if first < hi and last >= lo:
+                    groups.append((first, last, name, g))
+    groups.sort()
+    runs: list[list[tuple]] = []  # row groups whose block ranges overlap, read together
+    for group in groups:
+        if runs and group[0] <= max(g[1] for g in runs[-1]):
+            runs[-1].append(group)
+        else:
+            runs.append([group])
+    for run in runs:
+        parts = [_decoded(fs, name, g, lo=lo, hi=hi, skip=skip) for _, _, name, g in run]
+        batch = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        order = np.argsort(batch["block_index"], kind="stable")
+        for i in range(0, len(order), rows):
+            take = order[i:i + rows]
+            yield {k: v[take] for k, v in batch.items()}
+
+
+def _decoded(fs, name: str, group: int, *, lo: int, hi: int, skip) -> dict[str, np.ndarray]:
+    """One row group's rows of lo <= block_index < hi outside `skip`, as numpy arrays shaped as
+    they were written (Ray Data stores an array column as a flat list with its shape beside it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with fs.open(name, "rb") as f:
+        table = pq.ParquetFile(f).read_row_group(group)
+    idx = table.column("block_index").to_numpy()
+    keep = (idx >= lo) & (idx < hi)
+    if skip is not None:
+        keep &= ~skip.contains(idx)
+    out = {}
+    for field, column in zip(table.schema, table.columns):
+        chunk = column.combine_chunks()
+        if isinstance(chunk.type, pa.ExtensionType):  # Ray's tensor type, registered when Ray is imported
+            shape, chunk = tuple(chunk.type.shape), chunk.storage
+        else:
+            shape = tuple(json.loads((field.metadata or {}).get(b"ARROW:extension:metadata", b"[]")))
+        if pa.types.is_list(chunk.type) or pa.types.is_large_list(chunk.type):
+            values = chunk.flatten().to_numpy(zero_copy_only=False)
+            array = values.reshape(len(chunk), *(shape or (-1,)))
+        else:
+            array = chunk.to_numpy(zero_copy_only=False)
+        out[field.name] = array[keep]
+    return out
 
 
 def arrow_fs(fs):
@@ -402,5 +448,5 @@ def arrow_fs(fs):
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-__all__ = ["Blocks", "pack_blocks", "blocks_dataset", "TeacherService", "TeacherPool", "joined", "replica_share", "teacher_batches", "prefetched", "teacher_stream", "select_blocks",
-           "stream_meta", "read_stream_meta", "check_stream_files", "write_stream", "read_stream"]
+__all__ = ["Blocks", "pack_blocks", "blocks_dataset", "TeacherService", "TeacherPool", "joined", "replica_share", "teacher_batches", "prefetched", "teacher_stream",
+           "stream_meta", "read_stream_meta", "check_stream_files", "write_stream", "read_blocks"]

@@ -65,17 +65,14 @@ def rank_stream(source: dict[str, Any], cfg, *, lo: int, hi: int, skip, rank: in
     Packing is cheap next to any teacher (a rank of a 4B-token run on 24 workers tokenizes its
     share in minutes of one core over hours), where a Ray Data pipeline per worker took seconds to
     start and ran processes outside Train's resource accounting. An offline stream
-    (`source["logits"]`) comes through Ray Train's ingest of the driver's per-rank dataset
-    (run._fit); `fresh_batches` drops its trained blocks.
+    (`source["logits"]`) is read the same way, by a thread, from this rank's row groups of its
+    Parquet files (`stream.read_blocks`).
     """
     from .blocks import TextPlan, iter_blocks
-    from .stream import prefetched, replica_share, teacher_batches
+    from .stream import prefetched, read_blocks, replica_share, teacher_batches
 
     if "logits" in source:  # no teacher to spare
-        import ray.train
-
-        shard = ray.train.get_dataset_shard(f"train_{rank}")
-        yield from shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+        yield from prefetched(read_blocks(source["logits"], lo, hi, skip=skip, rows=cfg.batch_size))
         return
     blocks = prefetched(iter_blocks(TextPlan.from_dict(source["plan"]), source["tokenizer"], lo=lo, hi=hi, skip=skip,
                                     rows=cfg.teacher_batch))
