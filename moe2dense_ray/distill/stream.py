@@ -374,7 +374,7 @@ def read_blocks(logits: str, lo: int, hi: int, *, skip=None, rows: int = 64) -> 
     Parquet footers say which row groups hold which blocks (`block_index` statistics), so a
     training worker reads its own share and nothing else, and the driver only the held-out
     blocks. A Ray Data pipeline here started worker processes and read tasks before the first
-    block came: 35 s of a 60 s test run (`docs/results/distill.md`), and a whole read of the
+    block came: 35 s of a 60 s run (`docs/architecture.md`, "Exact resume"), and a whole read of the
     stream for the driver's few held-out blocks. Row groups whose ranges overlap (a writer that
     did not keep order) are read together and sorted, so the order is the blocks' whatever the
     files' order."""
