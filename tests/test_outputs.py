@@ -136,29 +136,46 @@ def test_a_second_writer_is_refused(work, tmp_path, capsys):
     assert not [p for p in os.listdir(tmp_path) if p.startswith("dense.") or p.startswith(".dense")]
 
 
+def _cli_exit(argv: list[str]) -> None:
+    sys.exit(main(argv))
+
+
 def test_kill_at_any_instant_leaves_old_or_new_output(work, tmp_path):
     """SIGKILL `build --overwrite` at points spread over a whole run (many small shards, so the
-    run spends its time writing): the destination holds, every time, a complete old or new output."""
+    run spends its time writing): the destination holds, every time, a complete old or new output.
+    Each run is a process forked from a server that has imported the package, so the kills land
+    in the run's own work, from its first file to its last, not in Python's imports."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["moe2dense_ray.cli", "moe2dense_ray.convert.build", "test_outputs"])
+
+    def start(plan: str) -> multiprocessing.Process:
+        argv = _build(work / "teacher", work / plan, out, "--overwrite", "--shard-size", "0.0005")
+        proc = ctx.Process(target=_cli_exit, args=(argv,))
+        proc.start()
+        return proc
+
     out = tmp_path / "dense"
     assert main(_build(work / "teacher", work / "plan2.json", out)) == 0
-    cmd = [sys.executable, "-m", "moe2dense_ray.cli", *_build(work / "teacher", work / "plan4.json", out,
-                                                               "--overwrite", "--shard-size", "0.0005")]
+    start("plan2.json").join()  # the server's imports, once
     t0 = time.time()
-    subprocess.run(cmd, env=ENV, check=True, capture_output=True, timeout=120)
+    proc = start("plan4.json")
+    proc.join(timeout=120)
     duration = time.time() - t0
-    assert _experts_in(out) == 4
+    assert proc.exitcode == 0 and _experts_in(out) == 4
     seen = {2: 0, 4: 0}
     for i in range(12):
-        plan = "plan2.json" if i % 2 else "plan4.json"
-        cmd[cmd.index("build") + 2] = str(work / plan)
-        proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(duration * (0.3 + 0.7 * i / 11))  # from mid-import to the very end of the run
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc = start("plan2.json" if i % 2 else "plan4.json")
+        time.sleep(duration * (0.05 + 1.05 * i / 11))  # from the start to past the end of the run
+        proc.kill()
+        proc.join()
         seen[_experts_in(out)] += 1
-    assert sum(seen.values()) == 12
+    assert sum(seen.values()) == 12 and seen[2] and seen[4]
     # the next run cleans up what the killed ones left and succeeds
-    assert subprocess.run(cmd, env=ENV, capture_output=True, timeout=120).returncode == 0
+    proc = start("plan4.json")
+    proc.join(timeout=120)
+    assert proc.exitcode == 0 and _experts_in(out) == 4
     assert [p for p in os.listdir(tmp_path) if p != "dense"] == []
 
 
