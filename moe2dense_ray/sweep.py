@@ -398,7 +398,7 @@ def _owned_by(trial):
 # -- the sweep ------------------------------------------------------------------------------------------
 def sweep(cfg: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the sweep in `cfg.out`; returns the summary (also DIR/summary.json)."""
-    from .core.ray_session import ensure_ray
+    from .core.ray_session import ensure_ray_after
     from .core.source import Source
     from .core.storage import OutputLock, check_output, url_to_fs
 
@@ -417,8 +417,7 @@ def sweep(cfg: SweepConfig, *, progress: bool = True) -> dict[str, Any]:
     if not cfg.resume:
         check_output(cfg.out, what="sweep", overwrite=cfg.overwrite, sources=(cfg.teacher, cfg.data, cfg.space))
     with OutputLock(cfg.out):
-        ensure_ray()
-        _check_fits(cfg)
+        ensure_ray_after(lambda: _check_fits(cfg))
         if not cfg.resume:
             _start(cfg)
         t0 = time.time()
@@ -486,13 +485,11 @@ def _check_fits(cfg: SweepConfig) -> None:
     """Before any work, on an embedded Ray (which never grows): the teacher replicas and one trial
     must fit it, or it is one error line naming the flags. On a cluster each stage waits for its
     nodes as it starts (`core.ray_session.require_resources`), and Train for its workers."""
-    import ray
-
-    from .core.ray_session import on_cluster, require_resources
+    from .core.ray_session import cluster_resources, on_cluster, require_resources
 
     if on_cluster():
         return
-    gpus = ray.cluster_resources().get("GPU", 0) > 0
+    gpus = cluster_resources().get("GPU", 0) > 0
     replica = {"CPU": cfg.cpus_per_teacher, **cfg.teacher_resources,
                "GPU": cfg.gpus_per_teacher if cfg.gpus_per_teacher is not None else float(gpus)}
     require_resources({k: cfg.teacher_workers * v for k, v in replica.items()}, each=[replica],

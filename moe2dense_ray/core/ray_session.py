@@ -6,8 +6,9 @@ Every stage that runs on Ray (calibrate, teacher-logits, distill) goes through t
   embedded local Ray; a Ray that cannot start (a full disk, an unwritable temp directory) or a
   cluster that cannot be reached is one `UserError` line, not Ray's traceback;
 - `require_resources` compares what the run will ask for with what the cluster has *before* any
-  actor is created. An embedded Ray never grows, so a request it cannot meet would wait forever:
-  that is an error naming the flags to lower. A cluster (RAY_ADDRESS) may grow under an
+  actor is created (for an embedded Ray, before Ray starts: `cluster_resources`). An embedded Ray
+  never grows, so a request it cannot meet would wait forever: that is an error naming the flags
+  to lower. A cluster (RAY_ADDRESS) may grow under an
   autoscaler, so there the driver says what it is waiting for and gives up after
   `MOE2DENSE_RESOURCE_TIMEOUT` seconds (default 600).
 """
@@ -18,6 +19,7 @@ import os
 import shutil
 import signal
 import tempfile
+from typing import Callable
 import threading
 import time
 import warnings
@@ -126,6 +128,15 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     return True
 
 
+def ensure_ray_after(check: Callable[[], None]) -> bool:
+    """`ensure_ray`, with `check()` (a resource check) first: a cluster is joined before it, since
+    what a cluster has is its own to say; an embedded Ray's resources are known before it starts
+    (`cluster_resources`), so a run it could never hold is refused without starting it."""
+    started = ensure_ray() if on_cluster() else False
+    check()
+    return ensure_ray() or started
+
+
 _WATCHED: list[int] = []  # the write ends of the watchdogs' pipes: open until this process ends
 
 
@@ -188,17 +199,42 @@ def resource_timeout() -> float:
     return value
 
 
+def cluster_resources() -> dict[str, float]:
+    """The cluster's resources: Ray's own account once Ray is up; before an embedded Ray starts,
+    what it will start with on this machine (Ray's own count of its CPUs and GPUs), so that a run
+    it could never hold is refused in the time it takes to read the flags, not after Ray's start."""
+    import ray
+
+    if ray.is_initialized() or on_cluster():
+        return ray.cluster_resources()
+    return _embedded_resources()
+
+
+def _embedded_resources() -> dict[str, float]:
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+    from ray._private.utils import get_num_cpus
+
+    gpus = get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators()
+    return {"CPU": float(get_num_cpus()), **({"GPU": float(gpus)} if gpus else {})}
+
+
+def _nodes() -> list[dict[str, float]]:
+    import ray
+
+    if ray.is_initialized() or on_cluster():
+        return [n.get("Resources") or {} for n in ray.nodes() if n.get("Alive", n.get("alive"))]
+    return [_embedded_resources()]
+
+
 def _shortfall(need: dict[str, float], each: list[dict[str, float]]) -> list[tuple[str, str]]:
     """What the cluster lacks, as (what to wait for, what the cluster has) pairs: totals, and a
     node big enough for each kind of actor (an actor is never split over nodes)."""
-    import ray
-
-    have = ray.cluster_resources()
+    have = cluster_resources()
     short = [(f"{v:g} {_plural(k, v)}", f"the cluster has {float(have.get(k, 0)):g}")
              for k, v in need.items() if v > 0 and v > have.get(k, 0) + 1e-9]
     if short:
         return short
-    nodes = [n.get("Resources") or {} for n in ray.nodes() if n.get("Alive", n.get("alive"))]
+    nodes = _nodes()
     for shape in each:
         shape = {k: v for k, v in shape.items() if v > 0}
         if shape and nodes and not any(all(node.get(k, 0) + 1e-9 >= v for k, v in shape.items()) for node in nodes):
@@ -224,9 +260,7 @@ def require_resources(need: dict[str, float], *, who: str, advice: str, parts: s
     short = _shortfall(need, list(each))
     if not short:
         return
-    import ray
-
-    have = ray.cluster_resources()
+    have = cluster_resources()
     custom = [k for k, v in need.items() if k not in ("CPU", "GPU") and v > have.get(k, 0) + 1e-9]
     if custom:  # custom resources (teacher, student) come from node types: lowering counts will not help
         advice = f"start nodes that declare {', '.join(custom)}"
@@ -275,5 +309,5 @@ def _ask_autoscaler(need: dict[str, float], each: list[dict[str, float]]) -> Non
         pass
 
 
-__all__ = ["ensure_ray", "require_resources", "on_cluster", "resource_timeout", "first_line",
+__all__ = ["ensure_ray", "ensure_ray_after", "require_resources", "cluster_resources", "on_cluster", "resource_timeout", "first_line",
            "RESOURCE_TIMEOUT", "RESOURCE_TIMEOUT_ENV"]

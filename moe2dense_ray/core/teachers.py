@@ -14,7 +14,7 @@ import torch
 from .errors import UserError
 from .families import Family, MoEShape, get_family, moe_shape
 from .models import load_causal_lm
-from .ray_session import ensure_ray, first_line, require_resources
+from .ray_session import cluster_resources, ensure_ray_after, first_line, require_resources
 
 
 @dataclass
@@ -233,14 +233,15 @@ class TeacherPool:
         else:
             self._start_actors()
 
-    def _start_actors(self) -> None:
-        import ray
+    def _use_gpu(self) -> float:
+        gpus = float(cluster_resources().get("GPU", 0))
+        return self.gpus_per_worker if self.gpus_per_worker is not None else (1 if gpus > 0 else 0)
 
+    def _check_resources(self) -> None:
         workers, resources, cpus_each = self.workers, self.resources, self.cpus_per_worker
-        self._started = ensure_ray()
-        res = ray.cluster_resources()
+        res = cluster_resources()
         cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
-        use_gpu = self.gpus_per_worker if self.gpus_per_worker is not None else (1 if gpus > 0 else 0)
+        use_gpu = self._use_gpu()
         need = {"CPU": workers * cpus_each, "GPU": workers * float(use_gpu),
                 **{k: workers * v for k, v in resources.items()}}
         if need["CPU"] > cpus:
@@ -253,6 +254,12 @@ class TeacherPool:
                           who=f"calibrating on --workers {workers}",
                           parts=f"{cpus_each:g} CPU{f' and {use_gpu:g} GPU' if use_gpu else ''} per worker",
                           custom_flags="--teacher-resources")
+
+    def _start_actors(self) -> None:
+        import ray
+
+        self._started = ensure_ray_after(self._check_resources)
+        workers, resources, cpus_each, use_gpu = self.workers, self.resources, self.cpus_per_worker, self._use_gpu()
         threads = max(1, int(ray.available_resources().get("CPU", 1)) // workers)
         # "DEFAULT": never inside the caller's placement group (a sweep trial's reserves only the trial itself)
         Actor = ray.remote(_Replica).options(num_cpus=cpus_each, num_gpus=use_gpu, resources=resources or None,

@@ -20,6 +20,7 @@ import numpy as np
 from ..core.checkpoint import parse_config
 from ..core.errors import UserError
 from ..core.progress import Progress
+from ..core.ray_session import ensure_ray_after
 from ..core.storage import (
     OutputLock,
     check_output,
@@ -196,11 +197,9 @@ def _check_resources(cfg: TeacherStreamConfig, *, workers: int = 0, cpus_per_wor
     """Ask only for what the cluster can give (see `core.ray_session.require_resources`): an embedded Ray
     cannot grow, and a request it can never meet would wait forever; a cluster (RAY_ADDRESS) gets
     MOE2DENSE_RESOURCE_TIMEOUT seconds to grow."""
-    import ray
+    from ..core.ray_session import cluster_resources, require_resources
 
-    from ..core.ray_session import require_resources
-
-    res = ray.cluster_resources()
+    res = cluster_resources()
     gpu_cluster = res.get("GPU", 0) > 0
     teacher_gpus = cfg.gpus_per_teacher if cfg.gpus_per_teacher is not None else (1 if gpu_cluster else 0)
     worker_res = dict(worker_resources or {}) if workers else {}
@@ -272,7 +271,6 @@ def _id_order(plan, tok, vocab_size: int) -> dict[str, Any]:
 def teacher_logits(cfg: TeacherLogitsConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run the teacher over DATA once and write its stream to LOGITS (Parquet + stream.json)."""
     from ..core.models import load_tokenizer
-    from ..core.ray_session import ensure_ray
     from .blocks import text_blocks
 
     cfg = _absolute_paths(cfg)
@@ -280,8 +278,7 @@ def teacher_logits(cfg: TeacherLogitsConfig, *, progress: bool = True) -> dict[s
     check_output(cfg.out, what="logits", overwrite=cfg.overwrite, sources=(cfg.teacher, cfg.data))
     tok = load_tokenizer(cfg.teacher)
     val, plan, lo, end = _text(cfg, tok)
-    ensure_ray()
-    _check_resources(cfg)
+    ensure_ray_after(lambda: _check_resources(cfg))
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = progress  # blocks through the teacher
@@ -306,7 +303,6 @@ def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None
 
     `callbacks` are Ray Train callbacks for the trainer: a sweep trial passes Tune's
     `TuneReportCallback`, so every report of the training workers reaches the Tune scheduler."""
-    from ..core.ray_session import ensure_ray
 
     cfg = _absolute_paths(cfg)
     student_cfg = _check_student(cfg.student)
@@ -360,9 +356,9 @@ def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None
             raise UserError(f"{cfg.data} holds {end - lo} training blocks of {cfg.seq_len} tokens, fewer than one "
                             f"optimizer step uses ({per_step})")
         order = _id_order(plan, tok, int(teacher_cfg["vocab_size"]))
-    ensure_ray()
-    _check_resources(cfg, workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, teacher=not cfg.logits,
-                     pipelines=cfg.workers, worker_resources=cfg.worker_resources)
+    ensure_ray_after(lambda: _check_resources(cfg, workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker,
+                                              teacher=not cfg.logits, pipelines=cfg.workers,
+                                              worker_resources=cfg.worker_resources))
 
     t0 = time.time()
     V = cfg.val_blocks
