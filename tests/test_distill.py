@@ -428,6 +428,17 @@ def test_a_stream_of_many_files_trains_the_same_student_twice(ray_cluster, stude
             distill(DistillConfig(logits=str(broken), student=student, out=str(tmp_path / f"run-{damage}")),
                     progress=False)
         assert time.time() - t0 < 30 and not (tmp_path / f"run-{damage}").exists()
+    # a page damaged inside a whole file (its footer intact) is one line from the reader of the
+    # training workers (a UserError: recorded, not retried), naming the file
+    from moe2dense_ray.distill.stream import read_blocks
+
+    broken = shutil.copytree(logits, tmp_path / "logits-page")
+    victim = sorted(broken.glob("*.parquet"))[1]
+    data = bytearray(victim.read_bytes())
+    data[8:400] = bytes(392)
+    victim.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=f"{victim.name}: row group 0 cannot be read .*the stream is damaged"):
+        list(read_blocks(str(broken), 0, 40))
 
 
 def _actors(fragment: str) -> set[str]:

@@ -419,8 +419,12 @@ def _decoded(fs, name: str, group: int, *, lo: int, hi: int, skip) -> dict[str, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with fs.open(name, "rb") as f:
-        table = pq.ParquetFile(f).read_row_group(group)
+    try:
+        with fs.open(name, "rb") as f:
+            table = pq.ParquetFile(f).read_row_group(group)
+    except (OSError, ValueError, pa.ArrowException) as e:  # a page that does not decompress or decode
+        raise UserError(f"{name}: row group {group} cannot be read ({' '.join(str(e).split())[:200]}): the "
+                        f"stream is damaged; write it again with `moe2dense teacher-logits`") from None
     idx = table.column("block_index").to_numpy()
     keep = (idx >= lo) & (idx < hi)
     if skip is not None:
