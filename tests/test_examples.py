@@ -99,3 +99,40 @@ def test_help_examples_run_on_the_bundled_teacher(ray_cluster, tmp_path, monkeyp
     for run in ("distill-reap", "distill-cp"):  # relative paths reach Ray's workers, which have their own cwd
         rows = [json.loads(line) for line in (tmp_path / "runs" / run / "metrics.jsonl").read_text().splitlines()]
         assert rows[-1]["val_ppl"] < rows[0]["val_ppl"]
+
+
+def _printed_commands() -> list[tuple[str, list[str]]]:
+    """Every `moe2dense ...` command line printed in the README and docs/*.md, alone or as a
+    `ray job submit ... -- moe2dense ...` entrypoint (continuation lines joined, trailing comments
+    dropped), as (where, argv)."""
+    import glob
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    found = []
+    for path in [os.path.join(root, "README.md"), *sorted(glob.glob(os.path.join(root, "docs", "*.md")))]:
+        lines = open(path).read().splitlines()
+        i = 0
+        while i < len(lines):
+            line = lines[i].strip()
+            while line.endswith("\\") and i + 1 < len(lines):
+                i += 1
+                line = line[:-1] + " " + lines[i].strip()
+            i += 1
+            line = re.sub(r"^(\.venv/bin/)?", "", line.split(" -- ", 1)[-1] if "-- moe2dense " in line else line)
+            if line.startswith("moe2dense ") and not line.startswith("moe2dense --"):
+                argv = shlex.split(line.split(" #")[0])[1:]
+                found.append((f"{os.path.basename(path)}: {line[:60]}", argv))
+    return found
+
+
+def test_every_printed_command_parses():
+    """The manual's commands are written for a user to copy: each one's subcommand and flags exist
+    and its values have the types the CLI takes (parsed, not run: they name the user's files)."""
+    commands = _printed_commands()
+    assert len(commands) >= 20
+    parser = cli.build_parser()
+    for where, argv in commands:
+        try:
+            parser.parse_args(argv)
+        except SystemExit as e:
+            raise AssertionError(f"{where}: does not parse") from e
