@@ -311,7 +311,7 @@ def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None
     sources = tuple(s for s in (cfg.student, cfg.teacher, cfg.data, cfg.logits, cfg.val_data) if s)
     if cfg.logits:
         meta = read_stream_meta(cfg.logits)
-        check_stream_files(cfg.logits, meta)
+        index = check_stream_files(cfg.logits, meta)  # the row groups of each block range, for every reader
         order = meta.get("id_order")  # streams written before ids were coded by frequency have none
         if (int(meta["vocab_size"]) != int(student_cfg["vocab_size"])
                 or meta.get("tokenizer") != tokenizer_digest(cfg.student)):
@@ -365,9 +365,9 @@ def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None
     with OutputLock(cfg.out):  # one run at a time writes RUN
         if cfg.logits:  # each training worker reads its own share of the files (stream.read_blocks)
             steps = n_train // per_step
-            val = joined(list(read_blocks(cfg.logits, 0, V)))
-            return _fit(cfg, steps=steps, val=val, source={"logits": cfg.logits, "lo": V, "hi": V + steps * per_step},
-                        progress=progress, t0=t0, callbacks=callbacks, order=order)
+            val = joined(list(read_blocks(cfg.logits, 0, V, index=index)))
+            return _fit(cfg, steps=steps, val=val, progress=progress, t0=t0, callbacks=callbacks, order=order,
+                        source={"logits": cfg.logits, "index": index, "lo": V, "hi": V + steps * per_step})
         # the teacher replicas live as long as this run, not as long as a training worker
         pool = TeacherPool(cfg.teacher, cfg, order=order, restarts=cfg.max_failures)
         try:

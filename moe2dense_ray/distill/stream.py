@@ -342,68 +342,82 @@ def write_stream(ds, logits: str, meta: dict[str, Any], *, overwrite: bool, sour
             discard(fs, tmp)
 
 
-def check_stream_files(logits: str, meta: dict[str, Any]) -> None:
+def check_stream_files(logits: str, meta: dict[str, Any]) -> list[tuple[int, int, str, int]]:
     """Every Parquet file of LOGITS has a whole footer, and their rows add up to the blocks that
     stream.json records: a truncated or missing file is one line naming it, read from the footers
-    alone in seconds, not an Arrow error from a Ray task minutes into training."""
+    alone in seconds, not an Arrow error minutes into training. Returns the stream's index: its
+    row groups as (first block, last block, file, row group), from the same footers."""
+    index = _row_groups(logits)
+    rows = sum(n for n in index.pop("rows").values())
+    files = index.pop("files")
+    if rows != int(meta["blocks"]):
+        raise UserError(f"{logits} holds {rows} blocks in {files} Parquet file(s), but its {STREAM_META} "
+                        f"records {meta['blocks']}: a file is missing or extra; write the stream again")
+    return index.pop("groups")
+
+
+def _row_groups(logits: str) -> dict[str, Any]:
+    """The footers of LOGITS' Parquet files: each row group's block range (`block_index`
+    statistics), the rows of each file, the number of files."""
     import pyarrow.parquet as pq
 
     from ..core.storage import url_to_fs
 
     fs, path = url_to_fs(logits)
     files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
-    rows = 0
+    groups, rows = [], {}
     for name in files:
         try:
             with fs.open(name, "rb") as f:
-                rows += pq.read_metadata(f).num_rows
+                parquet = pq.ParquetFile(f)
+                meta = parquet.metadata
+                rows[name] = meta.num_rows
+                column = meta.schema.to_arrow_schema().get_field_index("block_index")
+                for g in range(meta.num_row_groups):
+                    stats = meta.row_group(g).column(column).statistics
+                    if stats is not None and stats.has_min_max:
+                        first, last = int(stats.min), int(stats.max)
+                    else:  # a writer that kept no statistics: read the index column itself
+                        idx = parquet.read_row_group(g, columns=["block_index"]).column(0).to_numpy()
+                        if not len(idx):
+                            continue
+                        first, last = int(idx.min()), int(idx.max())
+                    groups.append((first, last, name, g))
         except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError... for a damaged file
             raise UserError(f"{logits}: {name.rsplit('/', 1)[-1]} is not a whole Parquet file "
                             f"({' '.join(str(e).split())[:200]}): the stream is damaged; write it again with "
                             f"`moe2dense teacher-logits`") from None
-    if rows != int(meta["blocks"]):
-        raise UserError(f"{logits} holds {rows} blocks in {len(files)} Parquet file(s), but its {STREAM_META} "
-                        f"records {meta['blocks']}: a file is missing or extra; write the stream again")
+    return {"groups": sorted(groups), "rows": rows, "files": len(files)}
 
 
-def read_blocks(logits: str, lo: int, hi: int, *, skip=None, rows: int = 64) -> Iterator[dict[str, np.ndarray]]:
+def read_blocks(logits: str, lo: int, hi: int, *, skip=None, rows: int = 64,
+                index: list | None = None) -> Iterator[dict[str, np.ndarray]]:
     """The blocks lo <= index < hi of the stream LOGITS minus `skip` (a `blocks.Ranges`), as numpy
     batches of up to `rows` blocks, in block order.
 
     Read here, with pyarrow through the stream's fsspec filesystem, a row group at a time: the
     Parquet footers say which row groups hold which blocks (`block_index` statistics), so a
     training worker reads its own share and nothing else, and the driver only the held-out
-    blocks. A Ray Data pipeline here started worker processes and read tasks before the first
-    block came: 35 s of a 60 s run (`docs/architecture.md`, "Exact resume"), and a whole read of the
-    stream for the driver's few held-out blocks. Row groups whose ranges overlap (a writer that
-    did not keep order) are read together and sorted, so the order is the blocks' whatever the
-    files' order."""
-    import pyarrow.parquet as pq
-
+    blocks. The driver reads the footers once (`check_stream_files`) and hands the `index` to
+    the workers: 24 workers do not each read thousands of footers from object storage. A Ray
+    Data pipeline here started worker processes and read tasks before the first block came: 35 s
+    of a 60 s run (`docs/architecture.md`, "Exact resume"), and a whole read of the stream for
+    the driver's few held-out blocks. Row groups whose ranges overlap (a writer that did not keep
+    order) are read together and sorted, so the order is the blocks' whatever the files' order."""
     from ..core.storage import url_to_fs
 
-    fs, path = url_to_fs(logits)
-    groups = []  # (first block, last block, file, row group)
-    for name in sorted(p for p in fs.find(path) if p.endswith(".parquet")):
-        with fs.open(name, "rb") as f:
-            meta = pq.ParquetFile(f).metadata
-            column = meta.schema.to_arrow_schema().get_field_index("block_index")
-            for g in range(meta.num_row_groups):
-                stats = meta.row_group(g).column(column).statistics
-                if stats is not None and stats.has_min_max:
-                    first, last = int(stats.min), int(stats.max)
-                else:  # a writer that kept no statistics: read the index column itself
-                    idx = pq.ParquetFile(f).read_row_group(g, columns=["block_index"]).column(0).to_numpy()
-                    first, last = (int(idx.min()), int(idx.max())) if len(idx) else (hi, hi - 1)
-                if first < hi and last >= lo:
-                    groups.append((first, last, name, g))
+    fs, _ = url_to_fs(logits)
+    groups = [tuple(g) for g in (_row_groups(logits)["groups"] if index is None else index)
+              if g[0] < hi and g[1] >= lo]
     groups.sort()
     runs: list[list[tuple]] = []  # row groups whose block ranges overlap, read together
+    end = -1
     for group in groups:
-        if runs and group[0] <= max(g[1] for g in runs[-1]):
+        if runs and group[0] <= end:
             runs[-1].append(group)
         else:
             runs.append([group])
+        end = max(end, group[1])
     for run in runs:
         parts = [_decoded(fs, name, g, lo=lo, hi=hi, skip=skip) for _, _, name, g in run]
         batch = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

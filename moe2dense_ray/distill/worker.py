@@ -72,7 +72,8 @@ def rank_stream(source: dict[str, Any], cfg, *, lo: int, hi: int, skip, rank: in
     from .stream import prefetched, read_blocks, replica_share, teacher_batches
 
     if "logits" in source:  # no teacher to spare
-        yield from prefetched(read_blocks(source["logits"], lo, hi, skip=skip, rows=cfg.batch_size))
+        yield from prefetched(read_blocks(source["logits"], lo, hi, skip=skip, rows=cfg.batch_size,
+                                          index=source.get("index")))
         return
     blocks = prefetched(iter_blocks(TextPlan.from_dict(source["plan"]), source["tokenizer"], lo=lo, hi=hi, skip=skip,
                                     rows=cfg.teacher_batch))
