@@ -533,7 +533,7 @@ def _tune(cfg: SweepConfig, combos: list[dict[str, Any]], *, progress: bool):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from .core.ray_session import RAY_ADDRESS_ENV
+    from .core.ray_session import RAY_ADDRESS_ENV, muted
 
     n, threads = concurrency(cfg)
     trainable = tune.with_resources(tune.with_parameters(_trial, sweep=cfg.model_dump(), threads=threads,
@@ -541,7 +541,8 @@ def _tune(cfg: SweepConfig, combos: list[dict[str, Any]], *, progress: bool):
                                     {"cpu": TRIAL_CPUS})
     path = f"{cfg.out}/tune"
     if cfg.resume and tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()
+        with muted("ray.tune"):
+            return tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()
     batch = max(int(c.get("batch_size", cfg.batch_size)) for c in combos)
     # tokens between validations, for the largest batch
     rung = cfg.report_every * batch * cfg.grad_accum * cfg.workers * cfg.seq_len
@@ -554,7 +555,8 @@ def _tune(cfg: SweepConfig, combos: list[dict[str, Any]], *, progress: bool):
                                                    max_concurrent_trials=n, trial_dirname_creator=_trial_dir),
                        run_config=tune.RunConfig(name="tune", storage_path=cfg.out, verbose=1 if progress else 0,
                                                  failure_config=tune.FailureConfig(max_failures=1)))
-    return tuner.fit()
+    with muted("ray.tune"):  # a failed trial is its leaderboard row's one line, not a traceback per try
+        return tuner.fit()
 
 
 def _trial_dir(trial) -> str:

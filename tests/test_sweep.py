@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import time
 
@@ -95,7 +96,8 @@ def test_trials_take_distills_settings_and_are_counted_by_what_they_hold(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_trials_at_once_asha_stops_one_a_wrecked_one_fails_and_every_training_group_is_released(tmp_path, ray_cluster):
+def test_trials_at_once_asha_stops_one_a_wrecked_one_fails_and_every_training_group_is_released(tmp_path, ray_cluster,
+                                                                                                  caplog):
     """Two trials at once on the 2-CPU session Ray (half a CPU per training worker). The good one
     reaches ASHA's first rung in 2 steps; the bad one (one expert a layer, a rate that learns
     nothing) takes the 16 steps of batch 1 to that rung, where it is compared and stopped while
@@ -118,6 +120,8 @@ def test_trials_at_once_asha_stops_one_a_wrecked_one_fails_and_every_training_gr
         assert main(_args(space, out, "--tokens", "4096", "--cpus-per-worker", "0.5", "--teacher-workers", "1",
                           "--cpus-per-teacher", "0.5")) == 0
         assert _live_groups(ray_cluster) == before  # the trials' groups are gone, the other job's is not
+        # the failed trial is its leaderboard row's one line, not Tune's error log with a traceback per try
+        assert not [r for r in caplog.records if r.name.startswith("ray.tune") and r.levelno >= logging.ERROR]
     finally:
         remove_placement_group(foreign)
     # the shared work was done once

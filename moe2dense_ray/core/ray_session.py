@@ -15,6 +15,7 @@ Every stage that runs on Ray (calibrate, teacher-logits, distill) goes through t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -80,6 +81,23 @@ def quiet_console() -> None:
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 handler.setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def muted(name: str):
+    """Logger `name` silent on every handler while the block runs, unless MOE2DENSE_VERBOSE is
+    set: for a library's error reports that this package reports in its own words (a sweep's
+    failed trial is a leaderboard row with its one line; Tune would print a traceback per try)."""
+    import logging
+
+    logger = logging.getLogger(name)
+    level = logger.level
+    if not os.environ.get(VERBOSE_ENV):
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def ensure_ray(num_cpus: int | None = None) -> bool:
@@ -309,5 +327,5 @@ def _ask_autoscaler(need: dict[str, float], each: list[dict[str, float]]) -> Non
         pass
 
 
-__all__ = ["ensure_ray", "ensure_ray_after", "require_resources", "cluster_resources", "on_cluster", "resource_timeout", "first_line",
+__all__ = ["ensure_ray", "ensure_ray_after", "require_resources", "cluster_resources", "muted", "on_cluster", "resource_timeout", "first_line",
            "RESOURCE_TIMEOUT", "RESOURCE_TIMEOUT_ENV"]
