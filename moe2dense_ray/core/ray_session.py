@@ -56,12 +56,15 @@ a teacher and a student on the same 2 cores the student trained at a third of it
 0.8M tokens of `moe2dense distill` take 1.0-1.4x a plain single-process loop's time
 (docs/results/distill.md)."""
 
-EMBEDDED_RAY_ENV = {**CPU_SHARING_ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-"""The environment of an embedded Ray's processes: CPU_SHARING_ENV, and Ray Train's controller
-polling its workers every 0.2 s instead of 2 s. A report that carries a checkpoint waits for the
-controller's next poll, and so does the end of a run: on one machine, with the bundled teacher,
-a 12-step run with 3 checkpoints took 31 s with Ray's default and 20 s with this (the poll is one
-actor call per worker; a cluster keeps Ray's default)."""
+EMBEDDED_RAY_ENV = {**CPU_SHARING_ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+                    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+"""The environment of an embedded Ray's processes: CPU_SHARING_ENV, and two settings of Ray Train's
+controller. It polls its workers every 0.2 s instead of 2 s: a report that carries a checkpoint
+waits for the controller's next poll, and so does the end of a run; on one machine, with the
+bundled teacher, a 12-step run with 3 checkpoints took 31 s with Ray's default and 20 s with this
+(the poll is one actor call per worker). And it starts no preemption watcher, an actor (one more
+process to start on the run's cores) that asks Ray every 5 s whether a node is being drained: the
+one node of an embedded Ray is the driver's own, and goes with it. A cluster keeps Ray's defaults."""
 
 
 VERBOSE_ENV = "MOE2DENSE_VERBOSE"  # set by `moe2dense --verbose`: Ray's own lines on the console too
