@@ -217,14 +217,6 @@ def _check_resources(cfg: TeacherStreamConfig, *, workers: int = 0, cpus_per_wor
                       "--gpus-per-teacher", custom_flags="--teacher-resources / --worker-resources")
 
 
-def _columns(ds) -> dict[str, np.ndarray]:
-    """A small dataset (the validation blocks) as numpy columns, ordered by block index."""
-    rows = sorted(ds.take_all(), key=lambda r: int(r["block_index"]))
-    if not rows:
-        return {}
-    return {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
-
-
 # -- teacher-logits -------------------------------------------------------------------------------
 
 
