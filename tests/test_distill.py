@@ -48,26 +48,6 @@ def _cfg(student, out, **kw) -> DistillConfig:
     return DistillConfig(**{**base, **kw})
 
 
-def test_any_warmup_is_at_least_one_step():
-    """--warmup 0.05 on a 4-step smoke run used to round to no warm-up; now the first step only
-    seeds Adam's moments (the rate starts at 0) and the peak comes after. A one-step run keeps
-    its one step at the peak."""
-    from transformers import get_cosine_schedule_with_warmup
-
-    from moe2dense_ray.distill.worker import warmup_steps
-
-    assert [warmup_steps(0.05, n) for n in (1, 2, 4, 20, 21, 400)] == [0, 1, 1, 1, 2, 20]
-    assert warmup_steps(0.0, 100) == 0 and warmup_steps(0.5, 10) == 5 and warmup_steps(0.3, 10) == 3
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = get_cosine_schedule_with_warmup(opt, warmup_steps(0.05, 4), 4)
-    rates = []
-    for _ in range(4):
-        rates.append(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
-    assert rates[0] == 0.0 and rates[1] == 1.0 and rates[1] > rates[2] > rates[3] > 0
-
-
 def test_a_refitted_student_gets_a_gentler_learning_rate(tmp_path, student):
     """`convert` refits by default; the refit's record sets the default peak learning rate to
     PLAIN_LR x sqrt(error after / error before) (run.peak_lr), and a plain student keeps PLAIN_LR."""

@@ -257,17 +257,6 @@ def stop_on_failure(run: str):
     return _stop_on_failure_callback()(run)
 
 
-def warmup_steps(warmup: float, steps: int) -> int:
-    """Steps of linear warm-up for a run of `steps`: any positive fraction is at least one step
-    (a run of one step excepted: its step is all it has). Rounding down gave runs under 1/warmup
-    steps (20 at the default 0.05) no warm-up at all, so their first step moved every weight by
-    the full rate along the sign of one gradient (Adam's first step), and the advice to raise
-    --warmup after such a run changed nothing."""
-    if warmup <= 0:
-        return 0
-    return min(steps - 1, math.ceil(round(warmup * steps, 6)))
-
-
 def _cursor(trained, lo: int, hi: int) -> int:
     """Where the rank owning [lo, hi) resumes: its first untrained block (hi when it is done)."""
     return min(trained.first_missing(lo), hi)
@@ -333,7 +322,7 @@ def _train(config: dict[str, Any]) -> None:
         # at 8k tokens a micro-batch would otherwise outgrow its weights and optimizer state
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(cfg.warmup, steps), steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup * steps), steps)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=deepspeed_config(cfg, cuda=cuda), dist_init_required=False)
 
