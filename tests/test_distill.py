@@ -141,8 +141,8 @@ def test_a_wrecked_student_is_an_error_and_kept_only_as_a_diagnostic(tmp_path, s
     (run / "student").mkdir(parents=True)
     (run / "student" / "config.json").write_text("{}")
     end = {"uniform": (4095.99, 0.14), "worse": (520.0, 0.16), "better": (300.0, 0.1)}[case]
-    metrics = [{"step": 0, "val_ppl": 498.6, "val_kl": 0.15}, {"step": 6, "val_ppl": 400.0, "val_kl": 0.12},
-               {"step": 12, "val_ppl": end[0], "val_kl": end[1]}]
+    metrics = [{"step": 0, "val_ppl": 498.6, "val_kl": 0.15}, {"step": 6, "steps": 12, "val_ppl": 400.0, "val_kl": 0.12},
+               {"step": 12, "steps": 12, "val_ppl": end[0], "val_kl": end[1]}]
     cfg = _cfg(student, run, lr=1e9)
     if case == "better":
         check_outcome(cfg, metrics, 4096)
@@ -152,7 +152,7 @@ def test_a_wrecked_student_is_an_error_and_kept_only_as_a_diagnostic(tmp_path, s
                 else "made the student worse (held-out perplexity 498.6 at step 0, 520 at the end, KL")
     with pytest.raises(UserError, match=re.escape(fragment)) as e:
         check_outcome(cfg, metrics, 4096)
-    assert "lower --lr (was 1e+09) or raise --warmup" in str(e.value)
+    assert "lower --lr (was 1e+09) or raise --warmup (was 0.05: 0 of 12 steps)" in str(e.value)
     assert not (run / "student").exists() and (run / DIAGNOSTIC / "config.json").exists()
 
 
@@ -475,7 +475,7 @@ def test_a_learning_rate_that_wrecks_the_student_is_one_line(ray_cluster, studen
     code = main(["-q", "distill", "--teacher", assets.teacher_path(), "--student", student, "--data", DATA,
                  "--out", str(run), "--seq-len", "64", "--batch-size", "4", "--tokens", str(4 * 64 * 4),
                  "--val-blocks", "2", "--teacher-batch", "4", "--report-every", "2", "--lr", "1e9"])
-    line = _one_error(capsys, code, "lower --lr (was 1e+09) or raise --warmup")
+    line = _one_error(capsys, code, "lower --lr (was 1e+09) or raise --warmup (was 0.05: 0 of 4 steps)")
     assert "collapsed to a uniform distribution (held-out perplexity 40" in line and "at step 2," in line
     assert not (run / "student").exists() and (run / "diagnostic-student" / "config.json").exists()
     assert not (run / "results.json").exists()

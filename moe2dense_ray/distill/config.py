@@ -124,5 +124,10 @@ class DistillConfig(TeacherStreamConfig):
             raise ValueError("--resume and --overwrite contradict each other")
         return self
 
+    def warmup_steps(self, steps: int) -> int:
+        """The steps of linear warm-up in a run of `steps` (rounded down: under 1/warmup steps,
+        none; the scheduler's and the error lines' one count)."""
+        return int(self.warmup * steps)
+
 
 __all__ = ["TeacherStreamConfig", "TeacherLogitsConfig", "DistillConfig"]

@@ -28,10 +28,13 @@ def collapse(ppl: float, step: int, vocab: int) -> str:
             f"against {vocab} tokens in its vocabulary)")
 
 
-def wrecked(cfg, what: str) -> UserError:
-    """The one line for a student that training wrecked, `what` saying how."""
+def wrecked(cfg, what: str, steps: int | None = None) -> UserError:
+    """The one line for a student that training wrecked, `what` saying how. With the run's
+    `steps`, the warm-up is said in steps too: the fraction rounds down, so a run of 4 steps at
+    the default 0.05 has none, and raising it a little changes nothing."""
+    warmup = f"{cfg.warmup:g}" + (f": {cfg.warmup_steps(steps)} of {steps} steps" if steps else "")
     return UserError(f"{what}: the learning rate is likely too high for this student; lower --lr (was {cfg.lr:g}) "
-                     f"or raise --warmup (was {cfg.warmup:g}). The student is kept in {cfg.out}/{DIAGNOSTIC} "
+                     f"or raise --warmup (was {warmup}). The student is kept in {cfg.out}/{DIAGNOSTIC} "
                      f"to look at, not as the result")
 
 
@@ -57,4 +60,4 @@ def check_outcome(cfg, metrics: list[dict[str, Any]], vocab: int) -> None:
     if fs.exists(f"{path}/{DIAGNOSTIC}"):
         fs.rm(f"{path}/{DIAGNOSTIC}", recursive=True)
     fs.mv(f"{path}/student", f"{path}/{DIAGNOSTIC}", recursive=True)
-    raise wrecked(cfg, what)
+    raise wrecked(cfg, what, last.get("steps"))

@@ -322,7 +322,7 @@ def _train(config: dict[str, Any]) -> None:
         # at 8k tokens a micro-batch would otherwise outgrow its weights and optimizer state
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup * steps), steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps(steps), steps)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=deepspeed_config(cfg, cuda=cuda), dist_init_required=False)
 
@@ -430,7 +430,7 @@ def _train(config: dict[str, Any]) -> None:
         logger.log(metrics)
         if "val_ppl" in metrics and collapsed(metrics["val_ppl"], vocab):  # no later step brings it back
             export(f"{run}/{DIAGNOSTIC}")
-            raise wrecked(cfg, collapse(metrics["val_ppl"], step, vocab))
+            raise wrecked(cfg, collapse(metrics["val_ppl"], step, vocab), steps)
         if not save:
             ray.train.report(metrics)
             continue
