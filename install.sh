@@ -47,4 +47,15 @@ fi
 extra=""
 [ ${#extras[@]} -gt 0 ] && extra="[$(IFS=,; echo "${extras[*]}")]"
 "${PIP[@]}" -e ".${extra}"
+
+# On a machine without a GPU, DeepSpeed's training workers communicate through a C++ op that torch
+# compiles on first use (~35 s on 2 cores): built here, once, into the cache the workers read
+# (TORCH_EXTENSIONS_DIR, or torch's default), so that the first `moe2dense distill` or demo does not
+# sit at "starting the training workers" while a compiler runs.
+if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  echo "install: building DeepSpeed's CPU communication op (once)"
+  DS_ACCELERATOR=cpu "$PY" -c 'from deepspeed.accelerator import get_accelerator
+get_accelerator().create_op_builder("ShareMemCommBuilder").load()' >/dev/null 2>&1 \
+    || echo "install: could not build it now; the first training run will"
+fi
 echo "install: done ($("$PY" -c 'import torch, transformers, ray; print(f"torch {torch.__version__}, transformers {transformers.__version__}, ray {ray.__version__}")'))"
