@@ -121,12 +121,16 @@ def _ray(args: list[str], *, check: bool = True, timeout: float = 120) -> subpro
 
 
 def _client(address: str):
-    """The job server's Python client, with the token `ray start` wrote for the head."""
+    """The job server's Python client, with the head's token where Ray's CLI looks for it: the
+    RAY_AUTH_TOKEN variable, else the file RAY_AUTH_TOKEN_PATH names, else the one `ray start`
+    writes (~/.ray/auth_token)."""
     from ray.job_submission import JobSubmissionClient
 
-    token = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
-    with open(token) as f:
-        return JobSubmissionClient(address, headers={"Authorization": f"Bearer {f.read().strip()}"})
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if not token:
+        with open(os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")) as f:
+            token = f.read()
+    return JobSubmissionClient(address, headers={"Authorization": f"Bearer {token.strip()}"})
 
 
 def _submit_and_wait(address: str, entrypoint: list[str]) -> str:
