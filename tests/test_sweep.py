@@ -134,10 +134,17 @@ def test_trials_at_once_asha_stops_one_a_wrecked_one_fails_and_every_training_gr
     assert summary["trials"] == 3 and summary["errors"] == 1 and summary["stopped_early"] == 1
     assert summary["tokens_spent"] < summary["grid_tokens"] == 3 * 4096
     assert board[-1] == wrecked and wrecked["stopped early"] == "False"
-    assert wrecked["error"].startswith("the student collapsed to a uniform distribution (held-out perplexity")
-    assert "lower --lr (was 1e+09)" in wrecked["error"]
+    # distill's outcome check on real metrics (distill/outcome.py): the line names the rate and the
+    # warm-up, the run stopped at the first report that found the student uniform (not trained on
+    # to step 8), and the wrecked student is kept aside as a diagnostic, never announced as the result
+    assert wrecked["error"].startswith("the student collapsed to a uniform distribution (held-out perplexity 40")
+    assert "at step 2," in wrecked["error"]
+    assert "lower --lr (was 1e+09) or raise --warmup (was 0.05: 0 of 8 steps)" in wrecked["error"]
     failed = out / "trials" / wrecked["trial"]
     assert (failed / "run" / "diagnostic-student" / "config.json").exists() and not (failed / "run" / "student").exists()
+    assert [m["step"] for m in map(json.loads, open(failed / "run" / "metrics.jsonl"))] == [0, 2]
+    assert json.loads((failed / "run" / "diagnostic-student" / "distill_metrics.json").read_text())["steps"] == 2
+    assert not (failed / "run" / "results.json").exists()
     # Tune's retry of the trial met the recorded failure at once: the student was not built again
     assert os.path.getmtime(failed / "student" / "config.json") < os.path.getmtime(failed / "failure.json")
     assert good["stopped early"] == "False" and int(good["tokens"]) == 4096
