@@ -54,8 +54,7 @@ extra=""
 # sit at "starting the training workers" while a compiler runs.
 if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
   echo "install: building DeepSpeed's CPU communication op (once)"
-  DS_ACCELERATOR=cpu "$PY" -c 'from deepspeed.accelerator import get_accelerator
-get_accelerator().create_op_builder("ShareMemCommBuilder").load()' >/dev/null 2>&1 \
-    || echo "install: could not build it now; the first training run will"
+  DS_ACCELERATOR=cpu "$PY" -c 'from moe2dense_ray.distill.worker import build_cpu_op; build_cpu_op()' \
+    >/dev/null 2>&1 || echo "install: could not build it now; the first training run will"
 fi
 echo "install: done ($("$PY" -c 'import torch, transformers, ray; print(f"torch {torch.__version__}, transformers {transformers.__version__}, ray {ray.__version__}")'))"

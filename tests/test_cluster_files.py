@@ -230,6 +230,9 @@ def test_runtime_env_is_one_ray_accepts():
 
     env = RuntimeEnv(**_load(os.path.join(ROOT, "jobs", "runtime_env.yaml")))
     assert env["working_dir"] == "." and ".venv" in env["excludes"]
+    # a job finds DeepSpeed's CPU op where the node's install.sh built it: naming another cache
+    # here made every node's first job compile it again
+    assert "TORCH_EXTENSIONS_DIR" not in env.get("env_vars", {})
 
 
 def test_custom_resources_are_flags_and_an_unmet_one_is_one_line(ray_cluster, capsys, tmp_path):

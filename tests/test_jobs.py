@@ -153,6 +153,30 @@ def _submit_and_wait(address: str, entrypoint: list[str]) -> str:
     return status.name + "\n" + client.get_job_logs(job)
 
 
+def test_the_environments_build_tools_come_first(monkeypatch):
+    from moe2dense_ray.distill.worker import own_build_tools_first
+
+    bindir = os.path.dirname(sys.executable)
+    assert os.path.exists(os.path.join(bindir, "ninja"))  # pip's, installed with DeepSpeed
+    assert own_build_tools_first("/usr/bin:/bin") == f"{bindir}:/usr/bin:/bin"
+    assert own_build_tools_first(f"{bindir}:/usr/bin") == f"{bindir}:/usr/bin"  # already first: as it was
+    assert own_build_tools_first("") == bindir
+
+
+def _cpu_op() -> str | None:
+    """DeepSpeed's CPU communication op as install.sh builds it (moe2dense_ray.distill.worker.
+    build_cpu_op), built now if it is not yet; None on a machine with a GPU, which needs none."""
+    import torch
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from moe2dense_ray.distill.worker import build_cpu_op
+
+    if torch.cuda.is_available():
+        return None
+    build_cpu_op()
+    return os.path.join(_get_build_directory("deepspeed_shm_comm", False), "deepspeed_shm_comm.so")
+
+
 def test_convert_then_distill_as_ray_jobs(head, tmp_path):
     from safetensors import safe_open
 
@@ -165,6 +189,8 @@ def test_convert_then_distill_as_ray_jobs(head, tmp_path):
         with safe_open(str(shard), "pt") as f:
             assert all(f.get_tensor(k).isfinite().all() for k in f.keys())
 
+    op = _cpu_op()
+    built = os.stat(op).st_mtime_ns if op else None
     result = _submit_and_wait(head, ["moe2dense", "distill", "--config", "jobs/distill.yaml", "--student", str(dense),
                                      "--out", f"file://{run}", "--tokens", "4096", "--seq-len", "128",
                                      "--batch-size", "4", "--top-k", "32", "--val-blocks", "4", "--report-every", "2",
@@ -173,3 +199,6 @@ def test_convert_then_distill_as_ray_jobs(head, tmp_path):
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["tokens"] == 4096 and metrics[-1]["val_ppl"] < metrics[0]["val_ppl"]
     assert (run / "student" / "config.json").exists()
+    # the job's training worker used that build, not a compile of its own (33 s on 2 cores): the
+    # job's runtime env, the head's PATH and the worker's own agree on the cache and on the ninja
+    assert op is None or os.stat(op).st_mtime_ns == built

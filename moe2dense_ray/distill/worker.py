@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from typing import Any, Iterator
@@ -30,6 +31,35 @@ METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "state.json"
 FAILURE_FILE = "failure.json"  # in RUN: a failure that retrying would repeat (see the module's doc)
 DS_TAG = "deepspeed"
+
+
+def own_build_tools_first(path: str) -> str:
+    """PATH with this environment's own scripts first, as an activated venv has it.
+
+    On a machine without a GPU, DeepSpeed's CPU communication op is compiled by torch with the
+    first `ninja` on PATH, and a build one ninja made is built again by another: their logs hash
+    the same command differently (the system's 1.11 and pip's 1.13 here, 33 s a build on 2
+    cores). Pip's ninja (a DeepSpeed dependency) sits beside the interpreter; putting it first
+    makes install.sh's build, a job's and every training worker's the same one, whatever PATH
+    the shell, the Ray head or the job had, and a machine with no system ninja can build it."""
+    bindir = os.path.dirname(sys.executable)
+    parts = path.split(os.pathsep) if path else []
+    if not os.path.exists(os.path.join(bindir, "ninja")) or parts[:1] == [bindir]:
+        return path
+    return os.pathsep.join([bindir, *parts])
+
+
+def build_cpu_op() -> None:
+    """Compile DeepSpeed's CPU communication op into torch's extension cache now (install.sh runs
+    this once on a machine without a GPU), with the ninja the training workers will use."""
+    old = os.environ.get("PATH", "")
+    os.environ["PATH"] = own_build_tools_first(old)
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().create_op_builder("ShareMemCommBuilder").load()
+    finally:
+        os.environ["PATH"] = old
 
 
 def fresh_batches(batches: Iterator[dict[str, np.ndarray]], trained, size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -307,6 +337,7 @@ def _train(config: dict[str, Any]) -> None:
 
     cfg = DistillConfig(**config["cfg"])
     steps, run = config["steps"], config["run"]
+    os.environ["PATH"] = own_build_tools_first(os.environ.get("PATH", ""))  # before DeepSpeed builds its op
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # Ray pins a worker to its CPUs' worth of threads; a teacher on the same cores takes turns
