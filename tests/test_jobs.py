@@ -153,7 +153,7 @@ def _submit_and_wait(address: str, entrypoint: list[str]) -> str:
     return status.name + "\n" + client.get_job_logs(job)
 
 
-def test_the_environments_build_tools_come_first(monkeypatch):
+def test_the_environments_build_tools_come_first():
     from moe2dense_ray.distill.worker import own_build_tools_first
 
     bindir = os.path.dirname(sys.executable)
