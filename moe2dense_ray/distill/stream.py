@@ -67,10 +67,10 @@ class TeacherService:
 
     def __init__(self, teacher: str, *, codec: str, top_k: int, draws: int, temperature: float, seed: int,
                  threads: int | None = None, order: dict | None = None, model=None):
-        import torch
-
         from ..core.lm_head import LMHead
         from ..core.models import load_causal_lm
+        import torch
+
         from .codec import CODECS, IdOrder
 
         if threads:
@@ -85,7 +85,7 @@ class TeacherService:
         self.codec = CODECS[codec]
         self.opts = dict(k=draws if codec == "sampled" else top_k, temperature=temperature, order=IdOrder.of(order))
         self.seed = seed
-        self._order = None  # the id of the reference the order came by, when it came with a request
+        self._order = None  # the reference the order came by, when it came with a request
 
     def _encode(self, hidden: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, np.ndarray]:
         """Rows of hidden states [N, H] -> the codec's columns [N, ...], a chunk of rows at a time."""
@@ -98,12 +98,12 @@ class TeacherService:
         first request that brings it; a restarted replica gets it again with its next request."""
         import torch
 
-        if order is not None and self._order != order[0].hex():  # (each request brings a new handle on it)
+        if order is not None and self._order is not order[0]:
             import ray
 
             from .codec import IdOrder
 
-            self.opts["order"], self._order = IdOrder.of(ray.get(order[0])), order[0].hex()
+            self.opts["order"], self._order = IdOrder.of(ray.get(order[0])), order[0]
         with torch.inference_mode():
             return self._columns(batch)
 
