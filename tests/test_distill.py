@@ -375,19 +375,15 @@ def test_offline_stream_gives_the_online_loss(ray_cluster, student, tmp_path):
         assert losses[0] == losses[1]
 
 
-def test_a_stream_of_many_files_trains_the_same_student_twice(ray_cluster, student, tmp_path, monkeypatch, capfd):
+def test_a_stream_of_many_files_trains_the_same_student_twice(ray_cluster, student, tmp_path, monkeypatch):
     """Each worker reads its blocks in stream order however the blocks lie in the files, so a rerun
     is the same run: every step's loss and every validation agree exactly."""
     from moe2dense_ray.distill import blocks
 
     monkeypatch.setattr(blocks, "SHARD_BYTES", 2048)  # the text in several shards, packed by several tasks
     logits = tmp_path / "logits"
-    capfd.readouterr()
     teacher_logits(TeacherLogitsConfig(teacher=assets.teacher_path(), data=DATA, tokens=40 * 64, seq_len=64,
                                        val_blocks=2, out=str(logits), teacher_batch=2, top_k=16), progress=False)
-    # Ray's C++ line about actor arguments in the object store (Ray Data's actor pool printed it at
-    # every teacher-logits) does not reach the console: the replicas are a TeacherPool's
-    assert "core_worker" not in capfd.readouterr().err
     assert len(list(logits.glob("*.parquet"))) >= 4  # several read tasks, each free to finish first
     runs = []  # on two data-parallel workers with ZeRO-2, each reading its own half of the files
     for i in range(2):

@@ -281,12 +281,8 @@ def teacher_logits(cfg: TeacherLogitsConfig, *, progress: bool = True) -> dict[s
     order = _id_order(plan, tok, int(teacher_cfg["vocab_size"]))
     blocks = blocks_dataset(val).union(text_blocks(plan, tok, lo=lo, hi=end, rows=cfg.teacher_batch)) if len(val) \
         else text_blocks(plan, tok, lo=lo, hi=end, rows=cfg.teacher_batch)
-    pool = TeacherPool(cfg.teacher, cfg, order=order)  # loads while the first blocks are packed
-    try:
-        write_stream(teacher_stream(blocks, pool=pool, cfg=cfg), cfg.out, meta | {"id_order": order},
-                     overwrite=cfg.overwrite, sources=(cfg.teacher,))
-    finally:
-        pool.close()
+    write_stream(teacher_stream(blocks, teacher=cfg.teacher, cfg=cfg, order=order), cfg.out,
+                 meta | {"id_order": order}, overwrite=cfg.overwrite, sources=(cfg.teacher,))
     meta["seconds"] = round(time.time() - t0, 2)
     return meta
 
@@ -368,8 +364,8 @@ def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None
         pool = TeacherPool(cfg.teacher, cfg, order=order, restarts=cfg.max_failures)
         try:
             val = pool.requests(val_blocks)  # answered while the training workers start
-            source = {"plan": plan.to_dict(), "tokenizer": tok, "replicas": pool.replicas, "order": pool.order,
-                      "lo": lo, "hi": lo + steps * per_step}
+            source = {"plan": plan.to_dict(), "tokenizer": tok, "replicas": pool.replicas, "lo": lo,
+                      "hi": lo + steps * per_step}
             return _fit(cfg, steps=steps, val=val, source=source, progress=progress, t0=t0, callbacks=callbacks,
                         order=order)
         finally:

@@ -11,9 +11,10 @@ index seeds the sampled codec, so online and offline streams are identical.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import numpy as np
+import torch
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -26,9 +27,6 @@ from pydantic import (
 
 from ..core.errors import UserError
 from .blocks import Blocks
-
-if TYPE_CHECKING:  # imported where used: a task that only forwards batches to replicas needs no torch
-    import torch
 
 STREAM_META = "stream.json"  # what a LOGITS directory holds besides its Parquet files
 
@@ -69,8 +67,6 @@ class TeacherService:
                  threads: int | None = None, order: dict | None = None, model=None):
         from ..core.lm_head import LMHead
         from ..core.models import load_causal_lm
-        import torch
-
         from .codec import CODECS, IdOrder
 
         if threads:
@@ -85,7 +81,6 @@ class TeacherService:
         self.codec = CODECS[codec]
         self.opts = dict(k=draws if codec == "sampled" else top_k, temperature=temperature, order=IdOrder.of(order))
         self.seed = seed
-        self._order = None  # the reference the order came by, when it came with a request
 
     def _encode(self, hidden: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, np.ndarray]:
         """Rows of hidden states [N, H] -> the codec's columns [N, ...], a chunk of rows at a time."""
@@ -93,23 +88,8 @@ class TeacherService:
                  for s in range(0, hidden.shape[0], self.rows)]
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
-    def __call__(self, batch: dict[str, np.ndarray], order: list | None = None) -> dict[str, np.ndarray]:
-        """`order`: the stream's id order as `[ObjectRef]` (`TeacherPool.order`), resolved on the
-        first request that brings it; a restarted replica gets it again with its next request."""
-        import torch
-
-        if order is not None and self._order is not order[0]:
-            import ray
-
-            from .codec import IdOrder
-
-            self.opts["order"], self._order = IdOrder.of(ray.get(order[0])), order[0]
-        with torch.inference_mode():
-            return self._columns(batch)
-
-    def _columns(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=self.device)
         mask = torch.as_tensor(batch["attention_mask"], dtype=torch.long, device=self.device)
         B, S = ids.shape
@@ -160,15 +140,10 @@ class TeacherPool:
         options = dict(num_cpus=cfg.cpus_per_teacher, num_gpus=_teacher_gpus(cfg), max_restarts=restarts,
                        max_task_retries=-1, runtime_env={"env_vars": CPU_SHARING_ENV}, **({"resources": dict(cfg.teacher_resources)} if cfg.teacher_resources else {}))
         actor, tag = ray.remote(TeacherService), uuid.uuid4().hex[:8]
-        kwargs = _service_kwargs(teacher, cfg, None)
+        kwargs = _service_kwargs(teacher, cfg, order)
         self.replicas = [actor.options(name=f"teacher-{tag}-{i}", **options).remote(**kwargs)
                          for i in range(cfg.teacher_workers)]
         self.batch = cfg.teacher_batch
-        # The id order goes with every request, by reference, never as a constructor argument: at a
-        # 151,936-token vocabulary it is ~1 MB, which Ray keeps in the object store, and a restart
-        # of an actor whose arguments are there can fail once they are evicted (Ray warns on the
-        # console at every start: its issue 53727). This pool holds the reference as long as it lives.
-        self.order = [ray.put(order)] if order is not None else None
 
     def requests(self, blocks: Blocks) -> list:
         """The teacher's columns of a few blocks (the held-out ones) as Ray object references, one
@@ -176,7 +151,7 @@ class TeacherPool:
         workers start, which read them with `joined`."""
         return [self.replicas[i % len(self.replicas)].__call__.remote(
                 {"block_index": blocks.index[s:s + self.batch], "input_ids": blocks.input_ids[s:s + self.batch],
-                 "attention_mask": blocks.attention_mask[s:s + self.batch]}, self.order)
+                 "attention_mask": blocks.attention_mask[s:s + self.batch]})
                 for i, s in enumerate(range(0, len(blocks), self.batch))]
 
     def columns(self, blocks: Blocks) -> dict[str, np.ndarray]:
@@ -207,7 +182,7 @@ def replica_share(replicas: list, rank: int, world: int) -> list:
     return [replicas[(rank + i) % n] for i in range(n)]
 
 
-def teacher_batches(batches, replicas: list, *, depth: int = 2, order: list | None = None):
+def teacher_batches(batches, replicas: list, *, depth: int = 2):
     """Batches of blocks -> the same batches with the teacher's columns, in order, sent round-robin
     to `replicas` with up to `depth` requests per replica in flight: enough that the teacher never
     idles while the caller trains on the last answer, few enough that it never runs further ahead
@@ -218,7 +193,7 @@ def teacher_batches(batches, replicas: list, *, depth: int = 2, order: list | No
 
     pending: collections.deque = collections.deque()
     for i, batch in enumerate(batches):
-        pending.append(replicas[i % len(replicas)].__call__.remote(batch, order))
+        pending.append(replicas[i % len(replicas)].__call__.remote(batch))
         if len(pending) >= depth * len(replicas):
             yield ray.get(pending.popleft())
     while pending:
@@ -267,31 +242,26 @@ def prefetched(items, depth: int = 2):
         stop.set()
 
 
-def teacher_stream(ds, *, pool: TeacherPool, cfg):
-    """`ds` of blocks -> the same blocks with the teacher's `t_*` columns, answered by the replicas
-    of `pool`: `teacher-logits` hosts its teacher as a distillation does. Ray Data's own actor
-    pool passes its actors' arguments through the object store, which Ray warns about on the
-    console at every start (its issues 53727 and 57733: a restart can fail). Here a task sends a
-    batch to a replica and waits for the answer, using no CPU of its own; two tasks per replica
-    keep the teacher busy without letting it run far ahead of the writer."""
+def teacher_stream(ds, *, teacher: str, cfg, replicas: int | None = None, order: dict | None = None):
+    """`ds` of blocks -> a pool of `replicas` teacher actors (default `cfg.teacher_workers`) -> the
+    same blocks with the teacher's `t_*` columns (ids coded in `order`, a `codec.frequency_order`
+    record, when given). For `teacher-logits`, whose pool lives as long as its one pass; a
+    distillation's teachers are a `TeacherPool`."""
     import ray
 
+    gpus = _teacher_gpus(cfg)
     # Ray Data merges what a task yields into blocks of up to 128 MiB before handing any on: the
     # student would wait for a whole shard's blocks to be packed, then to pass the teacher. Blocks
     # of about one teacher batch's output keep the stream flowing a batch at a time.
     entries = cfg.draws if cfg.codec == "sampled" else cfg.top_k
     ds.context.target_max_block_size = max(1 << 20, cfg.teacher_batch * cfg.seq_len * (3 * entries + 16))
-    return ds.map_batches(_teacher_columns, fn_kwargs={"replicas": pool.replicas, "order": pool.order},
-                          batch_size=cfg.teacher_batch, batch_format="numpy", num_cpus=0,
-                          compute=ray.data.TaskPoolStrategy(size=2 * len(pool.replicas)))
-
-
-def _teacher_columns(batch: dict[str, np.ndarray], replicas: list, order: list | None) -> dict[str, np.ndarray]:
-    """One batch of blocks through one replica (chosen by its first block, so batches spread)."""
-    import ray
-
-    first = int(batch["block_index"][0]) // max(1, len(batch["block_index"]))
-    return ray.get(replicas[first % len(replicas)].__call__.remote(batch, order))
+    return ds.map_batches(
+        TeacherService,
+        fn_constructor_kwargs=_service_kwargs(teacher, cfg, order),
+        batch_size=cfg.teacher_batch, batch_format="numpy", num_cpus=cfg.cpus_per_teacher, num_gpus=gpus,
+        compute=ray.data.ActorPoolStrategy(size=replicas or cfg.teacher_workers),
+        **({"resources": dict(cfg.teacher_resources)} if cfg.teacher_resources else {}),
+    )
 
 
 # -- offline streams (LOGITS) -------------------------------------------------------------------

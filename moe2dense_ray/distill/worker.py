@@ -112,7 +112,7 @@ def rank_stream(source: dict[str, Any], cfg, *, lo: int, hi: int, skip, rank: in
     # waiting 27% of the time)
     replicas = replica_share(source["replicas"], rank, world)
     ahead = -(-2 * cfg.batch_size // cfg.teacher_batch)
-    yield from teacher_batches(blocks, replicas, depth=max(2, -(-ahead // len(replicas))), order=source.get("order"))
+    yield from teacher_batches(blocks, replicas, depth=max(2, -(-ahead // len(replicas))))
 
 
 def deepspeed_config(cfg, *, cuda: bool) -> dict[str, Any]:
