@@ -333,6 +333,33 @@ def test_distill_lowers_perplexity_and_exports_a_dense_student_through_kills(ray
     assert time.time() - t0 < 30
 
 
+def test_a_replica_restarted_late_reads_a_large_id_order_again(ray_cluster):
+    """At a 151,936-token vocabulary the id order is ~1 MB, so Ray passes it to the replicas through
+    its object store and, unless someone holds it, frees it once they have started: a replica
+    killed later would fail to start again (ray-project/ray#53727). The pool holds it."""
+    from moe2dense_ray.distill.blocks import Blocks
+    from moe2dense_ray.distill.stream import TeacherPool
+
+    vocab = 151_936
+    order = {"vocab_size": vocab, "ids": list(range(vocab))}  # every id listed: ids code as themselves
+    cfg = TeacherLogitsConfig(teacher=assets.teacher_path(), data=DATA, tokens=512, seq_len=16, teacher_batch=2, out="unused")
+    rng = np.random.default_rng(0)
+    blocks = Blocks(np.arange(2), rng.integers(0, 4096, (2, 16)), np.ones((2, 16), dtype=np.int64))
+    before = set(_teachers())
+    pool = TeacherPool(assets.teacher_path(), cfg, order=order)
+    try:
+        first = pool.columns(blocks)
+        time.sleep(1)  # the creation task's own reference to the order is gone
+        (pid,) = [a["Pid"] for k, a in _teachers().items() if k not in before and a["State"] == "ALIVE"]
+        os.kill(pid, signal.SIGKILL)
+        again = pool.columns(blocks)
+    finally:
+        pool.close()
+    for k in first:
+        np.testing.assert_array_equal(first[k], again[k])
+    assert [a["NumRestarts"] for k, a in _teachers().items() if k not in before] == [1]
+
+
 def test_offline_stream_gives_the_online_loss(ray_cluster, student, tmp_path):
     """The teacher-logits stream holds exactly what the teacher service computes online for
     `distill`: its replicas' answers for the held-out blocks (requests sent while the workers

@@ -128,6 +128,11 @@ class TeacherPool:
     pool inside each worker's data pipeline would die with it and load ~61 GB again. A replica
     whose own process dies is restarted by Ray and the requests it held are sent again
     (`max_task_retries`), so the stream loses nothing; its restarts share the run's failure budget.
+
+    The id order goes to the replicas as an object this pool puts and holds for the run: at a
+    151,936-token vocabulary it is a few hundred KB, which Ray passes through the object store
+    and, once the replicas have started, frees; a replica restarted after that fails to start
+    (ray-project/ray#53727). Held here, every restart reads it again.
     """
 
     def __init__(self, teacher: str, cfg, *, order: dict | None = None, restarts: int = -1):
@@ -140,7 +145,8 @@ class TeacherPool:
         options = dict(num_cpus=cfg.cpus_per_teacher, num_gpus=_teacher_gpus(cfg), max_restarts=restarts,
                        max_task_retries=-1, runtime_env={"env_vars": CPU_SHARING_ENV}, **({"resources": dict(cfg.teacher_resources)} if cfg.teacher_resources else {}))
         actor, tag = ray.remote(TeacherService), uuid.uuid4().hex[:8]
-        kwargs = _service_kwargs(teacher, cfg, order)
+        self._order = ray.put(order)
+        kwargs = {**_service_kwargs(teacher, cfg, None), "order": self._order}
         self.replicas = [actor.options(name=f"teacher-{tag}-{i}", **options).remote(**kwargs)
                          for i in range(cfg.teacher_workers)]
         self.batch = cfg.teacher_batch
