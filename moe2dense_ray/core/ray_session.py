@@ -146,7 +146,38 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         signal.signal(signal.SIGTERM, sigterm)
     if not address:
         _watch(_descendants() - before)
+    if not os.environ.get(VERBOSE_ENV):
+        _spend_restart_warning()
     return True
+
+
+class _NeverPlaced:
+    def __init__(self, arg) -> None:
+        pass
+
+
+def _spend_restart_warning() -> None:
+    """Ray's core logs "Actor ... has constructor arguments in the object store and max_restarts >
+    0 ... the actor restart will fail" (ray-project/ray#53727) straight to this process's stderr,
+    past any Python filter, the first time in a process that it creates a restartable actor whose
+    arguments are object references: each Ray Data actor pool (`teacher-logits`, a sweep's stream;
+    Ray Data holds its transform until the dataset ends) and the distillation's `TeacherPool`
+    (which holds its id order for the run). The warning is true of neither, and Ray prints it once
+    per process, so it is spent here on an actor that asks for a resource no node has and is killed
+    at once, with stderr pointed at /dev/null for that one call. Ray's log file of this driver
+    still records it; `--verbose` leaves it alone."""
+    import ray
+
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        actor = ray.remote(_NeverPlaced).options(max_restarts=1, num_cpus=0,
+                                                 resources={"moe2dense-never-placed": 1}).remote(ray.put(None))
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+    ray.kill(actor)
 
 
 def ensure_ray_after(check: Callable[[], None]) -> bool:
