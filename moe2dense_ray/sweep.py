@@ -21,6 +21,7 @@ own training run, which releases its workers' placement group (`_TrialEndsItsTra
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
@@ -529,19 +530,69 @@ def concurrency(cfg: SweepConfig) -> tuple[int, int]:
     return n, threads
 
 
+def _trials_bar(total: int):
+    """The sweep's own progress line in place of Tune's console reporter (its configuration box,
+    a table per trial start and per result, a TensorBoard path inside Ray's session directory):
+    trials finished of all, how many run now, and the best held-out perplexity so far. `--verbose`
+    brings Tune's reporter back."""
+    from ray import tune
+
+    from .core.progress import Progress
+
+    class TrialsBar(tune.Callback):
+        def __init__(self) -> None:
+            self.bar, self.running, self.best = None, set(), math.inf
+
+        def _show(self) -> None:
+            if self.bar is None:  # created in the driver's process, at the first event
+                self.bar = Progress(total, "sweep", unit="trial")
+            best = f"{self.best:.1f}" if self.best < math.inf else "-"
+            self.bar.set_postfix_str(f"running {len(self.running)}, best {METRIC} {best}")
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.running.add(trial.trial_id)
+            self._show()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if METRIC in result and math.isfinite(result[METRIC]):
+                self.best = min(self.best, result[METRIC])
+            self._show()
+
+        def _done(self, trial) -> None:
+            self.running.discard(trial.trial_id)
+            self._show()
+            self.bar.update(1)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._done(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._done(trial)
+
+        def on_experiment_end(self, trials, **info):
+            if self.bar is not None:
+                self.bar.close()
+
+        def __getstate__(self):  # Tune saves its run settings with the experiment: not the bar
+            return {**self.__dict__, "bar": None}
+
+    return TrialsBar()
+
+
 def _tune(cfg: SweepConfig, combos: list[dict[str, Any]], *, progress: bool):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from .core.ray_session import RAY_ADDRESS_ENV, muted
+    from .core.ray_session import RAY_ADDRESS_ENV, VERBOSE_ENV
 
     n, threads = concurrency(cfg)
+    tune_console = bool(os.environ.get(VERBOSE_ENV))
     trainable = tune.with_resources(tune.with_parameters(_trial, sweep=cfg.model_dump(), threads=threads,
                                                          ray_address=os.environ.get(RAY_ADDRESS_ENV)),
                                     {"cpu": TRIAL_CPUS})
     path = f"{cfg.out}/tune"
     if cfg.resume and tune.Tuner.can_restore(path):
-        with muted("ray.tune"):
+        with _quiet_tune(tune_console):
             return tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()
     batch = max(int(c.get("batch_size", cfg.batch_size)) for c in combos)
     # tokens between validations, for the largest batch
@@ -553,10 +604,23 @@ def _tune(cfg: SweepConfig, combos: list[dict[str, Any]], *, progress: bool):
     tuner = tune.Tuner(trainable, param_space={TRIAL_KEY: tune.grid_search(combos)},
                        tune_config=tune.TuneConfig(metric=METRIC, mode="min", scheduler=scheduler,
                                                    max_concurrent_trials=n, trial_dirname_creator=_trial_dir),
-                       run_config=tune.RunConfig(name="tune", storage_path=cfg.out, verbose=1 if progress else 0,
+                       run_config=tune.RunConfig(name="tune", storage_path=cfg.out,
+                                                 verbose=1 if progress and tune_console else 0,
+                                                 callbacks=[_trials_bar(len(combos))] if progress and not tune_console else None,
                                                  failure_config=tune.FailureConfig(max_failures=1)))
-    with muted("ray.tune"):  # a failed trial is its leaderboard row's one line, not a traceback per try
+    with _quiet_tune(tune_console):
         return tuner.fit()
+
+
+@contextlib.contextmanager
+def _quiet_tune(console: bool):
+    """A failed trial is its leaderboard row's one line, not a traceback per try; and even silent,
+    Tune prints its configuration box and a TensorBoard path to stdout (the same results are in
+    DIR/tune, and in the leaderboard). `console` (--verbose): Tune's own reporter, as it is."""
+    from .core.ray_session import muted
+
+    with muted("ray.tune"), (contextlib.nullcontext() if console else contextlib.redirect_stdout(io.StringIO())):
+        yield
 
 
 def _trial_dir(trial) -> str:

@@ -97,7 +97,7 @@ def test_trials_take_distills_settings_and_are_counted_by_what_they_hold(tmp_pat
 
 
 def test_trials_at_once_asha_stops_one_a_wrecked_one_fails_and_every_training_group_is_released(tmp_path, ray_cluster,
-                                                                                                  caplog):
+                                                                                                  caplog, capsys):
     """Two trials at once on the 2-CPU session Ray (half a CPU per training worker). The good one
     reaches ASHA's first rung in 2 steps; the bad one (one expert a layer, a rate that learns
     nothing) takes the 16 steps of batch 1 to that rung, where it is compared and stopped while
@@ -117,13 +117,21 @@ def test_trials_at_once_asha_stops_one_a_wrecked_one_fails_and_every_training_gr
     ray_cluster.get(foreign.ready(), timeout=60)
     try:
         before = _live_groups(ray_cluster)
-        assert main(_args(space, out, "--tokens", "4096", "--cpus-per-worker", "0.5", "--teacher-workers", "1",
-                          "--cpus-per-teacher", "0.5")) == 0
+        shown = _args(space, out, "--tokens", "4096", "--cpus-per-worker", "0.5", "--teacher-workers", "1",
+                      "--cpus-per-teacher", "0.5")[1:]  # as a user runs it: not --quiet
+        assert main(shown) == 0
         assert _live_groups(ray_cluster) == before  # the trials' groups are gone, the other job's is not
         # the failed trial is its leaderboard row's one line, not Tune's error log with a traceback per try
         assert not [r for r in caplog.records if r.name.startswith("ray.tune") and r.levelno >= logging.ERROR]
     finally:
         remove_placement_group(foreign)
+    # the sweep's own bar, not Tune's console reporter: its boxes, tables and session paths
+    printed = capsys.readouterr()
+    bars = printed.err.replace("\r", "\n").splitlines()
+    assert any(line.startswith("sweep: 100%") and "3/3" in line and "best val_ppl" in line for line in bars), bars[-5:]
+    for tune_line in ("Configuration for experiment", "Trial status", "tensorboard", "View detailed results", "╭"):
+        assert tune_line not in printed.out + printed.err, tune_line
+    assert "| trial |" in printed.out and printed.out.rstrip().splitlines()[-1].startswith("wrote ")
     # the shared work was done once
     assert (out / "stats" / "meta.json").exists() and (out / "logits" / "stream.json").exists()
     trials = sorted(os.listdir(out / "trials"))
