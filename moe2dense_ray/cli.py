@@ -46,11 +46,11 @@ examples (from the repository root; the bundled teacher is a 16-expert Qwen3-MoE
       --workers 2 --full-stats --out runs/stats
   moe2dense plan runs/stats --experts 4 --scoring reap --out runs/plan.json
   moe2dense build $T runs/plan.json --out runs/dense-reap
-  moe2dense build $T runs/plan.json --refit down --data moe2dense_ray/assets/calibration.jsonl --samples 16 \
+  moe2dense build $T runs/plan.json --refit down --data moe2dense_ray/assets/calibration.jsonl --samples 16 \\
       --seq-len 256 --out runs/dense-reap-refit
-  moe2dense distill --teacher $T --student runs/dense-reap --data moe2dense_ray/assets/calibration.jsonl \
+  moe2dense distill --teacher $T --student runs/dense-reap --data moe2dense_ray/assets/calibration.jsonl \\
       --tokens 20000 --seq-len 128 --report-every 5 --out runs/distill-reap
-  moe2dense teacher-logits $T --data moe2dense_ray/assets/calibration.jsonl --tokens 20000 --seq-len 128 \
+  moe2dense teacher-logits $T --data moe2dense_ray/assets/calibration.jsonl --tokens 20000 --seq-len 128 \\
       --out runs/logits
   moe2dense distill --logits runs/logits --student runs/dense-cp --report-every 5 --out runs/distill-cp
   moe2dense eval runs/distill-cp/student --limit 40 --out runs/eval-distill-cp.json
@@ -62,11 +62,38 @@ exit status: 0 on success, 2 on bad input (one line `error: ...` on stderr, noth
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one `error:` line and exit code 2, like every other error."""
+    """argparse whose usage errors are one `error:` line and exit code 2, like every other error.
+
+    No abbreviated flags: `--expert 4` silently ran as `--experts 4`, and a flag added later
+    would turn such a command line into an error. A flag no command knows is reported by the
+    command's own parser, with its `--help` and the nearest flags it has."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         sys.stderr.write(f"error: {message} (see `{self.prog} --help`)\n")
         sys.exit(2)
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        import difflib
+
+        known, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self._subcommand(getattr(known, "command", None))
+            flags = [o for a in command._actions for o in a.option_strings if o.startswith("--")]
+            near = sorted({m for e in extras if e.startswith("--")
+                           for m in difflib.get_close_matches(e.split("=")[0], flags, n=2, cutoff=0.75)})
+            hint = f"; did you mean {' or '.join(near)}?" if near else ""
+            command.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return known
+
+    def _subcommand(self, name: str | None) -> "argparse.ArgumentParser":
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+                return action.choices[name]
+        return self
 
 
 def _count(minimum: int):
@@ -370,6 +397,12 @@ def _distill_config(args: argparse.Namespace):
         raise UserError(f"--resume continues RUN with the settings it started with; {flags} would change which "
                         f"blocks each step trains on (only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_OVERRIDES)} "
                         f"may change)")
+    from .core.storage import url_to_fs
+
+    fs, path = url_to_fs(run)
+    if not fs.isfile(f"{path.rstrip('/')}/{CONFIG_FILE}"):
+        raise UserError(f"--resume {run}: no distillation run there (no {CONFIG_FILE}); "
+                        f"start one with `moe2dense distill ... --out {run}`")
     return DistillConfig.from_yaml(f"{run.rstrip('/')}/{CONFIG_FILE}", **given, out=run, resume=True)
 
 

@@ -80,6 +80,8 @@ def test_config_yaml_flags_and_errors(tmp_path, student, capsys):
     path.write_text(cfg.to_yaml() + "learning_rate: 3\n")  # a typo must not silently do nothing
     _one_error(capsys, main(["distill", "--config", str(path)]), "learning_rate")
     _one_error(capsys, main(["distill", "--student", student, "--out", str(tmp_path / "r")]), "--teacher")
+    _one_error(capsys, main(["distill", "--resume", str(tmp_path / "none")]),
+               f"--resume {tmp_path / 'none'}: no distillation run there (no distill.yaml); start one with")
     # the job's example config is a valid config
     job = DistillConfig.from_yaml(os.path.join(os.path.dirname(__file__), "..", "jobs", "distill.yaml"))
     assert job.teacher.endswith("teacher-qwen3moe") and job.tokens == 800_000

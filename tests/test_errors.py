@@ -160,6 +160,24 @@ def test_help_reads_like_a_manual():
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120).stdout
     for word in ("calibrate", "plan", "build", "convert", "demo", "examples (", "exit status"):
         assert word in out
+    examples = out[out.index("examples ("):out.index("exit status")].splitlines()[1:]
+    for line, following in zip(examples, examples[1:]):  # a command that goes on ends in ` \`
+        assert ("  " not in line.strip()) and (following.startswith("      ") == line.endswith(" \\")), line
+
+
+def test_a_mistyped_or_shortened_flag_is_named_with_the_commands_help(capsys):
+    """argparse takes `--expert 4` for `--experts 4` unless told not to: a typo that ran."""
+    from moe2dense_ray.cli import main
+
+    assert main(["plan", "stats", "--expert", "4", "--out", "p.json"]) == 2
+    assert capsys.readouterr().err == ("error: unrecognized arguments: --expert 4; did you mean --experts? "
+                                       "(see `moe2dense plan --help`)\n")
+    assert main(["convert", "src", "--expertz", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unrecognized arguments: --expertz 4; did you mean --experts?") and \
+        err.endswith("(see `moe2dense convert --help`)\n")
+    assert main(["--bogus"]) == 2
+    assert capsys.readouterr().err == "error: unrecognized arguments: --bogus (see `moe2dense --help`)\n"
 
 
 # -------------------------------------------------------------------------- outputs are never destroyed

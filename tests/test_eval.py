@@ -110,7 +110,10 @@ def test_cli_table_json_and_overwrite(tmp_path, capsys):
     assert cli.main(argv) == 2  # refused before the model is loaded
     err = capsys.readouterr().err
     assert err == f"error: {out} already exists (use --overwrite to replace it)\n"
-    assert cli.main(argv + ["--overwrite"]) == 0
+    assert cli.main([a for a in argv if a != "-q"] + ["--overwrite"]) == 0  # with its bars, as a user runs it
+    bars = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert any(b.startswith("eval: 100%") for b in bars), bars  # the harness's request bar, named for the stage
+    assert not [b for b in bars if "Running loglikelihood" in b or "bootstrapping" in b], bars
     assert json.loads(out.read_text())["tasks"] == saved["tasks"]
     assert [p.name for p in tmp_path.iterdir()] == ["peer.json"]  # no partial files or locks left
 

@@ -121,12 +121,12 @@ def _task_manager(with_defaults: bool):
 @contextlib.contextmanager
 def _harness_output(requests_bar: bool = False) -> Iterator[None]:
     """lm_eval's output kept off the terminal while it runs: its per-document, tokenizing and
-    bootstrap bars, the `datasets` bars and the hub's retry log always; the bar over the model's
-    requests unless `requests_bar`; its log below ERROR (e.g. the notice that a model object, not
-    a name, was passed); what it prints (bootstrap notices) goes to stderr, never into the table
-    on stdout. Its bootstrap runs in this process, not in a fork of one that holds a model."""
+    bootstrap bars, the `datasets` bars, the hub's retry log and what it prints (bootstrap
+    notices) always; the bar over the model's requests unless `requests_bar`, which then shows as
+    `eval`, as every bar of this tool is named for its stage; its log below ERROR (e.g. the notice
+    that a model object, not a name, was passed). Its bootstrap runs in this process, not in a
+    fork of one that holds a model."""
     import io
-    import sys
 
     import datasets
     import lm_eval.api.model
@@ -142,20 +142,25 @@ def _harness_output(requests_bar: bool = False) -> Iterator[None]:
         kwargs["disable"] = True
         return real(*args, **kwargs)
 
+    def named(*args, **kwargs):  # lm_eval's "Running loglikelihood requests"
+        kwargs["desc"] = "eval"
+        return real(*args, **kwargs)
+
     # lm_eval.api.metrics imports tqdm inside its bootstrap function: the package attribute
-    modules = [lm_eval.api.task, lm_eval.api.model, tqdm_package] + ([] if requests_bar else [lm_eval.models.huggingface])
-    saved = [(m, m.tqdm) for m in modules]
+    modules = [lm_eval.api.task, lm_eval.api.model, tqdm_package]
+    saved = [(m, m.tqdm) for m in [*modules, lm_eval.models.huggingface]]
     logger = logging.getLogger("lm_eval")
     level = logger.level
     bars = datasets.is_progress_bar_enabled()
     multiproc = os.environ.get("DISABLE_MULTIPROC")
     for m in modules:
         m.tqdm = silent
+    lm_eval.models.huggingface.tqdm = named if requests_bar else silent
     logger.setLevel(logging.ERROR)
     datasets.disable_progress_bars()
     os.environ["DISABLE_MULTIPROC"] = "1"
     try:
-        with quiet_hub(), contextlib.redirect_stdout(sys.stderr if requests_bar else io.StringIO()):
+        with quiet_hub(), contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
         for m, bar in saved:
