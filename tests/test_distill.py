@@ -335,6 +335,34 @@ def test_distill_lowers_perplexity_and_exports_a_dense_student_through_kills(ray
     assert time.time() - t0 < 30
 
 
+def test_the_streams_bar_counts_blocks_as_their_files_land(tmp_path, capsys):
+    """teacher-logits' bar: Ray Data writes the stream's files as blocks come through the teacher;
+    a file counts once its footer is written, and the bar ends full when the write returns."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from moe2dense_ray.distill.stream import _blocks_written
+
+    def wait_for(bar, n):
+        deadline = time.time() + 10
+        while bar.n != n and time.time() < deadline:
+            time.sleep(0.02)
+        return bar.n
+
+    with _blocks_written(fsspec.filesystem("file"), str(tmp_path), 10, True, every=0.05) as bar:
+        assert wait_for(bar, 0) == 0  # no directory yet
+        tmp_path.mkdir(exist_ok=True)
+        pq.write_table(pa.table({"block_index": list(range(4))}), tmp_path / "a.parquet")
+        assert wait_for(bar, 4) == 4
+        (tmp_path / "b.parquet").write_bytes(b"PAR1" + bytes(64))  # being written: no footer yet
+        time.sleep(0.3)
+        assert bar.n == 4
+        pq.write_table(pa.table({"block_index": list(range(4, 7))}), tmp_path / "c.parquet")
+        assert wait_for(bar, 7) == 7
+    assert bar.n == 10 and "teacher-logits: 100%" in capsys.readouterr().err
+
+
 def test_a_replica_restarted_late_reads_a_large_id_order_again(ray_cluster):
     """At a 151,936-token vocabulary the id order is ~1 MB, so Ray passes it to the replicas through
     its object store and, unless someone holds it, frees it once they have started: a replica

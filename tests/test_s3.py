@@ -217,8 +217,10 @@ def test_teacher_logits_distill_resume_and_eval_on_s3(s3, dense, ray_cluster, ca
 
     fs = s3.fs
     logits, run = f"s3://{BUCKET}/logits", f"s3://{BUCKET}/run"
-    assert main(["-q", "teacher-logits", f"s3://{BUCKET}/teacher", "--data", DATA, "--tokens", str(4 * 64 * 6),
+    assert main(["teacher-logits", f"s3://{BUCKET}/teacher", "--data", DATA, "--tokens", str(4 * 64 * 6),
                  "--seq-len", "64", "--val-blocks", "2", "--teacher-batch", "4", "--out", logits]) == 0
+    err = capsys.readouterr().err  # its bar over the blocks, counted from the files in the bucket
+    assert "teacher-logits: 100%" in err and "26/26" in err and "Traceback" not in err, err[-2000:]
     meta = json.loads(fs.cat_file(f"{BUCKET}/logits/stream.json"))
     assert meta["blocks"] == 26 and any(k.endswith(".parquet") for k in _keys(fs, f"{BUCKET}/logits"))
     assert s3.downloads[TEACHER_WEIGHTS] == 1  # the replica (an actor) used the copy convert made on this node

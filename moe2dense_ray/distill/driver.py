@@ -20,7 +20,7 @@ import numpy as np
 from ..core.checkpoint import parse_config
 from ..core.errors import UserError
 from ..core.progress import Progress
-from ..core.ray_session import ensure_ray_after
+from ..core.ray_session import VERBOSE_ENV, ensure_ray_after
 from ..core.storage import (
     OutputLock,
     check_output,
@@ -273,7 +273,9 @@ def teacher_logits(cfg: TeacherLogitsConfig, *, progress: bool = True) -> dict[s
     ensure_ray_after(lambda: _check_resources(cfg))
     import ray
 
-    ray.data.DataContext.get_current().enable_progress_bars = progress  # blocks through the teacher
+    # the bar over the blocks is write_stream's; Ray Data's own (operator bars, or progress log
+    # lines off a terminal) only with --verbose
+    ray.data.DataContext.get_current().enable_progress_bars = progress and bool(os.environ.get(VERBOSE_ENV))
     t0 = time.time()
     meta = stream_meta(cfg, teacher=cfg.teacher, vocab_size=int(teacher_cfg["vocab_size"]), blocks=end,
                        tokens=(end - lo) * cfg.seq_len, tokenizer=tokenizer_digest(cfg.teacher))
@@ -282,7 +284,7 @@ def teacher_logits(cfg: TeacherLogitsConfig, *, progress: bool = True) -> dict[s
     blocks = blocks_dataset(val).union(text_blocks(plan, tok, lo=lo, hi=end, rows=cfg.teacher_batch)) if len(val) \
         else text_blocks(plan, tok, lo=lo, hi=end, rows=cfg.teacher_batch)
     write_stream(teacher_stream(blocks, teacher=cfg.teacher, cfg=cfg, order=order), cfg.out,
-                 meta | {"id_order": order}, overwrite=cfg.overwrite, sources=(cfg.teacher,))
+                 meta | {"id_order": order}, overwrite=cfg.overwrite, sources=(cfg.teacher,), progress=progress)
     meta["seconds"] = round(time.time() - t0, 2)
     return meta
 

@@ -318,9 +318,61 @@ def read_stream_meta(logits: str) -> dict[str, Any]:
     return meta
 
 
-def write_stream(ds, logits: str, meta: dict[str, Any], *, overwrite: bool, sources: tuple[str, ...]) -> None:
+def _blocks_written(fs, path: str, blocks: int, enabled: bool, every: float = 2.0):
+    """A bar over the blocks of the stream's Parquet files in `path` while Ray Data writes them.
+
+    Ray Data draws no bar of its own here: off a terminal it logs progress through its logger,
+    and on one its bars go through Ray's worker-log channel, which an embedded Ray does not
+    forward. The write tasks put each file in `path` when its blocks are through the teacher; a
+    thread counts the rows in the footers of the files that have one (a file still being written
+    has none yet), every `every` seconds, one listing and one footer read per new file (local or
+    object store). Yields the bar (None when not `enabled`)."""
+    import contextlib
+    import threading
+
+    from ..core.progress import Progress
+
+    @contextlib.contextmanager
+    def watch():
+        if not enabled:
+            yield None
+            return
+        import pyarrow.parquet as pq
+
+        bar, counted, stop = Progress(blocks, "teacher-logits", unit="block"), set(), threading.Event()
+
+        def poll() -> None:
+            while not stop.wait(every):
+                try:
+                    names = [n for n in fs.ls(path, detail=False) if n.endswith(".parquet") and n not in counted]
+                except Exception:  # noqa: BLE001 - not made yet, or the store answered badly: the next poll
+                    continue
+                for name in names:
+                    try:
+                        with fs.open(name, "rb") as f:
+                            rows = pq.ParquetFile(f).metadata.num_rows
+                    except Exception:  # noqa: BLE001 - still being written: no footer yet
+                        continue
+                    counted.add(name)
+                    bar.update(rows)
+
+        thread = threading.Thread(target=poll, daemon=True, name="stream-bar")
+        thread.start()
+        try:
+            yield bar
+            bar.update(blocks - bar.n)  # written: whatever the last poll missed
+        finally:
+            stop.set()
+            thread.join(timeout=10)
+            bar.close()
+
+    return watch()
+
+
+def write_stream(ds, logits: str, meta: dict[str, Any], *, overwrite: bool, sources: tuple[str, ...],
+                 progress: bool = False) -> None:
     """Write the stream as Parquet next to LOGITS, then swap it into place (never half-written;
-    core/storage.py has the guarantees)."""
+    core/storage.py has the guarantees); with `progress`, a bar over the blocks written."""
     from ..core.storage import (
         OutputLock,
         check_output,
@@ -340,7 +392,8 @@ def write_stream(ds, logits: str, meta: dict[str, Any], *, overwrite: bool, sour
         try:
             from .codec import PARQUET_OPTIONS
 
-            ds.write_parquet(tmp, filesystem=None if is_local(fs) else arrow_fs(fs), **PARQUET_OPTIONS)
+            with _blocks_written(fs, tmp, int(meta["blocks"]), progress):
+                ds.write_parquet(tmp, filesystem=None if is_local(fs) else arrow_fs(fs), **PARQUET_OPTIONS)
             with fs.open(f"{tmp}/{STREAM_META}", "w") as f:
                 json.dump(meta, f, indent=1)
             swap_in(fs, tmp, path, overwrite=overwrite)
