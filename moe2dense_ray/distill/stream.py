@@ -321,9 +321,8 @@ def read_stream_meta(logits: str) -> dict[str, Any]:
 def _blocks_written(fs, path: str, blocks: int, enabled: bool, every: float = 2.0):
     """A bar over the blocks of the stream's Parquet files in `path` while Ray Data writes them.
 
-    Ray Data draws no bar of its own here: off a terminal it logs progress through its logger,
-    and on one its bars go through Ray's worker-log channel, which an embedded Ray does not
-    forward. The write tasks put each file in `path` when its blocks are through the teacher; a
+    Ray Data's own progress is per operator, and off a terminal (`ray job logs`, a log file) it
+    goes to its logger, which a default run keeps quiet: a default run showed nothing. The write tasks put each file in `path` when its blocks are through the teacher; a
     thread counts the rows in the footers of the files that have one (a file still being written
     has none yet), every `every` seconds, one listing and one footer read per new file (local or
     object store). Yields the bar (None when not `enabled`)."""
