@@ -284,7 +284,9 @@ def refit(src: "str | Source", plan: Plan, cfg: RefitConfig, *, progress: bool =
         downs: dict[int, torch.Tensor] = {}
         per_layer: list[dict[str, Any]] = []
         tokens = 0
-        bar = Progress(int(calib.num_tokens) * len(rounds), "refit", unit="tok", enabled=progress)
+        # a sequential refit passes over the tokens once a layer: the bar counts every pass's
+        desc = f"refit ({len(rounds)} passes)" if len(rounds) > 1 else "refit"
+        bar = Progress(int(calib.num_tokens) * len(rounds), desc, unit="tok", enabled=progress)
         try:
             with (contextlib.nullcontext(pool) if pool is not None else
                   TeacherPool(src, workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker,
