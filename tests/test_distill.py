@@ -87,6 +87,16 @@ def test_config_yaml_flags_and_errors(tmp_path, student, capsys):
     assert job.teacher.endswith("teacher-qwen3moe") and job.tokens == 800_000
 
 
+def test_blocks_short_of_a_whole_step_are_named_before_any_work(tmp_path, student):
+    """Only whole optimizer steps are trained: the blocks left over are said, not dropped silently."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # refused after the warning: nothing starts
+    with pytest.warns(UserWarning, match=r"^the last 4 of 20 training blocks make less than one optimizer step "
+                                         r"\(8 blocks\) and are not trained on$"), pytest.raises(UserError):
+        distill(_cfg(student, out, tokens=20 * 64, batch_size=8), progress=False)
+
+
 @pytest.mark.parametrize("run", ["local", "memory"])
 def test_a_torn_metrics_line_is_closed_by_the_next_report_and_skipped(tmp_path, run):
     """A kill mid-append leaves half a line; the resumed run's next report starts on a fresh line,

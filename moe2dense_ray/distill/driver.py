@@ -325,6 +325,11 @@ def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None
     if n_train < per_step:
         raise UserError(f"{n_train} training blocks of {cfg.seq_len} tokens are fewer than one optimizer step "
                         f"uses ({cfg.workers} workers x {cfg.batch_size} blocks x {cfg.grad_accum} micro-batches)")
+    if n_train % per_step and not cfg.resume:  # said once, when the run starts
+        import warnings
+
+        warnings.warn(f"the last {n_train % per_step} of {n_train} training blocks make less than one optimizer "
+                      f"step ({per_step} blocks) and are not trained on")
     if cfg.loss not in _losses():
         raise UserError(f"unknown loss {cfg.loss!r}; valid losses: {', '.join(_losses())}")
     if cfg.codec == "sampled" and cfg.loss != "forward_kl":
