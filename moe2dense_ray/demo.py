@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 DEMO_SCORINGS = ("random", "sf", "cp", "acp", "do-acp")
 DEMO_DISTILL_TOKENS = 400_000  # about 2 minutes on 2 CPU cores; a refitted student needs no more
+DEMO_BATCH = 16  # blocks per optimizer step of the demo's distillation
 # This small teacher is undertrained (its dense peer, trained alike, is better), so half the loss on
 # the text's own next tokens helps, and a KL term of half the weight takes the plain rate without
 # undoing the refit: at 0.4M tokens the student ends 1.02x the teacher's perplexity against 1.10x
@@ -105,7 +106,8 @@ def run_demo(out: str = "runs/demo", *, workers: int = 2, progress: bool = True,
     text = perplexity_table(rows)
     print("\nBefore distillation (the paper's plain method, then each student refitted):\n" + text)
     result = {"teacher": teacher, "experts": K, "num_experts": E, "tokens": stats.tokens, "rows": rows}
-    if distill_tokens:
+    if distill_tokens:  # the budget in whole optimizer steps (16 blocks): the demo's own choice, said exactly
+        distill_tokens = max(1, distill_tokens // (DEMO_BATCH * seq_len)) * DEMO_BATCH * seq_len
         plain = min(rows[1:1 + len(scorings)], key=lambda r: r["ppl"])
         best = min(refitted, key=lambda r: r["ppl"])
         result["distilled"] = after = _distill_best(out, teacher, best, plain, train_text, held_text, held, peer,
@@ -141,7 +143,7 @@ def _distill_best(out: str, teacher: str, best: dict, plain: dict, train_text: s
                         val_data=held_text, val_blocks=heldout_blocks, tokens=tokens, seq_len=seq_len,
                         top_k=256,  # this small teacher is flat: its top 128 tokens hold only ~84% of the mass
                         ce_weight=DEMO_CE_WEIGHT, lr=DEMO_LR,
-                        batch_size=16, teacher_batch=16, report_every=10, checkpoint_every=100,
+                        batch_size=DEMO_BATCH, teacher_batch=16, report_every=10, checkpoint_every=100,
                         out=os.path.join(out, "distill"),
                         overwrite=os.path.exists(os.path.join(out, "distill", "distill.yaml")))
     r = distill(cfg, progress=progress)

@@ -30,11 +30,12 @@ def test_demo_on_the_bundled_teacher(tmp_path):
         assert NOISE.search(seen)  # lines a default run printed before it was quiet
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "moe2dense_ray.cli", "demo", "--out", str(out), "--samples", "8", "--seq-len", "128",
-           "--distill-tokens", str(16 * 128 * 4)]
+           "--distill-tokens", str(16 * 128 * 4 + 100)]  # rounded down to whole steps of 16 blocks
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": ""})
     assert r.returncode == 0, r.stderr[-3000:]
     noise = [line for line in r.stderr.replace("\r", "\n").splitlines() if NOISE.search(line)]
     assert not noise, noise
+    assert "warning:" not in r.stderr and "on 8,192 tokens:" in r.stdout  # no blocks left over to warn of
     result = json.loads((out / "results.json").read_text())
     assert result["teacher"] == assets.teacher_path()
     assert (result["num_experts"], result["experts"], result["tokens"]) == (16, 4, 8 * 128)
