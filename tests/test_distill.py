@@ -345,7 +345,8 @@ def test_distill_lowers_perplexity_and_exports_a_dense_student_through_kills(ray
     assert time.time() - t0 < 30
 
 
-def test_the_streams_bar_counts_blocks_as_their_files_land(tmp_path, capsys):
+@pytest.mark.parametrize("where", ["file", "memory"])  # memory: a filesystem that is not local, as a bucket
+def test_the_streams_bar_counts_blocks_as_their_files_land(tmp_path, capsys, where):
     """teacher-logits' bar: Ray Data writes the stream's files as blocks come through the teacher;
     a file counts once its footer is written, and the bar ends full when the write returns."""
     import fsspec
@@ -354,21 +355,31 @@ def test_the_streams_bar_counts_blocks_as_their_files_land(tmp_path, capsys):
 
     from moe2dense_ray.distill.stream import _blocks_written
 
+    fs = fsspec.filesystem(where)
+    path = str(tmp_path / "stream") if where == "file" else f"/{tmp_path.name}/stream"
+
+    def put(name, rows=None):
+        with fs.open(f"{path}/{name}", "wb") as f:
+            if rows is None:
+                f.write(b"PAR1" + bytes(64))  # being written: no footer yet
+            else:
+                pq.write_table(pa.table({"block_index": rows}), f)
+
     def wait_for(bar, n):
         deadline = time.time() + 10
         while bar.n != n and time.time() < deadline:
             time.sleep(0.02)
         return bar.n
 
-    with _blocks_written(fsspec.filesystem("file"), str(tmp_path), 10, True, every=0.05) as bar:
+    with _blocks_written(fs, path, 10, True, every=0.05) as bar:
         assert wait_for(bar, 0) == 0  # no directory yet
-        tmp_path.mkdir(exist_ok=True)
-        pq.write_table(pa.table({"block_index": list(range(4))}), tmp_path / "a.parquet")
+        fs.mkdirs(path, exist_ok=True)
+        put("a.parquet", list(range(4)))
         assert wait_for(bar, 4) == 4
-        (tmp_path / "b.parquet").write_bytes(b"PAR1" + bytes(64))  # being written: no footer yet
+        put("b.parquet")
         time.sleep(0.3)
         assert bar.n == 4
-        pq.write_table(pa.table({"block_index": list(range(4, 7))}), tmp_path / "c.parquet")
+        put("c.parquet", list(range(4, 7)))
         assert wait_for(bar, 7) == 7
     assert bar.n == 10 and "teacher-logits: 100%" in capsys.readouterr().err
 
