@@ -188,6 +188,18 @@ def _live_groups(ray) -> dict[str, str]:
     return {k: g["state"] for k, g in ray.util.placement_group_table().items() if g["state"] != "REMOVED"}
 
 
+def test_table_columns_align_by_what_they_hold():
+    """Numbers right, text left: a leaderboard's `stopped early` (booleans) and `error` (no error:
+    all blank) columns are not numbers."""
+    from moe2dense_ray.core.report import markdown_table
+
+    rows = [{"trial": "a", "tokens": 4096, "ppl": 143.24, "stopped early": False, "error": None},
+            {"trial": "b", "tokens": 1024, "ppl": None, "stopped early": True, "error": None}]
+    lines = markdown_table(rows).splitlines()
+    assert lines[1] == "|---|---:|---:|---|---|"
+    assert lines[2:] == ["| a | 4,096 | 143.24 | False |  |", "| b | 1,024 |  | True |  |"]
+
+
 def test_space_values_become_lists_and_grids_are_united_not_crossed(tmp_path):
     p = tmp_path / "s.yaml"
     p.write_text("scoring: cp\nexperts: [2, 4]\n")

@@ -8,7 +8,8 @@ from typing import Any, Iterable
 
 
 def markdown_table(rows: Iterable[dict[str, Any]], *, floats: str = "{:.2f}", right: Iterable[str] = ()) -> str:
-    """A Markdown table of `rows` (columns in first-seen order); numbers right-aligned, None blank.
+    """A Markdown table of `rows` (columns in first-seen order); numbers right-aligned (not
+    booleans, nor a column with no value at all, such as a leaderboard's errors), None blank.
 
     `right` names columns to right-align although they hold text (numbers already formatted with
     an annotation, such as "12.3 (10.1-15.0)" or "0.95x")."""
@@ -25,7 +26,11 @@ def markdown_table(rows: Iterable[dict[str, Any]], *, floats: str = "{:.2f}", ri
             return floats.format(v)
         return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
 
-    numeric = [c in right or all(isinstance(r.get(c), (int, float)) or r.get(c) is None for r in rows) for c in cols]
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    numeric = [c in right or (all(number(r.get(c)) or r.get(c) is None for r in rows)
+                              and any(r.get(c) is not None for r in rows)) for c in cols]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
