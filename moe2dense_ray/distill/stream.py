@@ -322,11 +322,12 @@ def _blocks_written(fs, path: str, blocks: int, enabled: bool, every: float | No
     """A bar over the blocks of the stream's Parquet files in `path` while Ray Data writes them.
 
     Ray Data's own progress is per operator, and off a terminal (`ray job logs`, a log file) it
-    goes to its logger, which a default run keeps quiet: a default run showed nothing. The write tasks put each file in `path` when its blocks are through the teacher; a
-    thread counts the rows in the footers of the files that have one (a file still being written
-    has none yet): one listing (past fsspec's listings cache) every `every` seconds (default 2 s,
-    10 s in an object store: a 4B-token stream is some 5,000 files, 5 LIST requests), and one
-    footer read per new file. Yields the bar (None when not `enabled`)."""
+    goes to its logger, which a default run keeps quiet: a default run showed nothing. The write
+    tasks put each file in `path` when its blocks are through the teacher; a thread counts the
+    rows in the footers of the files that have one (a file still being written has none yet):
+    one listing (past fsspec's listings cache) every `every` seconds (default 2 s, 10 s in an
+    object store: a 4B-token stream is some 5,000 files, 5 LIST requests), and one footer read
+    per new file. Yields the bar (None when not `enabled`); it ends full once the write returns."""
     import contextlib
     import threading
 
@@ -362,12 +363,15 @@ def _blocks_written(fs, path: str, blocks: int, enabled: bool, every: float | No
 
         thread = threading.Thread(target=poll, daemon=True, name="stream-bar")
         thread.start()
+        written = False
         try:
             yield bar
-            bar.update(blocks - bar.n)  # written: whatever the last poll missed
+            written = True
         finally:
             stop.set()
-            thread.join(timeout=10)
+            thread.join(timeout=10)  # no count after the last one below
+            if written:
+                bar.update(max(0, blocks - bar.n))  # whatever the last poll missed
             bar.close()
 
     return watch()
