@@ -345,43 +345,49 @@ def test_distill_lowers_perplexity_and_exports_a_dense_student_through_kills(ray
     assert time.time() - t0 < 30
 
 
-@pytest.mark.parametrize("where", ["file", "memory"])  # memory: a filesystem that is not local, as a bucket
-def test_the_streams_bar_counts_blocks_as_their_files_land(tmp_path, capsys, where):
-    """teacher-logits' bar: Ray Data writes the stream's files as blocks come through the teacher;
-    a file counts once its footer is written, and the bar ends full when the write returns."""
-    import fsspec
+def check_stream_bar(fs, path: str, writer=None) -> None:
+    """teacher-logits' bar over `path` on `fs` while `writer` (default `fs`; Ray Data writes with a
+    client of its own) puts the stream's files there: a file counts once its footer is written,
+    and the bar ends full when the write returns."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from moe2dense_ray.distill.stream import _blocks_written
 
-    fs = fsspec.filesystem(where)
-    path = str(tmp_path / "stream") if where == "file" else f"/{tmp_path.name}/stream"
+    writer = writer or fs
 
     def put(name, rows=None):
-        with fs.open(f"{path}/{name}", "wb") as f:
+        with writer.open(f"{path}/{name}", "wb") as f:
             if rows is None:
                 f.write(b"PAR1" + bytes(64))  # being written: no footer yet
             else:
                 pq.write_table(pa.table({"block_index": rows}), f)
 
-    def wait_for(bar, n):
+    def reached(bar, n):
         deadline = time.time() + 10
         while bar.n != n and time.time() < deadline:
             time.sleep(0.02)
         return bar.n
 
     with _blocks_written(fs, path, 10, True, every=0.05) as bar:
-        assert wait_for(bar, 0) == 0  # no directory yet
-        fs.mkdirs(path, exist_ok=True)
+        assert reached(bar, 0) == 0  # no directory yet
+        writer.mkdirs(path, exist_ok=True)
         put("a.parquet", list(range(4)))
-        assert wait_for(bar, 4) == 4
+        assert reached(bar, 4) == 4  # listed once (an object store's client caches the listing)
         put("b.parquet")
         time.sleep(0.3)
         assert bar.n == 4
         put("c.parquet", list(range(4, 7)))
-        assert wait_for(bar, 7) == 7
-    assert bar.n == 10 and "teacher-logits: 100%" in capsys.readouterr().err
+        assert reached(bar, 7) == 7
+    assert bar.n == 10
+
+
+@pytest.mark.parametrize("where", ["file", "memory"])  # memory: a filesystem that is not local, as a bucket
+def test_the_streams_bar_counts_blocks_as_their_files_land(tmp_path, capsys, where):
+    import fsspec
+
+    check_stream_bar(fsspec.filesystem(where), str(tmp_path / "stream") if where == "file" else f"/{tmp_path.name}/stream")
+    assert "teacher-logits: 100%" in capsys.readouterr().err
 
 
 def test_a_replica_restarted_late_reads_a_large_id_order_again(ray_cluster):

@@ -276,29 +276,10 @@ def test_teacher_logits_distill_resume_and_eval_on_s3(s3, dense, ray_cluster, ca
 def test_the_streams_bar_sees_files_another_client_writes(s3, capsys):
     """Ray Data writes the stream through its own S3 client: the bar's listings must not be s3fs's
     cache of an earlier one, or it would stand still until the write returns."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from test_distill import check_stream_bar
 
-    from moe2dense_ray.distill.stream import _blocks_written
-
-    writer, path = s3fs.S3FileSystem(skip_instance_cache=True), f"{BUCKET}/bar-stream"
-
-    def put(name, rows):
-        with writer.open(f"{path}/{name}", "wb") as f:
-            pq.write_table(pa.table({"block_index": rows}), f)
-
-    def seen(bar, n):
-        deadline = time.time() + 10
-        while bar.n != n and time.time() < deadline:
-            time.sleep(0.05)
-        return bar.n
-
-    put("a.parquet", list(range(4)))
-    with _blocks_written(s3.fs, path, 10, True, every=0.1) as bar:
-        assert seen(bar, 4) == 4  # listed (and cached by s3fs) once
-        put("b.parquet", list(range(4, 7)))
-        assert seen(bar, 7) == 7
-    assert bar.n == 10 and "10/10" in capsys.readouterr().err
+    check_stream_bar(s3.fs, f"{BUCKET}/bar-stream", writer=s3fs.S3FileSystem(skip_instance_cache=True))
+    assert "10/10" in capsys.readouterr().err
 
 
 def test_s3_without_the_cloud_extra_is_one_line(monkeypatch, capsys):
