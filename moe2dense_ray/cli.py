@@ -385,7 +385,7 @@ def _run(args: argparse.Namespace) -> int:
 def _distill_config(args: argparse.Namespace):
     """`--resume RUN` starts from the settings RUN was started with; other flags override them."""
     from .distill.config import DistillConfig
-    from .distill.driver import CONFIG_FILE
+    from .distill.driver import run_config
 
     run = getattr(args, "resume", None)
     if run is None:
@@ -397,13 +397,7 @@ def _distill_config(args: argparse.Namespace):
         raise UserError(f"--resume continues RUN with the settings it started with; {flags} would change which "
                         f"blocks each step trains on (only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_OVERRIDES)} "
                         f"may change)")
-    from .core.storage import url_to_fs
-
-    fs, path = url_to_fs(run)
-    if not fs.isfile(f"{path.rstrip('/')}/{CONFIG_FILE}"):
-        raise UserError(f"--resume {run}: no distillation run there (no {CONFIG_FILE}); "
-                        f"start one with `moe2dense distill ... --out {run}`")
-    return DistillConfig.from_yaml(f"{run.rstrip('/')}/{CONFIG_FILE}", **given, out=run, resume=True)
+    return DistillConfig.from_yaml(run_config(run), **given, out=run, resume=True)
 
 
 # what `distill --resume RUN` may change: how the run executes, not what it trains on

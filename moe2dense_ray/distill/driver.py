@@ -147,12 +147,19 @@ def _check_vocabularies(teacher: str, student: str, teacher_vocab: int, student_
         raise UserError(f"the tokenizers of {teacher} and {student} differ; the student must use the teacher's")
 
 
+def run_config(run: str) -> str:
+    """RUN/distill.yaml, the settings a `--resume RUN` continues with; one line when RUN holds no run."""
+    fs, path = url_to_fs(run)
+    if not fs.isfile(f"{path.rstrip('/')}/{CONFIG_FILE}"):
+        raise UserError(f"--resume {run}: no distillation run there (no {CONFIG_FILE}); "
+                        f"start one with `moe2dense distill ... --out {run}`")
+    return f"{run.rstrip('/')}/{CONFIG_FILE}"
+
+
 def _check_run(cfg: DistillConfig, sources: tuple[str, ...]) -> None:
     """RUN is new, or resumed (it must hold a run), or replaced with --overwrite (only if it holds one)."""
-    fs, path = url_to_fs(cfg.out)
     if cfg.resume:
-        if not fs.exists(f"{path}/{CONFIG_FILE}"):
-            raise UserError(f"--resume: {cfg.out} holds no distillation run (no {CONFIG_FILE})")
+        run_config(cfg.out)
         return
     check_output(cfg.out, what="run", overwrite=cfg.overwrite, sources=sources)
 

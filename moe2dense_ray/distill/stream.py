@@ -10,6 +10,7 @@ index seeds the sampled codec, so online and offline streams are identical.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any, Iterator, Literal, Optional
 
@@ -318,6 +319,7 @@ def read_stream_meta(logits: str) -> dict[str, Any]:
     return meta
 
 
+@contextlib.contextmanager
 def _blocks_written(fs, path: str, blocks: int, enabled: bool, every: float | None = None):
     """A bar over the blocks of the stream's Parquet files in `path` while Ray Data writes them.
 
@@ -328,53 +330,47 @@ def _blocks_written(fs, path: str, blocks: int, enabled: bool, every: float | No
     one listing (past fsspec's listings cache) every `every` seconds (default 2 s, 10 s in an
     object store: a 4B-token stream is some 5,000 files, 5 LIST requests), and one footer read
     per new file. Yields the bar (None when not `enabled`); it ends full once the write returns."""
-    import contextlib
+    if not enabled:
+        yield None
+        return
     import threading
 
+    import pyarrow.parquet as pq
+
     from ..core.progress import Progress
+    from ..core.storage import is_local
 
-    @contextlib.contextmanager
-    def watch():
-        if not enabled:
-            yield None
-            return
-        import pyarrow.parquet as pq
+    bar, counted, stop = Progress(blocks, "teacher-logits", unit="block"), set(), threading.Event()
+    interval = every or (2.0 if is_local(fs) else 10.0)
 
-        from ..core.storage import is_local
-
-        bar, counted, stop = Progress(blocks, "teacher-logits", unit="block"), set(), threading.Event()
-        interval = every or (2.0 if is_local(fs) else 10.0)
-
-        def poll() -> None:
-            while not stop.wait(interval):
+    def poll() -> None:
+        while not stop.wait(interval):
+            try:
+                fs.invalidate_cache(path)
+                names = [n for n in fs.ls(path, detail=False) if n.endswith(".parquet") and n not in counted]
+            except Exception:  # noqa: BLE001 - not made yet, or the store answered badly: the next poll
+                continue
+            for name in names:
                 try:
-                    fs.invalidate_cache(path)
-                    names = [n for n in fs.ls(path, detail=False) if n.endswith(".parquet") and n not in counted]
-                except Exception:  # noqa: BLE001 - not made yet, or the store answered badly: the next poll
+                    with fs.open(name, "rb") as f:
+                        rows = pq.ParquetFile(f).metadata.num_rows
+                except Exception:  # noqa: BLE001 - still being written: no footer yet
                     continue
-                for name in names:
-                    try:
-                        with fs.open(name, "rb") as f:
-                            rows = pq.ParquetFile(f).metadata.num_rows
-                    except Exception:  # noqa: BLE001 - still being written: no footer yet
-                        continue
-                    counted.add(name)
-                    bar.update(rows)
+                counted.add(name)
+                bar.update(rows)
 
-        thread = threading.Thread(target=poll, daemon=True, name="stream-bar")
-        thread.start()
-        written = False
-        try:
-            yield bar
-            written = True
-        finally:
-            stop.set()
-            thread.join(timeout=10)  # no count after the last one below
-            if written:
-                bar.update(max(0, blocks - bar.n))  # whatever the last poll missed
-            bar.close()
-
-    return watch()
+    thread = threading.Thread(target=poll, daemon=True, name="stream-bar")
+    thread.start()
+    written = False
+    try:
+        yield bar
+        written = True
+    finally:
+        stop.set()
+        thread.join(timeout=10)  # no count after the last one below
+        if written:
+            bar.update(max(0, blocks - bar.n))  # whatever the last poll missed
+        bar.close()
 
 
 def write_stream(ds, logits: str, meta: dict[str, Any], *, overwrite: bool, sources: tuple[str, ...],
